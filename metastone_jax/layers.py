@@ -1,0 +1,187 @@
+"""Transformer building blocks (Flax NNX): Linear, RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Parameters carry their logical axes as `axes` metadata (see sharding.py). Weights are stored in
+fp32 (or `param_dtype`) and cast to `compute_dtype` at use; norms, rotary and softmax run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metastone_jax.config import ModelConfig, RopeScaling
+from metastone_jax.sharding import constrain
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+def normal_init(std: float):
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def uniform_init(bound: float):
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nnx.Module):
+    """y = x . kernel (+ bias), contracting the trailing `len(in_shape)` dims of x.
+
+    kernel: [*in_shape, *out_shape] with logical axes in_axes + out_axes; bias: [*out_shape].
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Sequence[str | None],
+        out_axes: Sequence[str | None],
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+        kernel_init=normal_init(0.02),
+        bias_init=None,
+    ):
+        self.n_in = len(in_shape)
+        self.compute_dtype = compute_dtype
+        shape = (*in_shape, *out_shape)
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), shape, param_dtype), axes=(*in_axes, *out_axes)
+        )
+        if use_bias:
+            value = (
+                bias_init(rngs.params(), tuple(out_shape), param_dtype)
+                if bias_init is not None
+                else jnp.zeros(out_shape, param_dtype)
+            )
+            self.bias = nnx.Param(value, axes=tuple(out_axes))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF-style RMSNorm: normalise in fp32, scale, cast back to the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, compute_dtype=jnp.float32):
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * x32).astype(self.compute_dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies [hd/2], with Llama-3 frequency-dependent scaling when configured."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, hd] (fp32), HF rotate-half layout."""
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, hd]: x * cos + rotate_half(x) * sin, computed in fp32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        dt = dict(param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype)
+        bias = cfg.qkv_bias
+        self.q_proj = Linear((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
+        self.k_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
+        self.v_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
+        self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, **dt)
+        self.n_kv_heads = k
+        self.scale = hd**-0.5
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        k_cache: jax.Array | None = None,
+        v_cache: jax.Array | None = None,
+        write_index: jax.Array | None = None,
+    ):
+        """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
+
+        With a cache (k_cache/v_cache [B,S,K,hd]) the new keys/values are written at slots
+        [write_index, write_index+T) and attention runs over all S slots; without one S = T.
+        Returns (y [B,T,D], (k_cache, v_cache) or (k, v) of this chunk).
+        """
+        q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
+        k = apply_rope(self.k_proj(x), cos, sin)  # [B,T,K,hd]
+        v = self.v_proj(x)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        if k_cache is not None:
+            start = (0, write_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        b, t, h, hd = q.shape
+        groups = h // self.n_kv_heads
+        q = q.reshape(b, t, self.n_kv_heads, groups, hd)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = jnp.where(mask[:, None, None, :, :], scores * self.scale, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        dt = dict(param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype)
+        self.gate_proj = Linear((d,), (f,), ("embed",), ("mlp",), rngs=rngs, **dt)
+        self.up_proj = Linear((d,), (f,), ("embed",), ("mlp",), rngs=rngs, **dt)
+        self.down_proj = Linear((f,), (d,), ("mlp",), ("embed",), rngs=rngs, **dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))

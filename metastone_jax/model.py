@@ -1,0 +1,225 @@
+"""The MetaStone backbone (Qwen2/Llama) with an LM head and the SPRM head.
+
+One forward returns logits [B,T,V] and the penultimate-layer features [B,T,D] (the raw output of
+block L-1, i.e. the input of the last block), which the SPRM head scores. Block parameters are
+stacked over a leading 'layers' axis in both execution modes, so checkpoints and conversion see
+one layout: `scan_layers=True` runs them with `lax.scan` (compile time independent of depth),
+`False` unrolls a Python loop over slices.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from metastone_jax.config import ModelConfig
+from metastone_jax.layers import MLP, Attention, Linear, RMSNorm, normal_init, rope_cos_sin, uniform_init
+from metastone_jax.sample.cache import KVCache
+from metastone_jax.sharding import constrain
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits [B,T,V] fp32; features [B,T,D] penultimate-layer output; cache or None."""
+
+    logits: jax.Array
+    features: jax.Array
+    cache: KVCache | None
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = dict(param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, **dt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, **dt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None):
+        y, kv = self.attn(self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "embed")), kv
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters carry a leading [L] axis (logical axis 'layers')."""
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+    stacked = jax.tree.map(
+        lambda v: v.replace(v.get_value(), axes=("layers", *v.axes)),
+        stacked,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, stacked)
+
+
+class SPRMHead(nnx.Module):
+    """Linear(D, 2D) -> ReLU -> Dropout(0.5) -> Linear(2D, 1): one logit per feature vector.
+
+    Initialised like torch.nn.Linear (uniform +-1/sqrt(fan_in)), as the released head was.
+    """
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, dropout: float = 0.5):
+        b1, b2 = d_model**-0.5, (2 * d_model) ** -0.5
+        self.dropout = dropout
+        self.fc1 = Linear(
+            (d_model,), (2 * d_model,), ("embed",), ("sprm_hidden",), use_bias=True, rngs=rngs,
+            kernel_init=uniform_init(b1), bias_init=uniform_init(b1),
+        )  # fmt: skip
+        self.fc2 = Linear(
+            (2 * d_model,), (1,), ("sprm_hidden",), (None,), use_bias=True, rngs=rngs,
+            kernel_init=uniform_init(b2), bias_init=uniform_init(b2),
+        )  # fmt: skip
+
+    def __call__(self, features: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """features [..., D] -> logits [...] (fp32). Dropout is active only given `dropout_rng`."""
+        h = jax.nn.relu(self.fc1(features.astype(jnp.float32)))
+        if dropout_rng is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
+        return self.fc2(h)[..., 0]
+
+
+class Transformer(nnx.Module):
+    """Embedding -> L blocks -> final norm -> LM head; plus the SPRM head on penultimate features."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(
+            normal_init(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.param_jnp_dtype),
+            axes=("vocab", "embed"),
+        )
+        self.blocks = _stacked_blocks(cfg, rngs)
+        self.final_norm = RMSNorm(
+            cfg.d_model, cfg.rms_eps, param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype
+        )
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(
+                (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs,
+                param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype,
+            )
+        )  # fmt: skip
+        self.sprm = SPRMHead(cfg.d_model, rngs=rngs) if cfg.sprm_head else None
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """tokens [B,T] int; valid [B,T] bool (False = padding); positions [B,T] (default: the
+        count of valid tokens before each one, so left padding is handled).
+
+        With `cache`, the T tokens are written at slots [cache.index, cache.index + T) and attend
+        to every valid earlier slot; the caller keeps cache.index + T <= cache.max_len.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+        if cache is None:
+            slot_valid = valid
+            q_slots = jnp.arange(t)
+            write_index = None
+            offset = 0
+        else:
+            slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+            q_slots = cache.index + jnp.arange(t)
+            write_index = cache.index
+            offset = jnp.sum(cache.valid, axis=1, keepdims=True)
+        if positions is None:
+            positions = offset + jnp.cumsum(valid, axis=1) - 1
+            positions = jnp.maximum(positions, 0)
+        k_slots = jnp.arange(slot_valid.shape[1])
+        mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & slot_valid[:, None, :]
+        cos, sin = rope_cos_sin(positions, cfg)
+
+        # FSDP gathers the table's embed axis before the lookup; vocab stays tensor-sharded.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_jnp_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        x, features, kv = self._run_blocks(x, cos, sin, mask, cache, write_index)
+
+        h = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", h, self.embed[...].astype(h.dtype))
+        else:
+            logits = self.lm_head(h)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=kv[0], v=kv[1], valid=slot_valid, index=cache.index + t)
+        return ModelOutput(logits=logits, features=features, cache=new_cache)
+
+    def _run_blocks(self, x, cos, sin, mask, cache, write_index):
+        """Applies the L stacked blocks; returns (x, penultimate features, stacked (k, v))."""
+        cfg = self.cfg
+        graphdef, params = nnx.split(self.blocks)
+        last = cfg.n_layers - 1
+
+        def layer(carry, xs):
+            h, feat = carry
+            p, k_c, v_c, i = xs
+            feat = jnp.where(i == last, h, feat)
+            h, kv = nnx.merge(graphdef, p)(h, cos, sin, mask, k_c, v_c, write_index)
+            return (h, feat), kv
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        k_c = None if cache is None else cache.k
+        v_c = None if cache is None else cache.v
+        xs = (params, k_c, v_c, jnp.arange(cfg.n_layers))
+        carry = (x, jnp.zeros_like(x))
+        if cfg.scan_layers:
+            (x, feat), kv = jax.lax.scan(layer, carry, xs)
+            return x, feat, kv
+        kvs = []
+        for i in range(cfg.n_layers):
+            carry, kv = layer(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+            kvs.append(kv)
+        kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+        return carry[0], carry[1], kv
+
+    def sprm_logits(self, features: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """SPRM logits for penultimate features [..., D] -> [...]; score = sigmoid(logit)."""
+        if self.sprm is None:
+            raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
+        return self.sprm(features, dropout_rng=dropout_rng)
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStructs in place of arrays (no allocation)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """Initialises the model; with a mesh, every parameter is created directly in its sharding
+    (a jitted init with out_shardings), never materialised whole on one device first."""
+    if mesh is None:
+        return Transformer(cfg, rngs=nnx.Rngs(seed))
+    from metastone_jax.sharding import state_shardings
+
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    shardings = state_shardings(abstract_state, mesh)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+    return nnx.merge(graphdef, init())

@@ -1,0 +1,111 @@
+"""Mesh, rules table and sharded initialisation on 8 simulated CPU devices."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from metastone_jax.model import abstract_model, create_model
+from metastone_jax.presets import get_preset
+from metastone_jax.sharding import (
+    bytes_per_device,
+    logical_to_spec,
+    make_mesh,
+    maybe_initialize_distributed,
+    resolve_mesh_shape,
+)
+
+CFG = get_preset("tiny")
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_sharded_forward_equals_single_device():
+    assert jax.device_count() == 8
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 24))
+    single = create_model(CFG, seed=3)
+    ref = single(tokens)
+
+    mesh = make_mesh(MESH)
+    sharded = create_model(CFG, seed=3, mesh=mesh)
+    graphdef, state = nnx.split(sharded)
+
+    @jax.jit
+    def forward(state, tokens):
+        out = nnx.merge(graphdef, state)(tokens)
+        return out.logits, out.features
+
+    with jax.set_mesh(mesh):
+        logits, feats = forward(state, tokens)
+    assert np.abs(np.asarray(logits) - np.asarray(ref.logits)).max() <= 1e-5
+    assert np.abs(np.asarray(feats) - np.asarray(ref.features)).max() <= 1e-5
+    # The batch really is split over data x fsdp.
+    assert len(logits.sharding.device_set) == 8
+    assert logits.addressable_shards[0].data.shape[0] == 4 // 4
+
+
+def test_parameters_are_created_sharded():
+    mesh = make_mesh(MESH)
+    model = create_model(CFG, mesh=mesh)
+    q = model.blocks.attn.q_proj.kernel[...]  # [L, D, H, hd]: embed->fsdp, heads->tensor
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (CFG.n_layers, CFG.d_model // 2, CFG.n_heads // 2, CFG.head_dim)
+    emb = model.embed[...]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert emb.addressable_shards[0].data.shape == (CFG.vocab_size // 2, CFG.d_model // 2)
+    norm = model.final_norm.scale[...]
+    assert norm.sharding.is_fully_replicated
+
+
+def test_rules_map_each_mesh_axis_once():
+    assert logical_to_spec(("batch", "length", "embed")) == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+    assert logical_to_spec(("embed", "vocab")) == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_unknown_logical_axis_fails_loudly():
+    with pytest.raises(ValueError, match="'nonsense' is not in the rules table"):
+        logical_to_spec(("embed", "nonsense"), name="w")
+
+
+def test_indivisible_parameter_dimension_names_parameter():
+    with pytest.raises(ValueError, match=r"w: dimension 1 \(kv_heads, size 2\).*'tensor' \(size 4\)"):
+        logical_to_spec(("embed", "kv_heads"), (64, 2), {"data": 1, "fsdp": 2, "tensor": 4}, name="w")
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ({"data": 3, "fsdp": 2, "tensor": 1}, r"data\*fsdp\*tensor = 6 .* must equal the device count 8"),
+        ({"data": 3, "fsdp": -1, "tensor": 1}, r"mesh.fsdp: the other axes use 3 devices"),
+        ({"data": 0, "fsdp": 8}, r"mesh.data: expected a positive size or -1, got 0"),
+        ({"data": 2, "model": 4}, r"unknown axis \['model'\]"),
+    ],
+)
+def test_bad_mesh_raises(shape, match):
+    with pytest.raises(ValueError, match=match):
+        make_mesh(shape)
+
+
+def test_mesh_minus_one_takes_the_rest():
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1}, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_bytes_per_device_matches_hand_count():
+    cfg = CFG.replace(sprm_head=False)
+    state = nnx.state(abstract_model(cfg))
+    d, f, v, h, k, hd, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    total = v * d * 2 + d + L * (2 * d + d * h * hd * 2 + 2 * d * k * hd + h * hd + 2 * k * hd + 3 * d * f)
+    assert bytes_per_device(state, {"data": 1, "fsdp": 1, "tensor": 1}) == 4 * total
+    # fsdp=2, tensor=2: every matrix is split 4 ways; biases (heads/kv_heads only) 2 ways; norms replicated.
+    sharded = (
+        v * d * 2 // 4
+        + d
+        + L * (2 * d + (d * h * hd * 2 + 2 * d * k * hd + 3 * d * f) // 4 + (h * hd + 2 * k * hd) // 2)
+    )
+    assert bytes_per_device(state, {"data": 2, "fsdp": 2, "tensor": 2}) == 4 * sharded
+
+
+def test_distributed_initialize_is_noop_on_one_process(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    assert maybe_initialize_distributed() is False
+    assert jax.process_count() == 1
