@@ -95,11 +95,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rms_eps: expected > 0, got {self.rms_eps}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"ModelConfig.{name}: expected one of {DTYPES}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"ModelConfig.{name}: expected one of {DTYPES}, got {getattr(self, name)!r}"
+                )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat: expected one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ValueError(
+                f"ModelConfig.remat: expected one of {REMAT_POLICIES}, got {self.remat!r}"
+            )
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"ModelConfig.arch: expected one of {tuple(ARCHITECTURES)}, got {self.arch!r}")
+            raise ValueError(
+                f"ModelConfig.arch: expected one of {tuple(ARCHITECTURES)}, got {self.arch!r}"
+            )
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.eos_token_id, list):
@@ -123,7 +129,9 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}; valid: {field_names()}")
+            raise ValueError(
+                f"ModelConfig: unknown field(s) {sorted(unknown)}; valid: {field_names()}"
+            )
         if "head_dim" not in changes and self.head_dim == self.d_model // self.n_heads:
             changes["head_dim"] = None  # stays derived from the new d_model / n_heads
         return dataclasses.replace(self, **changes)
@@ -245,3 +253,17 @@ def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
     )
+
+
+def model_config_from_dict(
+    values: Mapping[str, Any], *, where: str = "config.model"
+) -> ModelConfig:
+    """Builds a ModelConfig from a (ConfigDict-like) mapping; unknown keys list the valid ones."""
+    values = dict(values)
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {field_names()}")
+    scaling = values.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, RopeScaling):
+        values["rope_scaling"] = RopeScaling(**dict(scaling))
+    return ModelConfig(**values)

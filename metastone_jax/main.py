@@ -1,0 +1,202 @@
+"""Command line: `metastone-jax <command> --config=configs/model.py:<preset> [--config.a.b=v]`.
+
+Commands: info (parameter counts and per-device memory), demo (the end-to-end demo; until the
+training and sampling capabilities land it runs a real sharded forward pass of the demo model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+COMMANDS = ("info", "demo")
+REPO_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model.py"
+)
+
+
+def _usage() -> str:
+    return (
+        "usage: metastone-jax {" + "|".join(COMMANDS) + "} [--config=configs/model.py:PRESET] "
+        "[--config.model.FIELD=VALUE] [--config.mesh.AXIS=N]"
+    )
+
+
+def _parse(argv: list[str], default_preset: str):
+    """Parses absl flags (ml_collections config file with preset and overrides).
+
+    Errors (unknown preset, unknown override key, bad value) exit with one line naming the
+    flag and, for keys, the valid choices.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(args):
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file(
+            "config",
+            f"{REPO_CONFIG}:{default_preset}",
+            "config file:preset",
+            flag_values=fv,
+            sys_argv=args,
+        )
+        try:
+            fv(args)
+        except flags.Error as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            # config_flags embeds the config file's traceback; its last line is the reason.
+            reason = lines[-1] if "Traceback" in str(e) else str(e)
+            head = lines[0] if reason != lines[0] else ""
+            raise SystemExit(
+                f"metastone-jax: {head} {reason}".replace("  ", " ") + f"\n{_usage()}"
+            ) from None
+        return fv.config
+
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    base = parse([a for a in argv if a not in overrides])
+    for arg in overrides:
+        key = arg[len("--config.") :].split("=", 1)[0]
+        node, path = base, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                where = ".".join(["config", *path])
+                raise SystemExit(
+                    f"metastone-jax: {arg}: {where} has no key {part!r}; valid keys: {valid}"
+                )
+            node, path = node[part], [*path, part]
+    return parse(argv)
+
+
+def _model_and_mesh(config, *, planning: bool = False):
+    """The ModelConfig and resolved mesh shape. Planning (info) accepts a mesh for a pod that is
+    not this machine: with no -1 axis, its product is taken as the device count."""
+    import jax
+
+    from metastone_jax.config import model_config_from_dict
+    from metastone_jax.sharding import resolve_mesh_shape
+
+    cfg = model_config_from_dict(config.model)
+    mesh = dict(config.mesh)
+    n_devices = jax.device_count()
+    if planning and -1 not in mesh.values():
+        n_devices = math.prod(mesh.get(axis, 1) for axis in ("data", "fsdp", "tensor"))
+    mesh_shape = resolve_mesh_shape(mesh, n_devices)
+    return cfg, mesh_shape
+
+
+def param_counts(cfg) -> dict[str, int]:
+    """Parameter counts by part, from abstract shapes (nothing is allocated)."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from metastone_jax.model import abstract_model
+
+    model = abstract_model(cfg)
+
+    def count(node):
+        if node is None:
+            return 0
+        leaves = jax.tree.leaves(nnx.state(node, nnx.Param))
+        return sum(math.prod(x.shape) for x in leaves)
+
+    lm_head = count(model.lm_head)
+    sprm = count(model.sprm)
+    total = count(model)
+    return {
+        "total": total,
+        "backbone": total - lm_head - sprm,
+        "lm_head": lm_head,
+        "sprm_head": sprm,
+    }
+
+
+def cmd_info(config) -> None:
+    from flax import nnx
+
+    from metastone_jax.model import abstract_model
+    from metastone_jax.sharding import bytes_per_device
+
+    cfg, mesh_shape = _model_and_mesh(config, planning=True)
+    counts = param_counts(cfg)
+    per_device = bytes_per_device(nnx.state(abstract_model(cfg)), mesh_shape)
+    print(
+        f"preset: {config.preset}  arch: {cfg.arch}  layers: {cfg.n_layers}  d_model: {cfg.d_model}"
+    )
+    print(
+        f"  heads: {cfg.n_heads} (kv {cfg.n_kv_heads}, head_dim {cfg.head_dim})  "
+        f"d_ff: {cfg.d_ff}  vocab: {cfg.vocab_size}"
+    )
+    print("parameters:")
+    print(f"  total      {counts['total']:>16,}")
+    print(f"  backbone   {counts['backbone']:>16,}  (embedding, blocks, final norm)")
+    tied = "  (tied to the embedding)" if cfg.tie_embeddings else ""
+    print(f"  lm_head    {counts['lm_head']:>16,}{tied}")
+    print(f"  sprm_head  {counts['sprm_head']:>16,}  (2d^2+4d+1 = {cfg.sprm_param_count:,})")
+    mesh = " x ".join(f"{a}={n}" for a, n in mesh_shape.items())
+    print(
+        f"per-device parameter memory on mesh {mesh} ({cfg.param_dtype}; SPRM head fp32): "
+        f"{per_device / 2**20:,.1f} MiB"
+    )
+
+
+def cmd_demo(config) -> None:
+    """A real sharded forward pass of the demo model (the full demo arrives with training)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from metastone_jax.model import create_model
+    from metastone_jax.sharding import make_mesh
+
+    cmd_info(config)
+    cfg, mesh_shape = _model_and_mesh(config)
+    mesh = make_mesh(mesh_shape)
+    model = create_model(cfg, seed=config.seed, mesh=mesh)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens):
+        m = nnx.merge(graphdef, state)
+        out = m(tokens)
+        return out.logits, jax.nn.sigmoid(m.sprm_logits(out.features))
+
+    batch = max(8, mesh_shape["data"] * mesh_shape["fsdp"])
+    tokens = np.random.default_rng(config.seed).integers(0, cfg.vocab_size, (batch, 64))
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        logits, scores = jax.block_until_ready(forward(state, tokens))
+        t1 = time.perf_counter()
+        jax.block_until_ready(forward(state, tokens))
+        t2 = time.perf_counter()
+    print(
+        f"forward [B={batch}, T=64] on {jax.device_count()} device(s): logits {logits.shape}, "
+        f"SPRM scores {scores.shape} in ({float(scores.min()):.3f}, {float(scores.max()):.3f})"
+    )
+    print(f"  compile+run {t1 - t0:.2f}s, run {t2 - t1:.3f}s")
+    print("The end-to-end demo (train policy + SPRM, test-time scaling) lands with the demo issue.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0 if len(argv) >= 2 else 2)
+    command = argv[1]
+    if command not in COMMANDS:
+        raise SystemExit(
+            f"metastone-jax: unknown command {command!r}; expected one of {COMMANDS}\n{_usage()}"
+        )
+    config = _parse([argv[0], *argv[2:]], default_preset="demo")
+    try:
+        {"info": cmd_info, "demo": cmd_demo}[command](config)
+    except ValueError as e:
+        raise SystemExit(f"metastone-jax {command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
