@@ -1,4 +1,4 @@
-"""Transformer building blocks (Flax NNX): Linear, RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+"""Transformer building blocks (Flax NNX): Linear, RMSNorm, rotary, GQA attention, SwiGLU.
 
 Parameters carry their logical axes as `axes` metadata (see sharding.py). Weights are stored in
 fp32 (or `param_dtype`) and cast to `compute_dtype` at use; norms, rotary and softmax run in fp32.
@@ -44,12 +44,13 @@ class Linear(nnx.Module):
         use_bias: bool = False,
         param_dtype=jnp.float32,
         compute_dtype=jnp.float32,
-        kernel_init=normal_init(0.02),
+        kernel_init=None,  # default: normal(0.02), as HF initialises Qwen2/Llama
         bias_init=None,
     ):
         self.n_in = len(in_shape)
         self.compute_dtype = compute_dtype
         shape = (*in_shape, *out_shape)
+        kernel_init = kernel_init or normal_init(0.02)
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), shape, param_dtype), axes=(*in_axes, *out_axes)
         )
@@ -129,9 +130,15 @@ class Attention(nnx.Module):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dt = dict(param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype)
         bias = cfg.qkv_bias
-        self.q_proj = Linear((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
-        self.k_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
-        self.v_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt)
+        self.q_proj = Linear(
+            (d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=bias, rngs=rngs, **dt
+        )
+        self.k_proj = Linear(
+            (d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt
+        )
+        self.v_proj = Linear(
+            (d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=bias, rngs=rngs, **dt
+        )
         self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim"), ("embed",), rngs=rngs, **dt)
         self.n_kv_heads = k
         self.scale = hd**-0.5

@@ -16,7 +16,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from metastone_jax.config import ModelConfig
-from metastone_jax.layers import MLP, Attention, Linear, RMSNorm, normal_init, rope_cos_sin, uniform_init
+from metastone_jax.layers import (
+    MLP,
+    Attention,
+    Linear,
+    RMSNorm,
+    normal_init,
+    rope_cos_sin,
+    uniform_init,
+)
 from metastone_jax.sample.cache import KVCache
 from metastone_jax.sharding import constrain
 
@@ -94,7 +102,7 @@ class SPRMHead(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Embedding -> L blocks -> final norm -> LM head; plus the SPRM head on penultimate features."""
+    """Embedding -> L blocks -> final norm -> LM head; the SPRM head reads penultimate features."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -104,7 +112,10 @@ class Transformer(nnx.Module):
         )
         self.blocks = _stacked_blocks(cfg, rngs)
         self.final_norm = RMSNorm(
-            cfg.d_model, cfg.rms_eps, param_dtype=cfg.param_jnp_dtype, compute_dtype=cfg.compute_jnp_dtype
+            cfg.d_model,
+            cfg.rms_eps,
+            param_dtype=cfg.param_jnp_dtype,
+            compute_dtype=cfg.compute_jnp_dtype,
         )
         self.lm_head = (
             None
@@ -196,7 +207,9 @@ class Transformer(nnx.Module):
         kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
         return carry[0], carry[1], kv
 
-    def sprm_logits(self, features: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def sprm_logits(
+        self, features: jax.Array, *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
         """SPRM logits for penultimate features [..., D] -> [...]; score = sigmoid(logit)."""
         if self.sprm is None:
             raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
@@ -208,7 +221,9 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+def create_model(
+    cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+) -> Transformer:
     """Initialises the model; with a mesh, every parameter is created directly in its sharding
     (a jitted init with out_shardings), never materialised whole on one device first."""
     if mesh is None:

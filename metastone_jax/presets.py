@@ -91,4 +91,6 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        raise ValueError(
+            f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}"
+        ) from None

@@ -79,7 +79,9 @@ def logical_to_spec(
             size *= n
             mesh_axes.append(axis)
         used.update(mesh_axes)
-        spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+        spec.append(
+            tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None)
+        )
     return PartitionSpec(*spec)
 
 
@@ -147,7 +149,9 @@ def state_specs(abstract_state, mesh_shape: Mapping[str, int]):
         if axes is None:
             raise ValueError(f"parameter {name}: no logical `axes` metadata")
         if len(axes) != len(var.get_value().shape):
-            raise ValueError(f"parameter {name}: axes {axes} do not match shape {var.get_value().shape}")
+            raise ValueError(
+                f"parameter {name}: axes {axes} do not match shape {var.get_value().shape}"
+            )
         return var.replace(logical_to_spec(axes, var.get_value().shape, mesh_shape, name=name))
 
     return jax.tree_util.tree_map_with_path(

@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and a persistent compile cache."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported), persistent compile cache."""
 
 import os
 
@@ -11,7 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", "/tmp/metastone-jax-cache"))
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", "/tmp/metastone-jax-cache")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

@@ -56,18 +56,34 @@ def copy_hf_weights(model, hf_model, cfg: ModelConfig) -> None:
     blocks = state["blocks"]
     state["embed"].set_value(sd["model.embed_tokens.weight"])
     attn = blocks["attn"]
-    attn["q_proj"]["kernel"].set_value(stack(lp + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd)))
-    attn["k_proj"]["kernel"].set_value(stack(lp + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, hd)))
-    attn["v_proj"]["kernel"].set_value(stack(lp + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, hd)))
-    attn["o_proj"]["kernel"].set_value(stack(lp + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d)))
+    attn["q_proj"]["kernel"].set_value(
+        stack(lp + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd))
+    )
+    attn["k_proj"]["kernel"].set_value(
+        stack(lp + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, hd))
+    )
+    attn["v_proj"]["kernel"].set_value(
+        stack(lp + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, hd))
+    )
+    attn["o_proj"]["kernel"].set_value(
+        stack(lp + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d))
+    )
     if cfg.qkv_bias:
-        attn["q_proj"]["bias"].set_value(stack(lp + "self_attn.q_proj.bias", lambda b: b.reshape(h, hd)))
-        attn["k_proj"]["bias"].set_value(stack(lp + "self_attn.k_proj.bias", lambda b: b.reshape(k, hd)))
-        attn["v_proj"]["bias"].set_value(stack(lp + "self_attn.v_proj.bias", lambda b: b.reshape(k, hd)))
+        attn["q_proj"]["bias"].set_value(
+            stack(lp + "self_attn.q_proj.bias", lambda b: b.reshape(h, hd))
+        )
+        attn["k_proj"]["bias"].set_value(
+            stack(lp + "self_attn.k_proj.bias", lambda b: b.reshape(k, hd))
+        )
+        attn["v_proj"]["bias"].set_value(
+            stack(lp + "self_attn.v_proj.bias", lambda b: b.reshape(k, hd))
+        )
     for name in ("gate_proj", "up_proj", "down_proj"):
         blocks["mlp"][name]["kernel"].set_value(stack(lp + f"mlp.{name}.weight", lambda w: w.T))
     blocks["attn_norm"]["scale"].set_value(stack(lp + "input_layernorm.weight", lambda w: w))
-    blocks["mlp_norm"]["scale"].set_value(stack(lp + "post_attention_layernorm.weight", lambda w: w))
+    blocks["mlp_norm"]["scale"].set_value(
+        stack(lp + "post_attention_layernorm.weight", lambda w: w)
+    )
     state["final_norm"]["scale"].set_value(sd["model.norm.weight"])
     if not cfg.tie_embeddings:
         state["lm_head"]["kernel"].set_value(sd["lm_head.weight"].T)

@@ -48,7 +48,12 @@ def test_parameters_are_created_sharded():
     model = create_model(CFG, mesh=mesh)
     q = model.blocks.attn.q_proj.kernel[...]  # [L, D, H, hd]: embed->fsdp, heads->tensor
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    assert q.addressable_shards[0].data.shape == (CFG.n_layers, CFG.d_model // 2, CFG.n_heads // 2, CFG.head_dim)
+    assert q.addressable_shards[0].data.shape == (
+        CFG.n_layers,
+        CFG.d_model // 2,
+        CFG.n_heads // 2,
+        CFG.head_dim,
+    )
     emb = model.embed[...]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert emb.addressable_shards[0].data.shape == (CFG.vocab_size // 2, CFG.d_model // 2)
@@ -57,7 +62,9 @@ def test_parameters_are_created_sharded():
 
 
 def test_rules_map_each_mesh_axis_once():
-    assert logical_to_spec(("batch", "length", "embed")) == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+    assert logical_to_spec(("batch", "length", "embed")) == jax.sharding.PartitionSpec(
+        ("data", "fsdp"), None, None
+    )
     assert logical_to_spec(("embed", "vocab")) == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
@@ -67,14 +74,21 @@ def test_unknown_logical_axis_fails_loudly():
 
 
 def test_indivisible_parameter_dimension_names_parameter():
-    with pytest.raises(ValueError, match=r"w: dimension 1 \(kv_heads, size 2\).*'tensor' \(size 4\)"):
-        logical_to_spec(("embed", "kv_heads"), (64, 2), {"data": 1, "fsdp": 2, "tensor": 4}, name="w")
+    with pytest.raises(
+        ValueError, match=r"w: dimension 1 \(kv_heads, size 2\).*'tensor' \(size 4\)"
+    ):
+        logical_to_spec(
+            ("embed", "kv_heads"), (64, 2), {"data": 1, "fsdp": 2, "tensor": 4}, name="w"
+        )
 
 
 @pytest.mark.parametrize(
     "shape, match",
     [
-        ({"data": 3, "fsdp": 2, "tensor": 1}, r"data\*fsdp\*tensor = 6 .* must equal the device count 8"),
+        (
+            {"data": 3, "fsdp": 2, "tensor": 1},
+            r"data\*fsdp\*tensor = 6 .* must equal the device count 8",
+        ),
         ({"data": 3, "fsdp": -1, "tensor": 1}, r"mesh.fsdp: the other axes use 3 devices"),
         ({"data": 0, "fsdp": 8}, r"mesh.data: expected a positive size or -1, got 0"),
         ({"data": 2, "model": 4}, r"unknown axis \['model'\]"),
@@ -92,14 +106,27 @@ def test_mesh_minus_one_takes_the_rest():
 def test_bytes_per_device_matches_hand_count():
     cfg = CFG.replace(sprm_head=False)
     state = nnx.state(abstract_model(cfg))
-    d, f, v, h, k, hd, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
-    total = v * d * 2 + d + L * (2 * d + d * h * hd * 2 + 2 * d * k * hd + h * hd + 2 * k * hd + 3 * d * f)
+    d, f, v, h, k, hd, L = (
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.vocab_size,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.n_layers,
+    )
+    total = (
+        v * d * 2
+        + d
+        + L * (2 * d + d * h * hd * 2 + 2 * d * k * hd + h * hd + 2 * k * hd + 3 * d * f)
+    )
     assert bytes_per_device(state, {"data": 1, "fsdp": 1, "tensor": 1}) == 4 * total
-    # fsdp=2, tensor=2: every matrix is split 4 ways; biases (heads/kv_heads only) 2 ways; norms replicated.
+    # fsdp=2, tensor=2: matrices split 4 ways; biases (heads/kv_heads) 2 ways; norms replicated.
     sharded = (
         v * d * 2 // 4
         + d
-        + L * (2 * d + (d * h * hd * 2 + 2 * d * k * hd + 3 * d * f) // 4 + (h * hd + 2 * k * hd) // 2)
+        + L
+        * (2 * d + (d * h * hd * 2 + 2 * d * k * hd + 3 * d * f) // 4 + (h * hd + 2 * k * hd) // 2)
     )
     assert bytes_per_device(state, {"data": 2, "fsdp": 2, "tensor": 2}) == 4 * sharded
 

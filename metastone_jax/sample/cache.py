@@ -34,7 +34,9 @@ class KVCache:
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
         if max_len > cfg.max_len:
-            raise ValueError(f"KVCache: max_len {max_len} exceeds the model's max_len {cfg.max_len}")
+            raise ValueError(
+                f"KVCache: max_len {max_len} exceeds the model's max_len {cfg.max_len}"
+            )
         shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_jnp_dtype
         return cls(
