@@ -1,0 +1,1 @@
+"""Data: tokenizers, synthetic tasks, dataset builders and input pipelines."""
