@@ -1,0 +1,162 @@
+"""Params-only checkpoints: an orbax tree of parameters plus the ModelConfig, in one directory.
+
+    CKPT/model_config.json   the ModelConfig (and where the weights came from)
+    CKPT/params/             orbax checkpoint of the parameter tree (pure dict of arrays)
+    CKPT/hf/                 files carried through from an HF checkpoint (tokenizer, generation
+                             config, the original config.json), so export and sampling keep working
+
+A checkpoint is written to a temporary sibling directory and renamed at the end, so a failure
+never leaves a half-written CKPT. Restoring places each array straight into its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from metastone_jax.config import ModelConfig, model_config_from_dict
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+HF_FILES_DIR = "hf"
+
+
+def temp_sibling(path: str) -> str:
+    """A fresh temporary directory next to `path` (same filesystem, so rename is atomic)."""
+    path = os.path.abspath(path)
+    tmp = os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+    )
+    os.makedirs(tmp)
+    return tmp
+
+
+def check_output_free(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def commit_dir(tmp: str, out: str) -> None:
+    """Renames the finished `tmp` to `out`, replacing an existing `out` only at the very end."""
+    out = os.path.abspath(out)
+    old = None
+    if os.path.exists(out):
+        old = f"{tmp}.old"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+    values = dataclasses.asdict(cfg)
+    if isinstance(values.get("eos_token_id"), tuple):
+        values["eos_token_id"] = list(values["eos_token_id"])
+    return values
+
+
+def _concurrent_gb(tree, budget_gb: float) -> float:
+    """Orbax's in-flight byte limit: `budget_gb`, raised to fit the largest array (orbax refuses
+    an array larger than the limit). Lower limits mean less host memory beyond the params."""
+    import math
+
+    largest = max((math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)), default=0)
+    return max(budget_gb, 1.01 * largest / 1e9)
+
+
+def write_params_checkpoint(
+    tmp_dir: str, state: nnx.State, cfg: ModelConfig, meta: dict[str, Any] | None = None
+) -> None:
+    """Writes params + config into the (temporary) directory `tmp_dir`."""
+    # Synchronous and with bounded concurrency: the async checkpointer first copies every array
+    # to host memory, which doubles peak host memory when converting on CPU.
+    tree = nnx.to_pure_dict(state)
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=_concurrent_gb(tree, 0.25), use_compression=False
+    )
+    with ocp.Checkpointer(handler) as ckptr:
+        path = os.path.abspath(os.path.join(tmp_dir, PARAMS_DIR))
+        ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+    with open(os.path.join(tmp_dir, CONFIG_FILE), "w") as f:
+        json.dump({"model": config_to_json(cfg), **(meta or {})}, f, indent=2)
+
+
+def read_checkpoint_meta(ckpt: str) -> tuple[ModelConfig, dict[str, Any]]:
+    path = os.path.join(ckpt, CONFIG_FILE)
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"{ckpt}: no such checkpoint directory")
+    if not os.path.exists(path):
+        raise ValueError(f"{ckpt}: not a metastone-jax checkpoint (missing {CONFIG_FILE})")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        cfg = model_config_from_dict(meta.pop("model"), where=f"{path}: model")
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: malformed ({e!r})") from None
+    return cfg, meta
+
+
+def _restore(ckpt: str, target, restore_args, concurrent_gb: float):
+    handler = ocp.PyTreeCheckpointHandler(
+        restore_concurrent_gb=_concurrent_gb(target, concurrent_gb)
+    )
+    args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            return ckptr.restore(os.path.abspath(os.path.join(ckpt, PARAMS_DIR)), args=args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{ckpt}: parameters do not match {CONFIG_FILE}: {e}") from None
+
+
+def load_params_numpy(ckpt: str, *, concurrent_gb: float = 0.05):
+    """(ModelConfig, params as a pure dict of host numpy arrays, meta): for export, no devices."""
+    import numpy as np
+
+    from metastone_jax.model import abstract_model
+
+    cfg, meta = read_checkpoint_meta(ckpt)
+    target = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
+    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    return cfg, _restore(ckpt, target, restore_args, concurrent_gb), meta
+
+
+def load_params_checkpoint(
+    ckpt: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    concurrent_gb: float = 0.05,
+    **config_overrides,
+) -> tuple[Any, dict[str, Any]]:
+    """Restores (model, meta) with every parameter placed in its sharding on `mesh`
+    (one device without a mesh). `config_overrides` may change non-shape fields (dtypes, scan,
+    remat); shape fields must match the checkpoint. At most `concurrent_gb` is read at once,
+    which bounds host memory beyond the restored parameters."""
+    from metastone_jax.model import abstract_model
+    from metastone_jax.sharding import state_shardings
+
+    cfg, meta = read_checkpoint_meta(ckpt)
+    cfg = cfg.replace(**config_overrides) if config_overrides else cfg
+    abstract = abstract_model(cfg)
+    graphdef, state = nnx.split(abstract)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state)
+    else:
+        shardings = state_shardings(state, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(state),
+        nnx.to_pure_dict(shardings),
+    )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = _restore(ckpt, target, restore_args, concurrent_gb)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state), meta

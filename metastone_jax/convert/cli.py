@@ -1,0 +1,73 @@
+"""`metastone-jax convert hf-to-jax | jax-to-hf` (argparse; options as in the README)."""
+
+from __future__ import annotations
+
+import argparse
+
+from metastone_jax.convert.hf import DEFAULT_MAX_SHARD_SIZE
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=1,fsdp=-1,tensor=1' -> {'data': 1, 'fsdp': -1, 'tensor': 1}."""
+    shape = {}
+    for part in filter(None, spec.split(",")):
+        axis, _, size = part.partition("=")
+        try:
+            shape[axis.strip()] = int(size)
+        except ValueError:
+            raise ValueError(
+                f"--mesh: expected AXIS=N[,AXIS=N...] with axes data, fsdp, tensor, got {spec!r}"
+            ) from None
+    return shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metastone-jax convert")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-jax", help="HF directory -> params checkpoint (orbax + config)")
+    a.add_argument("--hf_dir", required=True, help="config.json + *.safetensors [+ score_module]")
+    a.add_argument("--out", required=True, help="checkpoint directory to create")
+    a.add_argument("--dtype", default=None, help="bf16 | fp32 (default: the checkpoint's)")
+    a.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1,tensor=1 (default: 1 device)")
+    a.add_argument("--seed", type=int, default=0, help="SPRM head init when no score_module")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("jax-to-hf", help="params checkpoint -> HF directory")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--out", required=True, help="HF directory to create")
+    b.add_argument("--dtype", default=None, help="bf16 | fp32 | fp16 (default: the source's)")
+    b.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE)
+    b.add_argument(
+        "--score_module",
+        default="pt",
+        choices=("pt", "safetensors", "both", "none"),
+        help="how to write the SPRM head (pt needs torch)",
+    )
+    b.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    from metastone_jax.convert import hf
+
+    if args.direction == "hf-to-jax":
+        mesh = None
+        if args.mesh:
+            import jax
+
+            from metastone_jax.sharding import make_mesh, resolve_mesh_shape
+
+            mesh = make_mesh(resolve_mesh_shape(parse_mesh(args.mesh), jax.device_count()))
+        meta = hf.hf_to_jax(
+            args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, overwrite=args.overwrite,
+            seed=args.seed,
+        )  # fmt: skip
+        head = meta["source"]["score_module"]
+        sprm = head["file"] if head else f"initialised from seed {args.seed} (no score_module)"
+        print(f"wrote {args.out} (weights {meta['source']['dtype']}; SPRM head: {sprm})")
+    else:
+        files = hf.jax_to_hf(
+            args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            score_format=args.score_module, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote {args.out}: {', '.join(files)}")
