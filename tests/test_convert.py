@@ -171,3 +171,26 @@ def test_cli_round_trip(tmp_path, capsys):
     assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 3
     with pytest.raises(SystemExit, match="already exists"):
         main(["metastone-jax", "convert", "jax-to-hf", f"--ckpt={ckpt}", f"--out={out}"])
+
+
+def test_sharded_and_fp16_checkpoints_read_back(tmp_path):
+    hf_model = tiny_hf_model("qwen2", seed=7).to(torch.float16)
+    hf_dir = str(tmp_path / "hf")
+    hf_model.save_pretrained(hf_dir)
+    hf_to_jax(hf_dir, str(tmp_path / "ckpt"), progress=False)
+    model, meta = load_params_checkpoint(str(tmp_path / "ckpt"))
+    assert meta["source"]["dtype"] == "float16" and model.cfg.param_dtype == "float32"
+    sharded = str(tmp_path / "sharded")
+    files = jax_to_hf(str(tmp_path / "ckpt"), sharded, max_shard_size="30KB", progress=False)
+    assert len([f for f in files if f.startswith("model-")]) > 2
+    # The sharded fp16 export reads back through the index to the same parameters.
+    again, _ = load_hf_model(sharded, progress=False)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True
+    ):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    before, after = all_tensors(hf_dir), all_tensors(sharded)
+    assert all(
+        after[k].dtype == np.float16 and after[k].tobytes() == v.tobytes()
+        for k, v in before.items()
+    )
