@@ -1,0 +1,1 @@
+"""Answer extraction, normalization, grading and voting for math benchmarks."""
