@@ -1,8 +1,9 @@
 """Command line: `metastone-jax <command> --config=configs/model.py:<preset> [--config.a.b=v]`.
 
-Commands: info (parameter counts and per-device memory), convert (HF <-> JAX checkpoints; its
-own options, see `metastone-jax convert -h`), demo (the end-to-end demo; until the training and
-sampling capabilities land it runs a real sharded forward pass of the demo model).
+Commands: info (parameter counts and per-device memory); convert (HF <-> JAX checkpoints) and
+sample (test-time scaling), which take their own options (`metastone-jax convert -h`); demo
+(the end-to-end demo; until the training capability lands it runs a real sharded forward pass
+of the demo model).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "demo", "convert")
+COMMANDS = ("info", "demo", "convert", "sample")
 REPO_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model.py"
 )
@@ -192,13 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"metastone-jax: unknown command {command!r}; expected one of {COMMANDS}\n{_usage()}"
         )
-    if command == "convert":
-        from metastone_jax.convert import cli
+    if command in ("convert", "sample"):  # commands with their own options (argparse)
+        import importlib
 
+        cli = importlib.import_module(f"metastone_jax.{command}.cli")
         try:
             return cli.main(argv[2:])
         except ValueError as e:
-            raise SystemExit(f"metastone-jax convert: {e}") from None
+            raise SystemExit(f"metastone-jax {command}: {e}") from None
     config = _parse([argv[0], *argv[2:]], default_preset="demo")
     try:
         {"info": cmd_info, "demo": cmd_demo}[command](config)

@@ -1,0 +1,139 @@
+"""`metastone-jax sample --ckpt=CKPT --prompt=TEXT [--mode=high] [--strategy=...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from metastone_jax.sample.search import MODES, SELECTIONS, STRATEGIES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metastone-jax sample")
+    p.add_argument("--ckpt", required=True, help="params checkpoint (from `convert hf-to-jax`)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--mode", default="medium", choices=tuple(MODES), help="k = 2 / 8 / 32")
+    p.add_argument("--k", type=int, default=None, help="candidates per prompt (overrides mode)")
+    p.add_argument("--strategy", default="best_of_k", help="|".join(STRATEGIES))
+    p.add_argument("--aggregation", default="geomean", help="geomean|mean|min|last|product")
+    p.add_argument("--selection", default="response", help="|".join(SELECTIONS))
+    p.add_argument("--beam_width", type=int, default=2)
+    p.add_argument("--expansions", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--repetition_penalty", type=float, default=1.05)
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--think_budget", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step_ids", default=None,
+                   help="comma-separated step token ids (default: the id of '.\\n\\n')")  # fmt: skip
+    p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--show_steps", action="store_true", help="print each step with its score")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
+    from metastone_jax.data.tokenizer import load_tokenizer
+    from metastone_jax.sample import search
+    from metastone_jax.sample.processors import SamplingParams
+    from metastone_jax.sprm import StepTokens
+
+    tokenizer = load_tokenizer(os.path.join(args.ckpt, HF_FILES_DIR))
+    model, _ = load_params_checkpoint(args.ckpt)
+    overrides = dict(
+        strategy=args.strategy, aggregation=args.aggregation, selection=args.selection,
+        beam_width=args.beam_width, expansions=args.expansions,
+    )  # fmt: skip
+    if args.k is not None:
+        config = search.SearchConfig(k=args.k, **overrides)
+    else:
+        config = search.SearchConfig.for_mode(args.mode, **overrides)
+    stop = tuple(tokenizer.eos_ids)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        stop_ids=stop, think_budget=args.think_budget,
+    )  # fmt: skip
+    if args.step_ids:
+        try:
+            ids = [int(i) for i in args.step_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--step_ids: expected comma-separated ints, got {args.step_ids!r}")
+        step = StepTokens.from_tokenizer(tokenizer, step_text=ids)
+    else:
+        step = StepTokens.from_tokenizer(tokenizer)
+    prompts = []
+    for i, text in enumerate(args.prompt):
+        if not text.strip():
+            raise ValueError(f"--prompt {i}: empty prompt")
+        if args.no_chat_template or tokenizer.chat_template is None:
+            prompts.append(tokenizer.encode(text, add_special_tokens=True))
+        else:
+            prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
+    result = search.run(
+        model, prompts, search=config, params=params, step=step, tokenizer=tokenizer,
+        seeds=[args.seed + i for i in range(len(prompts))],
+    )  # fmt: skip
+    report = _report(result, tokenizer, args.show_steps)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    for item in report["prompts"]:
+        sel = item["candidates"][item["selected"]]
+        print(f"=== prompt {item['index']}: selected candidate {item['selected']} "
+              f"(score {sel['score']:.4f}, answer {sel['answer']!r})")  # fmt: skip
+        print(sel["text"])
+        print("--- candidates")
+        for j, c in enumerate(item["candidates"]):
+            mark = "*" if j == item["selected"] else " "
+            print(f" {mark}{j:3d} score {c['score']:.4f}  steps {c['n_steps']:3d}  "
+                  f"{c['finish']:<7} answer {c['answer']!r}")  # fmt: skip
+            for s in c.get("steps", []):
+                print(f"        [{s['score']:.3f}] {s['text']!r}")
+    print(f"stats: {json.dumps(report['stats'])}")
+
+
+def _report(result, tokenizer, show_steps: bool) -> dict:
+    from metastone_jax.sample.sampler import FINISH_REASONS
+
+    c = result.candidates
+    out = []
+    for i in range(len(result.texts)):
+        cands = []
+        for j in range(len(result.texts[i])):
+            mask = c.step_mask[i, j]
+            item = {
+                "text": result.texts[i][j],
+                "answer": result.answers[i][j],
+                "score": float(result.scores[i, j]),
+                "n_steps": int(mask.sum()),
+                "length": int(c.length[i, j]),
+                "finish": FINISH_REASONS[int(c.finish[i, j])],
+                "logprob": float(c.logprob[i, j]),
+            }
+            if show_steps:
+                item["steps"] = _steps(c, i, j, tokenizer)
+            cands.append(item)
+        out.append({"index": i, "selected": int(result.selected[i]), "candidates": cands})
+    return {"prompts": out, "stats": result.stats}
+
+
+def _steps(c, i, j, tokenizer) -> list[dict]:
+    """Each scored step: the text from the previous step token to this one, and its score."""
+    steps, start = [], 0
+    tokens = c.tokens[i, j, : c.length[i, j]].tolist()
+    for s in range(c.step_mask.shape[-1]):
+        if not c.step_mask[i, j, s]:
+            continue
+        end = int(c.step_index[i, j, s]) + 1
+        steps.append({"score": float(c.step_scores[i, j, s]),
+                      "text": tokenizer.decode(tokens[start:end])})  # fmt: skip
+        start = end
+    return steps

@@ -1,0 +1,424 @@
+"""Jitted batched sampling with the SPRM step score read inside the decode loop.
+
+Prefill runs once per prompt (prompts left-padded to a length bucket), its cache is repeated k
+times, and a `lax.while_loop` decodes all N = B*k candidates together. Each iteration has, from
+the previous forward, the logits that predict the next token and the penultimate feature at the
+same position (SPRM.md section 2: the feature that scores a step token is the one whose LM
+output predicted it). So when the sampled token is a step token, its score is
+sigmoid(SPRM head(that feature)): one small MLP, never a second forward pass.
+
+The loop can also stop every candidate at its next step boundary (`until_step=True`), which is
+how step-level beam search and early pruning advance: the search gathers rows between segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from metastone_jax.sample.cache import KVCache
+from metastone_jax.sample.processors import (
+    SamplingParams,
+    process_logits,
+    sample,
+    seen_from_tokens,
+    update_seen,
+)
+from metastone_jax.sharding import constrain
+from metastone_jax.sprm import RunningScore, StepTokens
+
+RUNNING, STOPPED, LENGTH, PRUNED = 0, 1, 2, 3
+FINISH_REASONS = ("running", "stop", "length", "pruned")
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries; N candidates, G max new tokens, S max steps."""
+
+    cache: KVCache
+    next_logits: jax.Array  # [N, V] f32: predicts the next token
+    next_feature: jax.Array  # [N, D]: penultimate feature at the same position
+    tokens: jax.Array  # [N, G] int32 generated tokens (pad after the end)
+    length: jax.Array  # [N] int32 tokens generated so far
+    prompt_len: jax.Array  # [N] int32 real prompt tokens
+    prev: jax.Array  # [N] int32 the last token of the sequence so far
+    done: jax.Array  # [N] bool
+    paused: jax.Array  # [N] bool: stopped at a step boundary (until_step mode)
+    finish: jax.Array  # [N] int32 one of RUNNING, STOPPED, LENGTH, PRUNED
+    logprob: jax.Array  # [N] f32 sum of sampled tokens' log-probs
+    seen: jax.Array  # [N, V] bool tokens present so far (repetition penalty)
+    n_open: jax.Array  # [N] int32 count of <think> so far (prompt included)
+    n_close: jax.Array  # [N] int32 count of </think> so far
+    open_pos: jax.Array  # [N] int32 sequence position of the first <think> (-1: none)
+    close_pos: jax.Array  # [N] int32 sequence position of the last </think> (-1: none)
+    think_tokens: jax.Array  # [N] int32 generated tokens inside the think span
+    step_scores: jax.Array  # [N, S] f32 sigmoid(SPRM) at each recorded step token
+    step_index: jax.Array  # [N, S] int32 generated-token index of each recorded step
+    n_steps: jax.Array  # [N] int32
+    running: RunningScore  # aggregate over steps inside the think span so far
+    keys: jax.Array  # [N, 2] uint32, one PRNG key per candidate
+    clock: jax.Array  # [] int32 decode iterations run (the cache's write index follows it)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Static settings of one decode call (hashable: part of the jit cache key)."""
+
+    params: SamplingParams
+    step: StepTokens
+    pad_id: int = 0
+    until_step: bool = False  # pause each candidate after its next scored step
+    score_steps: bool = True  # False: the same loop without the SPRM head (benchmarks)
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Prompt lengths are padded up to a power of two (bounded recompiles)."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _isin(x: jax.Array, ids: tuple[int, ...]) -> jax.Array:
+    if not ids:
+        return jnp.zeros(x.shape, bool)
+    return jnp.any(x[..., None] == jnp.asarray(ids, x.dtype), axis=-1)
+
+
+def _constrain(s: DecodeState) -> DecodeState:
+    """Candidates are laid over ('data','fsdp'); KV heads over 'tensor' (a no-op without mesh)."""
+
+    def rows(x):
+        return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
+
+    cache = s.cache
+    kv = ("layers", "batch", None, "kv_heads", None)
+    cache = cache.replace(k=constrain(cache.k, kv), v=constrain(cache.v, kv))
+    rest = jax.tree.map(rows, s.replace(cache=None))
+    return rest.replace(cache=cache.replace(valid=rows(cache.valid)))
+
+
+def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opts: DecodeOptions):
+    """Runs the padded prompts once and builds the decode state for k candidates per prompt.
+
+    tokens, valid: [B, P] (left-padded). Returns a DecodeState with N = B*k rows, ordered
+    prompt-major (rows b*k .. b*k+k-1 belong to prompt b).
+    """
+    model = nnx.merge(graphdef, model_state)
+    cfg = model.cfg
+    b, p = tokens.shape
+    cache = KVCache.init(cfg, b, cache_len)
+    out = model(tokens, valid=valid, cache=cache)
+    step = opts.step
+    positions = jnp.cumsum(valid, axis=1) - 1
+    prompt_len = jnp.sum(valid, axis=1).astype(jnp.int32)
+    is_open = valid & (tokens == (step.think_open if step.think_open is not None else -1))
+    is_close = valid & (tokens == (step.think_close if step.think_close is not None else -1))
+    big = jnp.iinfo(jnp.int32).max
+    first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
+    last_close = jnp.max(jnp.where(is_close, positions, -1), axis=1)
+    seen = seen_from_tokens(tokens, cfg.vocab_size, valid)
+    g, s_max = opts.params.max_new_tokens, _max_steps(opts.params)
+    per_prompt = dict(
+        next_logits=out.logits[:, -1],
+        next_feature=out.features[:, -1],
+        prompt_len=prompt_len,
+        prev=tokens[:, -1].astype(jnp.int32),
+        seen=seen,
+        n_open=jnp.sum(is_open, axis=1).astype(jnp.int32),
+        n_close=jnp.sum(is_close, axis=1).astype(jnp.int32),
+        open_pos=jnp.where(first_open == big, -1, first_open).astype(jnp.int32),
+        close_pos=last_close.astype(jnp.int32),
+    )
+    per_prompt = {name: jnp.repeat(x, k, axis=0) for name, x in per_prompt.items()}
+    n = b * k
+    state = DecodeState(
+        cache=out.cache.repeat(k),
+        tokens=jnp.full((n, g), opts.pad_id, jnp.int32),
+        length=jnp.zeros((n,), jnp.int32),
+        done=jnp.zeros((n,), bool),
+        paused=jnp.zeros((n,), bool),
+        finish=jnp.zeros((n,), jnp.int32),
+        logprob=jnp.zeros((n,), jnp.float32),
+        think_tokens=jnp.zeros((n,), jnp.int32),
+        step_scores=jnp.zeros((n, s_max), jnp.float32),
+        step_index=jnp.full((n, s_max), -1, jnp.int32),
+        n_steps=jnp.zeros((n,), jnp.int32),
+        running=RunningScore.init((n,)),
+        keys=jnp.zeros((n, 2), jnp.uint32),
+        clock=jnp.zeros((), jnp.int32),
+        **per_prompt,
+    )
+    return _constrain(state)
+
+
+def _max_steps(params: SamplingParams) -> int:
+    # A scored step is the first of a run, so at most every other token is one.
+    return max(1, (params.max_new_tokens + 1) // 2)
+
+
+def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> DecodeState:
+    """Decodes until every candidate is done (or paused, with `until_step`), or the cache is full.
+
+    Jit with `opts` static and `state` donated; `model_state` (the params) is an argument, so
+    one compilation serves any weights of the same shapes.
+    """
+    params, step = opts.params, opts.step
+    limit = state.clock + (state.cache.max_len - state.cache.index)  # the cache's free slots
+
+    def cond(s: DecodeState):
+        active = ~s.done & ~s.paused
+        return jnp.any(active) & (s.clock < limit)
+
+    def body(s: DecodeState) -> DecodeState:
+        model = nnx.merge(graphdef, model_state)
+        active = ~s.done & ~s.paused
+        # A candidate's j-th token uses fold_in(its key, j): independent of batch scheduling
+        # (beam search pauses rows), so a kept beam continues exactly as it would alone.
+        keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
+        logits = process_logits(s.next_logits, s.seen, params)
+        token, logprob = sample(logits, keys, params)
+        inside = (s.n_open > 0) & (s.n_close == 0)
+        if params.think_budget is not None and step.think_close is not None:
+            # Controllable thinking length: past the budget, `</think>` is forced.
+            force = inside & (s.think_tokens >= params.think_budget)
+            token = jnp.where(force, step.think_close, token)
+            forced_lp = jax.nn.log_softmax(s.next_logits)[:, step.think_close]
+            logprob = jnp.where(force, forced_lp, logprob)
+        token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
+        pos = s.prompt_len + s.length  # sequence position of this token
+
+        # Step token under the inference rules (first of a run, not right after <think>).
+        is_step = _isin(token, step.step_ids) & ~_isin(s.prev, step.step_ids) & active
+        if step.think_open is not None:
+            is_step &= s.prev != step.think_open
+        if opts.score_steps:
+            score = jax.nn.sigmoid(model.sprm_logits(s.next_feature))
+        else:
+            score = jnp.zeros(token.shape, jnp.float32)
+        slot = jnp.minimum(s.n_steps, s.step_scores.shape[1] - 1)
+        rows = jnp.arange(token.shape[0])
+        step_scores = s.step_scores.at[rows, slot].set(
+            jnp.where(is_step, score, s.step_scores[rows, slot])
+        )
+        step_index = s.step_index.at[rows, slot].set(
+            jnp.where(is_step, s.length, s.step_index[rows, slot])
+        )
+        # The running aggregate (for search) counts steps inside the think span so far, or all
+        # with no <think>; the final mask (final_step_mask) is decided on the whole sequence.
+        in_span = (s.n_open == 0) | inside
+        running = s.running.update(score, is_step & in_span)
+
+        is_open = active & (token == (step.think_open if step.think_open is not None else -2))
+        is_close = active & (token == (step.think_close if step.think_close is not None else -2))
+        tokens = s.tokens.at[rows, jnp.minimum(s.length, s.tokens.shape[1] - 1)].set(
+            jnp.where(active, token, s.tokens[rows, jnp.minimum(s.length, s.tokens.shape[1] - 1)])
+        )
+        length = s.length + active
+        stop = active & _isin(token, params.stop_ids)
+        full = active & ~stop & (length >= params.max_new_tokens)
+        finish = jnp.where(stop, STOPPED, jnp.where(full, LENGTH, s.finish))
+
+        out = model(token[:, None], valid=active[:, None], cache=s.cache)
+        new = s.replace(
+            cache=out.cache,
+            next_logits=jnp.where(active[:, None], out.logits[:, 0], s.next_logits),
+            next_feature=jnp.where(active[:, None], out.features[:, 0], s.next_feature),
+            tokens=tokens,
+            length=length,
+            prev=jnp.where(active, token, s.prev),
+            done=s.done | stop | full,
+            paused=s.paused | (is_step & opts.until_step),
+            finish=finish,
+            logprob=s.logprob + jnp.where(active, logprob, 0.0),
+            seen=jnp.where(active[:, None], update_seen(s.seen, token), s.seen),
+            n_open=s.n_open + is_open,
+            n_close=s.n_close + is_close,
+            open_pos=jnp.where(is_open & (s.open_pos < 0), pos, s.open_pos),
+            close_pos=jnp.where(is_close, pos, s.close_pos),
+            think_tokens=s.think_tokens + (active & inside & ~is_close),
+            step_scores=step_scores,
+            step_index=step_index,
+            n_steps=s.n_steps + is_step,
+            running=running,
+            clock=s.clock + 1,
+        )
+        return _constrain(new)
+
+    state = jax.lax.while_loop(cond, body, _constrain(state))
+    # Out of cache: whatever is still running ends by length.
+    out_of_room = ~state.done & ~state.paused
+    return state.replace(
+        done=state.done | out_of_room,
+        finish=jnp.where(out_of_room, LENGTH, state.finish),
+    )
+
+
+def final_step_mask(state: DecodeState) -> jax.Array:
+    """[N, S] bool: recorded steps that the released inference scorer counts: strictly after
+    the `<think>` if the sequence holds exactly one (else from the start), strictly before the
+    `</think>` if it holds exactly one (else to the end) (SPRM.md section 2, rule 3)."""
+    s_max = state.step_scores.shape[1]
+    recorded = jnp.arange(s_max)[None, :] < jnp.minimum(state.n_steps, s_max)[:, None]
+    pos = state.prompt_len[:, None] + state.step_index
+    lo = jnp.where(state.n_open == 1, state.open_pos, -1)[:, None]
+    hi = jnp.where(state.n_close == 1, state.close_pos, jnp.iinfo(jnp.int32).max)[:, None]
+    return recorded & (pos > lo) & (pos < hi)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(graphdef, which: str, opts: DecodeOptions, k: int = 0, cache_len: int = 0):
+    """One compiled prefill/decode per (model structure, options, k, cache length)."""
+    if which == "prefill":
+        fn = functools.partial(prefill, graphdef, k=k, cache_len=cache_len, opts=opts)
+        return jax.jit(fn)
+    fn = functools.partial(decode, graphdef, opts=opts)
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+def seed_keys(seeds: np.ndarray, k: int) -> jax.Array:
+    """[B] request seeds -> [B*k, 2] keys: candidate j of request b uses fold_in(key(seed_b), j),
+    so a request's samples do not depend on what else is in the batch."""
+    base = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+    keys = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(k)))(base)
+    return keys.reshape(-1, 2).astype(jnp.uint32)
+
+
+def pad_prompts(prompts: list[list[int]], *, pad_id: int, max_len: int, max_new: int):
+    """Left-pads token lists to a bucketed length; checks the budget. -> (tokens, valid) [B,P]."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + max_new > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new} that exceeds "
+                f"the model's max_len={max_len} (shorten the prompt or lower max_new_tokens)"
+            )
+    width = min(bucket_length(max(len(p) for p in prompts)), max_len - max_new)
+    width = max(width, max(len(p) for p in prompts))
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    valid = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p) :] = p
+        valid[i, width - len(p) :] = True
+    return tokens, valid
+
+
+@dataclasses.dataclass
+class Candidates:
+    """Sampler output on the host; shapes [B, k, ...] (B prompts, k candidates each)."""
+
+    tokens: np.ndarray  # [B, k, G] int32 (pad after `length`)
+    length: np.ndarray  # [B, k]
+    finish: np.ndarray  # [B, k] int: index into FINISH_REASONS
+    logprob: np.ndarray  # [B, k] sum of the sampled tokens' log-probs
+    step_scores: np.ndarray  # [B, k, S]
+    step_index: np.ndarray  # [B, k, S] generated-token index of each step (-1: none)
+    step_mask: np.ndarray  # [B, k, S] bool: the steps the inference scorer counts
+
+    def texts(self, tokenizer) -> list[list[str]]:
+        return [
+            [tokenizer.decode(t[:n].tolist()) for t, n in zip(tb, lb, strict=True)]
+            for tb, lb in zip(self.tokens, self.length, strict=True)
+        ]
+
+
+def to_candidates(state: DecodeState, b: int, k: int) -> Candidates:
+    mask = final_step_mask(state)
+    host = jax.device_get(
+        (state.tokens, state.length, state.finish, state.logprob, state.step_scores,
+         state.step_index, mask)
+    )  # fmt: skip
+
+    def shape(x):
+        return np.asarray(x).reshape(b, k, *np.shape(x)[1:])
+
+    return Candidates(*[shape(x) for x in host])
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    k: int = 1,
+    params: SamplingParams,
+    step: StepTokens,
+    seeds: list[int] | int = 0,
+    pad_id: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    score_steps: bool = True,
+) -> Candidates:
+    """Samples k candidates for each prompt (token id lists), with in-loop step scores."""
+    state, opts, graphdef, model_state = start(
+        model, prompts, k=k, params=params, step=step, seeds=seeds, pad_id=pad_id, mesh=mesh,
+        score_steps=score_steps,
+    )  # fmt: skip
+    with _mesh_context(mesh):
+        state = _jitted(graphdef, "decode", opts)(model_state, state)
+    return to_candidates(state, len(prompts), k)
+
+
+def start(
+    model,
+    prompts,
+    *,
+    k: int,
+    params: SamplingParams,
+    step: StepTokens,
+    seeds: list[int] | int = 0,
+    pad_id: int | None = None,
+    mesh=None,
+    score_steps: bool = True,
+    until_step: bool = False,
+    cache_extra: int = 0,
+) -> tuple[DecodeState, DecodeOptions, Any, Any]:
+    """Validates, pads, prefills: -> (state, opts, graphdef, params) ready for `decode`."""
+    cfg = model.cfg
+    if k < 1:
+        raise ValueError(f"k: expected >= 1 candidates per prompt, got {k}")
+    if score_steps and model.sprm is None:
+        raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
+    pad_id = _pad_id(cfg) if pad_id is None else pad_id
+    g = params.max_new_tokens
+    tokens, valid = pad_prompts(prompts, pad_id=pad_id, max_len=cfg.max_len, max_new=g)
+    n = len(prompts) * k
+    if mesh is not None:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if n % rows:
+            raise ValueError(
+                f"{len(prompts)} prompts x k={k} = {n} candidates cannot be laid on the mesh: "
+                f"data*fsdp = {rows} must divide it (change k, the batch, or the mesh)"
+            )
+    cache_len = min(tokens.shape[1] + g + cache_extra, cfg.max_len)
+    seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+    opts = DecodeOptions(
+        params=params, step=step, pad_id=pad_id, until_step=until_step, score_steps=score_steps
+    )
+    graphdef, model_state = nnx.split(model)
+    with _mesh_context(mesh):
+        state = _jitted(graphdef, "prefill", opts, k=k, cache_len=cache_len)(
+            model_state, tokens, valid
+        )
+        state = state.replace(keys=seed_keys(np.asarray(seeds), k))
+    return state, opts, graphdef, model_state
+
+
+def _pad_id(cfg) -> int:
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    eos = cfg.eos_token_id
+    return (eos[0] if isinstance(eos, tuple) else eos) if eos is not None else 0
+
+
+def _mesh_context(mesh):
+    import contextlib
+
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

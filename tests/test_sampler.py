@@ -1,0 +1,178 @@
+"""The jitted sampler against the full forward: greedy, seeds, in-loop step scores, budgets."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from metastone_jax.config import ModelConfig
+from metastone_jax.model import create_model
+from metastone_jax.sample import sampler
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sharding import make_mesh
+from metastone_jax.sprm import StepTokens, step_mask
+
+# A 12-token vocabulary so that step tokens, runs of them and think tags occur often:
+# 0 pad, 1 eos, 5 step token, 6 <think>, 7 </think>, the rest text.
+CFG = ModelConfig(
+    vocab_size=12, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    max_len=160, compute_dtype="float32", pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+STEP = StepTokens(step_ids=(5,), think_open=6, think_close=7)
+PROMPTS = [[2, 3, 4, 6], [3, 8, 9, 10, 2, 5, 6], [4, 6]]  # each ends with <think>
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(CFG, seed=0)
+
+
+@jax.jit
+def _forward(graphdef_state, tokens, valid):
+    out = nnx.merge(*graphdef_state)(tokens, valid=valid)
+    return out.logits, out.features
+
+
+def full_forward(model, seq, width=160):
+    """Unpadded-equivalent full forward, right-padded to a fixed width (one compilation)."""
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, : len(seq)] = seq
+    valid = np.arange(width)[None] < len(seq)
+    logits, feats = _forward(nnx.split(model), tokens, valid)
+    return np.asarray(logits[0, : len(seq)]), np.asarray(feats[0, : len(seq)])
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, stop_ids=(1,))
+    cands = sampler.generate(model, PROMPTS, k=2, params=params, step=STEP)
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for _ in range(cands.length[i, 0]):
+            logits, _ = full_forward(model, seq)
+            seq.append(int(logits[-1].argmax()))
+            if seq[-1] == 1:
+                break
+        generated = seq[len(prompt) :]
+        for j in range(2):  # both candidates are the greedy sequence
+            assert cands.tokens[i, j, : cands.length[i, j]].tolist() == generated
+
+
+def test_sampling_is_reproducible_and_per_request(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16)
+    a = sampler.generate(model, PROMPTS, k=3, params=params, step=STEP, seeds=[1, 2, 3])
+    b = sampler.generate(model, PROMPTS, k=3, params=params, step=STEP, seeds=[1, 2, 3])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    c = sampler.generate(model, PROMPTS, k=3, params=params, step=STEP, seeds=[1, 9, 3])
+    assert not np.array_equal(a.tokens[1], c.tokens[1])  # other seed, other samples
+    # Same bucket width, so the same prompt with the same seed samples the same tokens even
+    # when the rest of the batch changes.
+    np.testing.assert_array_equal(a.tokens[0], c.tokens[0])
+    assert len({tuple(t) for t in a.tokens[0]}) == 3  # the k candidates differ
+
+
+def test_in_loop_step_scores_equal_full_forward_rescoring(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=64)  # no stop: long sequences
+    cands = sampler.generate(model, PROMPTS, k=24, params=params, step=STEP, seeds=[0, 1, 2])
+    seen = dict(runs=0, after_open=0, after_close=0, several=0, not_one_each=0)
+    max_diff, compared = 0.0, 0
+    for i, prompt in enumerate(PROMPTS):
+        for j in range(24):
+            gen = cands.tokens[i, j, : cands.length[i, j]].tolist()
+            seq = np.asarray(prompt + gen)
+            mask = np.array(step_mask(seq[None], STEP, mode="inference"))[0]
+            mask[: len(prompt)] = False  # the sampler scores generated tokens only
+            _, feats = full_forward(model, seq.tolist())
+            ref = jax.nn.sigmoid(model.sprm_logits(feats[np.flatnonzero(mask) - 1]))
+            ours = cands.step_scores[i, j][cands.step_mask[i, j]]
+            assert len(ours) == mask.sum()
+            assert (
+                cands.step_index[i, j][cands.step_mask[i, j]].tolist()
+                == (np.flatnonzero(mask) - len(prompt)).tolist()
+            )
+            if len(ours):
+                max_diff = max(max_diff, float(np.abs(np.asarray(ref) - ours).max()))
+                compared += len(ours)
+            # Coverage of the cases the rules distinguish (asserted below, so not vacuous).
+            is_step = seq == 5
+            seen["runs"] += int(np.any(is_step[1:] & is_step[:-1]))
+            seen["after_open"] += int(np.any(is_step[1:] & (seq[:-1] == 6)))
+            close = np.flatnonzero(seq == 7)
+            seen["after_close"] += int(len(close) > 0 and np.any(is_step[close[-1] :]))
+            seen["several"] += int(mask.sum() >= 3)
+            seen["not_one_each"] += int((seq == 6).sum() != 1 or (seq == 7).sum() != 1)
+    assert max_diff <= 1e-4 and compared > 50
+    assert all(v > 0 for v in seen.values()), seen
+
+
+def test_thinking_budget_forces_think_close(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, think_budget=5)
+    cands = sampler.generate(model, PROMPTS, k=4, params=params, step=STEP, seeds=[4, 5, 6])
+    for i in range(len(PROMPTS)):
+        for j in range(4):
+            gen = cands.tokens[i, j, : cands.length[i, j]].tolist()
+            assert 7 in gen[:6], gen  # </think> within budget + 1 tokens
+
+
+def test_stop_tokens_and_finish_reasons(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, stop_ids=(1, 3))
+    cands = sampler.generate(model, PROMPTS, k=8, params=params, step=STEP, seeds=[0, 1, 2])
+    for i in range(len(PROMPTS)):
+        for j in range(8):
+            n = cands.length[i, j]
+            gen = cands.tokens[i, j, :n]
+            if sampler.FINISH_REASONS[cands.finish[i, j]] == "stop":
+                assert gen[-1] in (1, 3) and not np.isin(gen[:-1], (1, 3)).any()
+            else:
+                assert n == 40 and not np.isin(gen, (1, 3)).any()
+            assert (cands.tokens[i, j, n:] == 0).all()
+
+
+def test_logprob_is_sum_of_sampled_token_logprobs_greedy(model):
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    cands = sampler.generate(model, PROMPTS[:1], k=1, params=params, step=STEP)
+    seq = list(PROMPTS[0])
+    total = 0.0
+    for t in cands.tokens[0, 0, : cands.length[0, 0]]:
+        logits, _ = full_forward(model, seq)
+        total += float(jax.nn.log_softmax(logits[-1])[t])
+        seq.append(int(t))
+    assert abs(total - cands.logprob[0, 0]) < 1e-4
+
+
+def test_sharded_sampling_equals_single_device():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    single = sampler.generate(create_model(CFG, seed=0), PROMPTS[:2], k=4, params=params,
+                              step=STEP, seeds=[7, 8])  # fmt: skip
+    sharded_model = create_model(CFG, seed=0, mesh=mesh)
+    sharded = sampler.generate(sharded_model, PROMPTS[:2], k=4, params=params, step=STEP,
+                               seeds=[7, 8], mesh=mesh)  # fmt: skip
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_allclose(single.step_scores, sharded.step_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(prompts=[[2] * 150]),
+            r"prompt 0 has 150 tokens; with max_new_tokens=20 .* max_len=160",
+        ),
+        (dict(prompts=[[2, 3], []]), r"prompt 1 is empty"),
+        (dict(k=0), r"k: expected >= 1"),
+        (dict(seeds=[1, 2, 3]), r"seeds: expected one per prompt \(2\)"),
+    ],
+)
+def test_bad_input(model, kwargs, match):
+    args = dict(prompts=[[2, 3], [4]], k=2, seeds=0)
+    args.update(kwargs)
+    params = SamplingParams(temperature=1.0, max_new_tokens=20)
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(model, args.pop("prompts"), params=params, step=STEP, **args)
+
+
+def test_batch_that_cannot_be_laid_on_the_mesh(model):
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    params = SamplingParams(temperature=1.0, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"3 prompts x k=2 = 6 candidates cannot be laid"):
+        sampler.generate(model, PROMPTS, k=2, params=params, step=STEP, mesh=mesh)
