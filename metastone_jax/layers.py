@@ -155,27 +155,39 @@ class Attention(nnx.Module):
     ):
         """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
 
-        With a cache (k_cache/v_cache [B,S,K,hd]) the new keys/values are written at slots
-        [write_index, write_index+T) and attention runs over all S slots; without one S = T.
-        Returns (y [B,T,D], (k_cache, v_cache) or (k, v) of this chunk).
+        With a cache (this layer's k_cache/v_cache [B,K,S,hd]) the chunk's keys/values are
+        written at slots [write_index, write_index+T) in place and attention runs over all S
+        slots; without one S = T. Returns (y [B,T,D], the updated (k_cache, v_cache), or this
+        chunk's (k, v) [B,K,T,hd] without a cache).
         """
         q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
         k = apply_rope(self.k_proj(x), cos, sin)  # [B,T,K,hd]
         v = self.v_proj(x)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        if k_cache is not None:
-            start = (0, write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
         b, t, h, hd = q.shape
-        groups = h // self.n_kv_heads
-        q = q.reshape(b, t, self.n_kv_heads, groups, hd)
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-        )
-        scores = jnp.where(mask[:, None, None, :, :], scores * self.scale, MASK_VALUE)
+        kh = self.n_kv_heads
+        # KV-head-major layouts keep (b, k) as the leading batch dims of every contraction.
+        q = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,hd]
+        k = k.transpose(0, 2, 1, 3)  # [B,K,T,hd]
+        v = v.transpose(0, 2, 1, 3)
+        if k_cache is not None:
+            at = (0, 0, write_index, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+        if t == 1:  # decode: multiply-reduce over the cache (one pass over it, no transposes)
+            qf, kf, vf = q[:, :, :, 0].astype(jnp.float32), k.astype(jnp.float32), v
+            scores = jnp.sum(qf[:, :, :, None, :] * kf[:, :, None, :, :], axis=-1)[:, :, :, None]
+        else:
+            scores = jnp.einsum(
+                "bkgth,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+            )
+        scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
+        if t == 1:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * vf[:, :, None].astype(q.dtype), axis=3)
+            out = out[:, None].reshape(b, 1, h, hd)  # [B,K,G,hd] -> [B,1,H,hd]
+        else:
+            out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
         return self.o_proj(out), (k, v)
 
 

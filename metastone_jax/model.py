@@ -145,10 +145,7 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
         if cache is None:
-            slot_valid = valid
-            q_slots = jnp.arange(t)
-            write_index = None
-            offset = 0
+            slot_valid, q_slots, write_index, offset = valid, jnp.arange(t), None, 0
         else:
             slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
             q_slots = cache.index + jnp.arange(t)
@@ -175,11 +172,14 @@ class Transformer(nnx.Module):
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=kv[0], v=kv[1], valid=slot_valid, index=cache.index + t)
+            new_cache = KVCache(
+                k=tuple(kv[0]), v=tuple(kv[1]), valid=slot_valid, index=cache.index + t
+            )
         return ModelOutput(logits=logits, features=features, cache=new_cache)
 
     def _run_blocks(self, x, cos, sin, mask, cache, write_index):
-        """Applies the L stacked blocks; returns (x, penultimate features, stacked (k, v))."""
+        """Applies the L stacked blocks; returns (x, penultimate features, (k, v)): the updated
+        per-layer caches (lists) with a cache, else the chunk's stacked [L,B,K,T,hd]."""
         cfg = self.cfg
         graphdef, params = nnx.split(self.blocks)
         last = cfg.n_layers - 1
@@ -193,9 +193,17 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        k_c = None if cache is None else cache.k
-        v_c = None if cache is None else cache.v
-        xs = (params, k_c, v_c, jnp.arange(cfg.n_layers))
+        if cache is not None:
+            # Decode/prefill with a cache: layers unrolled so that each updates and reads its own
+            # cache buffer in place (see sample/cache.py).
+            carry, ks, vs = (x, jnp.zeros_like(x)), [], []
+            for i in range(cfg.n_layers):
+                p = jax.tree.map(lambda a, i=i: a[i], params)
+                carry, (k, v) = layer(carry, (p, cache.k[i], cache.v[i], i))
+                ks.append(k)
+                vs.append(v)
+            return carry[0], carry[1], (ks, vs)
+        xs = (params, None, None, jnp.arange(cfg.n_layers))
         carry = (x, jnp.zeros_like(x))
         if cfg.scan_layers:
             (x, feat), kv = jax.lax.scan(layer, carry, xs)

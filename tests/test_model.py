@@ -90,7 +90,7 @@ def test_prefill_then_decode_with_left_padding(model):
 def test_cache_repeat_for_k_candidates(model):
     prompt = _tokens(2, 6, seed=5)
     cache = model(prompt, cache=KVCache.init(CFG, 2, 16)).cache.repeat(3)
-    assert cache.k.shape[1] == 6 and cache.valid.shape == (6, 16)
+    assert cache.k[0].shape[0] == 6 and cache.valid.shape == (6, 16)
     nxt = np.repeat(_tokens(2, 1, seed=6), 3, axis=0)
     out = model(nxt, cache=cache)
     ref = model(np.concatenate([prompt, nxt[::3]], axis=1)).logits[:, -1]

@@ -1,7 +1,9 @@
 """Per-layer KV cache shared by prefill and single-token decode.
 
-Keys and values are stacked over layers so that scan-over-layers can slice them with the
-per-layer parameters. Slots are written left to right; `valid` marks the slots holding real
+One array per layer (a tuple, not one stacked [L, ...] array): in a decode loop each layer then
+reads its own buffer in place and the new token is written in place, where slicing a stacked
+cache per layer costs a copy of it every step (3x slower decode on CPU, measured in
+bench/sampler_bench.py). Slots are written left to right; `valid` marks the slots holding real
 (non-padding) tokens, so left-padded prompts of different lengths share one write index.
 """
 
@@ -16,20 +18,21 @@ from metastone_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, K, hd]; valid: [B, S] bool; index: [] int32, the next slot to write."""
+    """k, v: L arrays [B, K, S, hd] (KV-head-major: attention contracts over (B, K) batch dims
+    without transposing); valid: [B, S] bool; index: [] int32, the next slot to write."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -37,20 +40,35 @@ class KVCache:
             raise ValueError(
                 f"KVCache: max_len {max_len} exceeds the model's max_len {cfg.max_len}"
             )
-        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.compute_jnp_dtype
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             valid=jnp.zeros((batch_size, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
+    def write(self, k, v, valid: jax.Array) -> KVCache:
+        """Appends a chunk for every layer: k, v L arrays [B,K,T,hd]; valid [B,T]."""
+        at = (0, 0, self.index, 0)
+
+        def put(cache, new):
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
+
+        return KVCache(
+            k=tuple(map(put, self.k, k)),
+            v=tuple(map(put, self.v, v)),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid.astype(bool), (0, self.index)),
+            index=self.index + valid.shape[1],
+        )
+
+    def map_rows(self, fn) -> KVCache:
+        """Applies `fn` (an op along axis 0) to every per-row array: k, v and valid."""
+        return self.replace(
+            k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v), valid=fn(self.valid)
+        )
+
     def repeat(self, k: int) -> KVCache:
         """Repeats each sequence k times along batch (prefill once, decode k candidates)."""
-        return KVCache(
-            k=jnp.repeat(self.k, k, axis=1),
-            v=jnp.repeat(self.v, k, axis=1),
-            valid=jnp.repeat(self.valid, k, axis=0),
-            index=self.index,
-        )
+        return self.map_rows(lambda x: jnp.repeat(x, k, axis=0))

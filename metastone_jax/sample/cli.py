@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--think_budget", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step_ids", default=None,
-                   help="comma-separated step token ids (default: the id of '.\\n\\n')")  # fmt: skip
+    p.add_argument("--step_ids", default=None, help="comma-separated step token ids "
+                   "(default: the id of the step string '.\\n\\n')")  # fmt: skip
     p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show_steps", action="store_true", help="print each step with its score")
@@ -64,7 +64,9 @@ def main(argv: list[str]) -> None:
         try:
             ids = [int(i) for i in args.step_ids.split(",")]
         except ValueError:
-            raise ValueError(f"--step_ids: expected comma-separated ints, got {args.step_ids!r}")
+            raise ValueError(
+                f"--step_ids: expected comma-separated ints, got {args.step_ids!r}"
+            ) from None
         step = StepTokens.from_tokenizer(tokenizer, step_text=ids)
     else:
         step = StepTokens.from_tokenizer(tokenizer)

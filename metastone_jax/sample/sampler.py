@@ -96,8 +96,10 @@ def _constrain(s: DecodeState) -> DecodeState:
         return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
 
     cache = s.cache
-    kv = ("layers", "batch", None, "kv_heads", None)
-    cache = cache.replace(k=constrain(cache.k, kv), v=constrain(cache.v, kv))
+    kv = ("batch", "kv_heads", None, None)
+    cache = cache.replace(
+        k=tuple(constrain(x, kv) for x in cache.k), v=tuple(constrain(x, kv) for x in cache.v)
+    )
     rest = jax.tree.map(rows, s.replace(cache=None))
     return rest.replace(cache=cache.replace(valid=rows(cache.valid)))
 

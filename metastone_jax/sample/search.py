@@ -82,12 +82,7 @@ class SearchResult:
 
 def _gather_rows(state: sampler.DecodeState, rows: jax.Array) -> sampler.DecodeState:
     """Rows of every per-candidate array (the cache's batch axis is axis 1 of k/v)."""
-    cache = state.cache
-    cache = cache.replace(
-        k=jnp.take(cache.k, rows, axis=1),
-        v=jnp.take(cache.v, rows, axis=1),
-        valid=jnp.take(cache.valid, rows, axis=0),
-    )
+    cache = state.cache.map_rows(lambda x: jnp.take(x, rows, axis=0))
     rest = jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x,
                         state.replace(cache=None))  # fmt: skip
     return rest.replace(cache=cache)
@@ -103,10 +98,10 @@ def _compact_cache(state: sampler.DecodeState) -> sampler.DecodeState:
     slots changes nothing."""
     cache = state.cache
     order = jnp.argsort(~cache.valid, axis=1, stable=True)  # [N, S]: valid slots first
-    gather = order[None, :, :, None, None]
+    gather = order[:, None, :, None]  # slots are axis 2 of [B, K, S, hd]
     cache = cache.replace(
-        k=jnp.take_along_axis(cache.k, gather, axis=2),
-        v=jnp.take_along_axis(cache.v, gather, axis=2),
+        k=tuple(jnp.take_along_axis(x, gather, axis=2) for x in cache.k),
+        v=tuple(jnp.take_along_axis(x, gather, axis=2) for x in cache.v),
         valid=jnp.take_along_axis(cache.valid, order, axis=1),
         index=jnp.max(jnp.sum(cache.valid, axis=1)).astype(cache.index.dtype),
     )
