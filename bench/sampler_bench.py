@@ -1,0 +1,174 @@
+"""Decode throughput of the jitted sampler vs transformers' generate, in one run.
+
+Same weights on both sides (a random Qwen2 of ~39M parameters made with transformers, converted
+HF -> JAX with our converter), fp32, k=32 candidates for each of 4 prompts, fixed-length
+generation (no EOS). Prints:
+  - generated tokens/s: ours vs `generate(num_return_sequences=32)`, and the ratio;
+  - the share of this machine's matmul roofline (a large jnp.dot, same run) reached in decode;
+  - the overhead of in-loop SPRM scoring (same sampler with scoring off);
+  - the released pipeline's shape (generate, then a second full forward over every candidate
+    to score its steps) divided by ours.
+
+    .venv/bin/python bench/sampler_bench.py [--new_tokens 128 --prompt_len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _time(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_roofline(n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of a large fp32 jnp.dot on this machine (the practical compute roof)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    t = _time(lambda: dot(a, b).block_until_ready(), repeat)
+    return 2 * n**3 / t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=16000)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+
+    from metastone_jax.checkpoint import load_params_checkpoint
+    from metastone_jax.convert.hf import hf_to_jax, jax_to_hf
+    from metastone_jax.sample import sampler
+    from metastone_jax.sample.processors import SamplingParams
+    from metastone_jax.sprm import StepTokens
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+    )
+    tmp = tempfile.mkdtemp(prefix="sampler-bench-")
+    transformers.Qwen2ForCausalLM(config).save_pretrained(os.path.join(tmp, "hf"))
+    # Same weights both ways: HF -> JAX for ours, JAX -> HF for transformers.
+    hf_to_jax(os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt"), progress=False)
+    jax_to_hf(os.path.join(tmp, "ckpt"), os.path.join(tmp, "back"), progress=False)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.join(tmp, "back"), dtype=torch.float32
+    ).eval()
+    model, _ = load_params_checkpoint(os.path.join(tmp, "ckpt"), compute_dtype="float32")
+    n_params = sum(p.numel() for p in hf_model.parameters())
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(10, args.vocab, (args.prompts, args.prompt_len))
+    g = args.new_tokens
+    params = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
+                            max_new_tokens=g)  # fmt: skip
+    step = StepTokens(step_ids=(7,), think_open=None, think_close=None)
+    n_tokens = args.prompts * args.k * g
+
+    def ours(score=True):
+        c = sampler.generate(model, prompts.tolist(), k=args.k, params=params, step=step,
+                             seeds=list(range(args.prompts)), score_steps=score)  # fmt: skip
+        assert (c.length == g).all()
+        return c
+
+    ours()  # compile
+    ours(score=False)
+    t_ours = _time(ours, 2)
+    t_ours_noscore = _time(lambda: ours(False), 2)
+
+    torch.set_num_threads(os.cpu_count())
+    input_ids = torch.from_numpy(prompts)
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf_model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                temperature=0.6, top_p=0.95, repetition_penalty=1.05, max_new_tokens=g,
+                min_new_tokens=g, num_return_sequences=args.k, pad_token_id=0,
+            )  # fmt: skip
+
+    hf_generate_small = (
+        lambda: hf_model.generate(  # noqa: E731 warm-up
+            input_ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
+    )
+    hf_generate_small()
+    t0 = time.perf_counter()
+    sequences = hf_generate()
+    t_hf = time.perf_counter() - t0
+
+    # The released pipeline scores afterwards: a second full forward over every candidate,
+    # penultimate hidden states, the head at every position.
+    d = args.hidden
+    head = torch.nn.Sequential(
+        torch.nn.Linear(d, 2 * d), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(2 * d, 1)
+    ).eval()
+
+    def rescore():
+        with torch.no_grad():
+            for chunk in sequences.split(args.k):
+                out = hf_model(chunk, output_hidden_states=True)
+                torch.sigmoid(head(out.hidden_states[-2]))
+
+    t_rescore = _time(rescore)
+
+    peak = matmul_roofline()
+    # Decode FLOPs: 2 x (matmul parameters) per generated token, plus attention over the cache.
+    matmul_params = n_params - args.vocab * args.hidden  # the embedding lookup is no matmul
+    ctx = args.prompt_len + g / 2
+    attn = 4 * args.layers * ctx * args.hidden
+    flops = n_tokens * (2 * matmul_params + attn)
+    print(f"model: Qwen2 d={args.hidden} L={args.layers} V={args.vocab}, {n_params / 1e6:.1f}M "
+          f"params, fp32; {args.prompts} prompts x k={args.k}, prompt {args.prompt_len}, "
+          f"{g} new tokens each ({n_tokens} tokens); jax {jax.__version__}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPU threads")  # fmt: skip
+    print(f"  ours (in-loop SPRM)    {n_tokens / t_ours:10.1f} tok/s  ({t_ours:.2f} s)")
+    print(f"  ours (scoring off)     {n_tokens / t_ours_noscore:10.1f} tok/s  "
+          f"({t_ours_noscore:.2f} s)")  # fmt: skip
+    print(f"  transformers generate  {n_tokens / t_hf:10.1f} tok/s  ({t_hf:.2f} s)")
+    print(f"  ratio ours / transformers: {t_hf / t_ours:.2f}x")
+    reached = flops / t_ours
+    print(f"  matmul roofline {peak / 1e9:.1f} GFLOP/s; decode reaches "
+          f"{reached / 1e9:.1f} GFLOP/s = {100 * reached / peak:.0f}% of it")  # fmt: skip
+    print(f"  in-loop scoring overhead: {100 * (t_ours / t_ours_noscore - 1):+.1f}%")
+    released = t_hf + t_rescore
+    print(f"  released shape (generate {t_hf:.2f} s + rescoring forward {t_rescore:.2f} s) "
+          f"/ ours: {released / t_ours:.2f}x")  # fmt: skip
+    del jnp
+
+
+if __name__ == "__main__":
+    main()
