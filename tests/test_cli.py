@@ -57,3 +57,10 @@ def test_errors_are_one_clear_line(args, message):
         main(["metastone-jax", *args])
     assert message in str(exc.value)
     assert "Traceback" not in str(exc.value)
+
+
+def test_demo_runs_a_sharded_forward_and_best_of_k(capsys):
+    out = run(capsys, "demo", "--config=configs/model.py:tiny", "--config.mesh.fsdp=4",
+              "--config.mesh.data=2")  # fmt: skip
+    assert "forward [B=8, T=64] on 8 device(s): logits (8, 64, 128)" in out
+    assert out.count("best-of-8 geomean step scores") == 2
