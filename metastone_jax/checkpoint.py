@@ -11,6 +11,7 @@ never leaves a half-written CKPT. Restoring places each array straight into its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,6 +55,20 @@ def commit_dir(tmp: str, out: str) -> None:
     os.rename(tmp, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str, *, overwrite: bool = False):
+    """Yields a temporary sibling directory that becomes `out` only if the block succeeds; on
+    any failure it is removed, so `out` is either the old content or the complete new one."""
+    check_output_free(out, overwrite)
+    tmp = temp_sibling(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def config_to_json(cfg: ModelConfig) -> dict[str, Any]:

@@ -11,25 +11,12 @@ import transformers
 from flax import nnx
 from hf_reference import hf_logits, tiny_hf_model
 from safetensors.numpy import load_file
+from test_hf_parity import CASES
 
 from metastone_jax.checkpoint import load_params_checkpoint
 from metastone_jax.convert.hf import hf_to_jax, jax_to_hf, load_hf_model
 from metastone_jax.sample.cache import KVCache
 from metastone_jax.sharding import make_mesh
-
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=16,
-)
-CASES = {
-    "qwen2": dict(arch="qwen2"),
-    "qwen2-tied": dict(arch="qwen2", tie=True),
-    "llama": dict(arch="llama"),
-    "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3_ROPE),
-}
 
 
 def save_hf(tmp_path, case, **kwargs):
@@ -58,7 +45,7 @@ def test_hf_to_jax_logits_match_transformers(tmp_path, case):
     assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["qwen2", "llama3-rope", "qwen2-tied"])
+@pytest.mark.parametrize("case", ["qwen2", "llama3-rope-scaling", "qwen2-tied"])
 def test_hf_to_jax_to_hf_is_bitwise_and_loads_in_transformers(tmp_path, case):
     hf_model, hf_dir = save_hf(tmp_path, case)
     hf_to_jax(hf_dir, str(tmp_path / "ckpt"), progress=False)

@@ -235,16 +235,11 @@ def hf_to_jax(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Converts an HF directory into a params checkpoint at `out`; returns the checkpoint meta."""
-    checkpoint.check_output_free(out, overwrite)
+    checkpoint.check_output_free(out, overwrite)  # before the (long) read
     model, meta = load_hf_model(hf_dir, dtype=dtype, mesh=mesh, seed=seed, progress=progress)
-    tmp = checkpoint.temp_sibling(out)
-    try:
+    with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
         checkpoint.write_params_checkpoint(tmp, nnx.state(model), model.cfg, meta)
         _carry_files(hf_dir, os.path.join(tmp, checkpoint.HF_FILES_DIR))
-        checkpoint.commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -353,8 +348,7 @@ def jax_to_hf(
     if os.path.exists(os.path.join(carried, CONFIG_FILE)):
         with open(os.path.join(carried, CONFIG_FILE)) as f:
             base_config = json.load(f)
-    tmp = checkpoint.temp_sibling(out)
-    try:
+    with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
         files = export_hf(
             cfg,
             params,
@@ -372,10 +366,6 @@ def jax_to_hf(
                     shutil.copy2(os.path.join(carried, name), os.path.join(tmp, name))
         if not os.path.exists(os.path.join(tmp, GENERATION_CONFIG_FILE)):
             _write_generation_config(tmp, cfg)
-        checkpoint.commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return files
 
 
