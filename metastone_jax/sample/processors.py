@@ -178,7 +178,8 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
     drop_mass = 1.0 - top_p
 
     def mass_at_or_below(k):  # [N, 1] key -> [N, 1] probability mass of logits <= it
-        return jnp.sum(jnp.where(keys <= k, probs, 0.0), axis=-1, keepdims=True)
+        # multiply by the 0/1 mask, not select: XLA CPU fuses it into a faster reduction.
+        return jnp.sum(probs * (keys <= k), axis=-1, keepdims=True)
 
     # Smallest key whose mass at-or-below exceeds 1 - top_p: the value of the cut token.
     lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # mass(lo) = 0 <= drop_mass
@@ -192,15 +193,22 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
 
     _, cut = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
     at_cut = keys == cut
-    below = jnp.sum(jnp.where(keys < cut, probs, 0.0), axis=-1, keepdims=True)
-    # Tied tokens at the cut sort by id; the j-th (1-based) has cumulative mass below + j * p.
-    rank = jnp.cumsum(at_cut, axis=-1)
-    keep_tied = at_cut & (below + rank * probs > drop_mass)
-    keep = (keys > cut) | keep_tied
-    # The most likely token (last in ascending stable order) is always kept.
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    top = jnp.max(jnp.where(keys == hi, iota, -1), axis=-1, keepdims=True)
-    keep |= iota == top
+
+    def resolve_ties(_):
+        below = jnp.sum(jnp.where(keys < cut, probs, 0.0), axis=-1, keepdims=True)
+        # Tied tokens at the cut sort by id; the j-th (1-based) has cumulative mass
+        # below + j * p. (A cumsum over V is slow on CPU, so this runs only with ties.)
+        rank = jnp.cumsum(at_cut, axis=-1)
+        keep = (keys > cut) | (at_cut & (below + rank * probs > drop_mass))
+        # The most likely token (last in ascending stable order) is always kept.
+        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        top = jnp.max(jnp.where(keys == hi, iota, -1), axis=-1, keepdims=True)
+        return keep | (iota == top)
+
+    # Without ties at the cut, the cut token itself is kept (mass at-or-below it exceeds
+    # 1 - top_p by construction) and so is every larger one, the maximum included.
+    ties = jnp.any(jnp.sum(at_cut, axis=-1) > 1)
+    keep = jax.lax.cond(ties, resolve_ties, lambda _: keys >= cut, None)
     return jnp.where(keep, logits, NEG_INF)
 
 
@@ -219,6 +227,33 @@ def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -
     logits = apply_temperature(logits, params.temperature)
     logits = top_k_mask(logits, params.top_k)
     return top_p_mask(logits, params.top_p)
+
+
+def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
+    """Token whose CDF interval holds u * total: probs [N, V], u [N] in [0, 1) -> [N] int32.
+
+    One uniform per row instead of V Gumbel variates. Two levels (block sums, then one block)
+    instead of a cumsum over V, which is slow on CPU. Tokens with probability 0 have empty
+    intervals, so they are never drawn."""
+    n, v = probs.shape
+    pad = -v % block
+    blocks = jnp.pad(probs, ((0, 0), (0, pad))).reshape(n, -1, block)  # [N, V/B, B]
+    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [N, V/B]
+    target = u * block_cdf[:, -1]
+    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), block_cdf.shape[1] - 1)
+    before = jnp.where(
+        b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0.0
+    )
+    inner = jnp.cumsum(jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0], axis=-1)
+    j = jnp.sum(inner <= (target - before)[:, None], axis=-1)
+    # Rounding can put the target past a block's last non-zero entry: step back onto it.
+    last_nonzero = (
+        block
+        - 1
+        - jnp.argmax((jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0] > 0)[:, ::-1], axis=-1)
+    )
+    j = jnp.minimum(j, last_nonzero)
+    return (b * block + j).astype(jnp.int32)
 
 
 def sample(
@@ -240,13 +275,8 @@ def sample(
     if params.greedy:
         token = jnp.argmax(logits, axis=-1)
     else:
-        # Inverse-CDF draw: one uniform per row instead of V Gumbel variates per row. Tokens
-        # with probability 0 have empty intervals, so they are never drawn.
-        probs = jax.nn.softmax(logits, axis=-1)
-        cdf = jnp.cumsum(probs, axis=-1)
-        u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * cdf[:, -1]
-        token = jnp.sum(cdf <= u[:, None], axis=-1)
-        token = jnp.minimum(token, logits.shape[-1] - 1)
+        u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
+        token = _inverse_cdf(jax.nn.softmax(logits, axis=-1), u)
     token = token.astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
     return token, logprob[:, 0]
