@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--top_p", type=float, default=0.95)
     args = parser.parse_args()
 
     import jax
@@ -93,7 +94,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = rng.integers(10, args.vocab, (args.prompts, args.prompt_len))
     g = args.new_tokens
-    params = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
+    params = SamplingParams(temperature=0.6, top_p=args.top_p, repetition_penalty=1.05,
                             max_new_tokens=g)  # fmt: skip
     step = StepTokens(step_ids=(7,), think_open=None, think_close=None)
     n_tokens = args.prompts * args.k * g
@@ -116,7 +117,7 @@ def main() -> None:
         with torch.no_grad():
             return hf_model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                temperature=0.6, top_p=0.95, repetition_penalty=1.05, max_new_tokens=g,
+                temperature=0.6, top_p=args.top_p, repetition_penalty=1.05, max_new_tokens=g,
                 min_new_tokens=g, num_return_sequences=args.k, pad_token_id=0,
             )  # fmt: skip
 
