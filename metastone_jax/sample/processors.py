@@ -272,11 +272,14 @@ def sample(
     (with the repetition penalty, if any, applied).
     """
     logits = logits.astype(jnp.float32)
+    # log p(token) = logit(token) - logsumexp(logits): one reduction, no [N, V] log-softmax.
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = jnp.exp(logits - top)
+    total = jnp.sum(shifted, axis=-1)
     if params.greedy:
-        token = jnp.argmax(logits, axis=-1)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
-        token = _inverse_cdf(jax.nn.softmax(logits, axis=-1), u)
-    token = token.astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
-    return token, logprob[:, 0]
+        token = _inverse_cdf(shifted / total[:, None], u)
+    chosen = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+    return token, chosen - top[:, 0] - jnp.log(total)
