@@ -73,3 +73,9 @@ def test_sample_text_output_with_steps_and_beam(capsys, ckpt):
 def test_sample_bad_input(capsys, ckpt, args, message):
     with pytest.raises(SystemExit, match=message):
         sample(capsys, ckpt, *args)
+
+
+def test_sample_with_early_pruning_reports_it(capsys, ckpt):
+    out = json.loads(sample(capsys, ckpt, "--prompt=What is 12 + 30?", "--k=4", "--prune_keep=1",
+                            "--json"))  # fmt: skip
+    assert "pruned" in out["stats"] and "tokens_saved_estimate" in out["stats"]

@@ -19,6 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="best_of_k", help="|".join(STRATEGIES))
     p.add_argument("--aggregation", default="geomean", help="geomean|mean|min|last|product")
     p.add_argument("--selection", default="response", help="|".join(SELECTIONS))
+    p.add_argument(
+        "--prune_below",
+        type=float,
+        default=None,
+        help="early pruning: drop candidates whose running score falls below this",
+    )
+    p.add_argument(
+        "--prune_keep",
+        type=int,
+        default=None,
+        help="early pruning: keep this many candidates per prompt at each step",
+    )
     p.add_argument("--beam_width", type=int, default=2)
     p.add_argument("--expansions", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -49,6 +61,7 @@ def main(argv: list[str]) -> None:
     overrides = dict(
         strategy=args.strategy, aggregation=args.aggregation, selection=args.selection,
         beam_width=args.beam_width, expansions=args.expansions,
+        prune_below=args.prune_below, prune_keep=args.prune_keep,
     )  # fmt: skip
     if args.k is not None:
         config = search.SearchConfig(k=args.k, **overrides)
