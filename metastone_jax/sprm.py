@@ -128,16 +128,18 @@ def _shift_right(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.pad(x[..., :-1], [(0, 0)] * (x.ndim - 1) + [(1, 0)])
 
 
-def _isin(tokens: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
-    # searchsorted instead of an [B, T, len(ids)] comparison: the zh variant has many ids.
+def isin_ids(tokens: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
+    """bool, same shape as ``tokens``: the token is one of ``ids`` (any order)."""
+    # searchsorted instead of an [..., len(ids)] comparison: the zh variant has many ids.
     if not ids:
         return jnp.zeros(tokens.shape, bool)
-    table = jnp.asarray(ids, dtype=tokens.dtype)  # sorted by StepTokens
+    table = jnp.asarray(sorted(ids), dtype=tokens.dtype)
     idx = jnp.clip(jnp.searchsorted(table, tokens), 0, len(ids) - 1)
     return table[idx] == tokens
 
 
-def _is_id(tokens: jnp.ndarray, i: int | None) -> jnp.ndarray:
+def is_id(tokens: jnp.ndarray, i: int | None) -> jnp.ndarray:
+    """bool, same shape as ``tokens``: the token is ``i`` (never, when ``i`` is None)."""
     return jnp.zeros(tokens.shape, bool) if i is None else tokens == i
 
 
@@ -174,9 +176,9 @@ def step_mask(
     T = tokens.shape[-1]
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
 
-    is_step = _isin(tokens, step.step_ids) & valid
-    is_open = _is_id(tokens, step.think_open) & valid
-    is_close = _is_id(tokens, step.think_close) & valid
+    is_step = isin_ids(tokens, step.step_ids) & valid
+    is_open = is_id(tokens, step.think_open) & valid
+    is_close = is_id(tokens, step.think_close) & valid
     # Invalid x[t-1] -> False in all three: padding before t is "nothing".
     mask = is_step & _shift_right(valid) & ~_shift_right(is_step) & ~_shift_right(is_open)
 
@@ -314,6 +316,8 @@ __all__ = [
     "RunningScore",
     "StepTokens",
     "aggregate",
+    "is_id",
+    "isin_ids",
     "select",
     "shift_for_scoring",
     "step_mask",

@@ -13,6 +13,7 @@ how step-level beam search and early pruning advance: the search gathers rows be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -32,7 +33,7 @@ from metastone_jax.sample.processors import (
     update_seen,
 )
 from metastone_jax.sharding import constrain
-from metastone_jax.sprm import RunningScore, StepTokens
+from metastone_jax.sprm import RunningScore, StepTokens, is_id, isin_ids
 
 RUNNING, STOPPED, LENGTH, PRUNED = 0, 1, 2, 3
 FINISH_REASONS = ("running", "stop", "length", "pruned")
@@ -64,7 +65,7 @@ class DecodeState:
     n_steps: jax.Array  # [N] int32
     running: RunningScore  # aggregate over steps inside the think span so far
     keys: jax.Array  # [N, 2] uint32, one PRNG key per candidate
-    clock: jax.Array  # [] int32 decode iterations run (the cache's write index follows it)
+    clock: jax.Array  # [] int32 decode iterations run (bounds the loop by the cache's room)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +82,6 @@ class DecodeOptions:
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Prompt lengths are padded up to a power of two (bounded recompiles)."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def _isin(x: jax.Array, ids: tuple[int, ...]) -> jax.Array:
-    if not ids:
-        return jnp.zeros(x.shape, bool)
-    return jnp.any(x[..., None] == jnp.asarray(ids, x.dtype), axis=-1)
 
 
 def _constrain(s: DecodeState) -> DecodeState:
@@ -118,8 +113,8 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     step = opts.step
     positions = jnp.cumsum(valid, axis=1) - 1
     prompt_len = jnp.sum(valid, axis=1).astype(jnp.int32)
-    is_open = valid & (tokens == (step.think_open if step.think_open is not None else -1))
-    is_close = valid & (tokens == (step.think_close if step.think_close is not None else -1))
+    is_open = valid & is_id(tokens, step.think_open)
+    is_close = valid & is_id(tokens, step.think_close)
     big = jnp.iinfo(jnp.int32).max
     first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
     last_close = jnp.max(jnp.where(is_close, positions, -1), axis=1)
@@ -189,15 +184,16 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
             # Controllable thinking length: past the budget, `</think>` is forced.
             force = inside & (s.think_tokens >= params.think_budget)
             token = jnp.where(force, step.think_close, token)
-            forced_lp = jax.nn.log_softmax(s.next_logits)[:, step.think_close]
+            # log p(</think>) from one logsumexp, not a [N, V] log-softmax every step.
+            logits_f32 = s.next_logits.astype(jnp.float32)
+            forced_lp = logits_f32[:, step.think_close] - jax.nn.logsumexp(logits_f32, axis=-1)
             logprob = jnp.where(force, forced_lp, logprob)
         token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
         pos = s.prompt_len + s.length  # sequence position of this token
 
         # Step token under the inference rules (first of a run, not right after <think>).
-        is_step = _isin(token, step.step_ids) & ~_isin(s.prev, step.step_ids) & active
-        if step.think_open is not None:
-            is_step &= s.prev != step.think_open
+        is_step = isin_ids(token, step.step_ids) & ~isin_ids(s.prev, step.step_ids) & active
+        is_step &= ~is_id(s.prev, step.think_open)
         if opts.score_steps:
             score = jax.nn.sigmoid(model.sprm_logits(s.next_feature))
         else:
@@ -215,13 +211,12 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         in_span = (s.n_open == 0) | inside
         running = s.running.update(score, is_step & in_span)
 
-        is_open = active & (token == (step.think_open if step.think_open is not None else -2))
-        is_close = active & (token == (step.think_close if step.think_close is not None else -2))
-        tokens = s.tokens.at[rows, jnp.minimum(s.length, s.tokens.shape[1] - 1)].set(
-            jnp.where(active, token, s.tokens[rows, jnp.minimum(s.length, s.tokens.shape[1] - 1)])
-        )
+        is_open = active & is_id(token, step.think_open)
+        is_close = active & is_id(token, step.think_close)
+        at = jnp.minimum(s.length, s.tokens.shape[1] - 1)
+        tokens = s.tokens.at[rows, at].set(jnp.where(active, token, s.tokens[rows, at]))
         length = s.length + active
-        stop = active & _isin(token, params.stop_ids)
+        stop = active & isin_ids(token, params.stop_ids)
         full = active & ~stop & (length >= params.max_new_tokens)
         finish = jnp.where(stop, STOPPED, jnp.where(full, LENGTH, s.finish))
 
@@ -361,9 +356,14 @@ def generate(
         model, prompts, k=k, params=params, step=step, seeds=seeds, pad_id=pad_id, mesh=mesh,
         score_steps=score_steps,
     )  # fmt: skip
-    with _mesh_context(mesh):
-        state = _jitted(graphdef, "decode", opts)(model_state, state)
+    state = run_decode(graphdef, model_state, state, opts, mesh)
     return to_candidates(state, len(prompts), k)
+
+
+def run_decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions, mesh=None):
+    """The compiled `decode` (one per model structure and options), on `mesh` if given."""
+    with _mesh_context(mesh):
+        return _jitted(graphdef, "decode", opts)(model_state, state)
 
 
 def start(
@@ -421,6 +421,4 @@ def _pad_id(cfg) -> int:
 
 
 def _mesh_context(mesh):
-    import contextlib
-
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

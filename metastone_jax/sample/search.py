@@ -16,7 +16,7 @@ import numpy as np
 
 from metastone_jax.sample import sampler
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sprm import AGGREGATIONS, StepTokens, aggregate
+from metastone_jax.sprm import AGGREGATIONS, StepTokens, aggregate, select
 
 MODES = {"low": 2, "medium": 8, "high": 32}
 STRATEGIES = ("best_of_k", "vote", "weighted_vote", "beam")
@@ -81,7 +81,7 @@ class SearchResult:
 
 
 def _gather_rows(state: sampler.DecodeState, rows: jax.Array) -> sampler.DecodeState:
-    """Rows of every per-candidate array (the cache's batch axis is axis 1 of k/v)."""
+    """Rows of every per-candidate array, the cache's included."""
     cache = state.cache.map_rows(lambda x: jnp.take(x, rows, axis=0))
     rest = jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x,
                         state.replace(cache=None))  # fmt: skip
@@ -106,15 +106,6 @@ def _compact_cache(state: sampler.DecodeState) -> sampler.DecodeState:
         index=jnp.max(jnp.sum(cache.valid, axis=1)).astype(cache.index.dtype),
     )
     return state.replace(cache=cache)
-
-
-def _running_value(state: sampler.DecodeState, how: str) -> jax.Array:
-    return state.running.value(how)
-
-
-def _decode(graphdef, model_state, state, opts, mesh):
-    with sampler._mesh_context(mesh):
-        return sampler._jitted(graphdef, "decode", opts)(model_state, state)
 
 
 def run(
@@ -147,17 +138,16 @@ def run(
     scores = np.where(cands.finish == sampler.PRUNED, -1.0, scores)
     texts = cands.texts(tokenizer) if tokenizer is not None else [[""] * k for _ in range(b)]
     answers = [[extract_final_answer(t) for t in row] for row in texts]
-    selected = np.zeros(b, int)
-    for i in range(b):
-        if "selected" in stats:
-            selected[i] = stats["selected"][i]
-        elif search.strategy == "vote":
-            selected[i] = majority_vote(answers[i])[1]
-        elif search.strategy == "weighted_vote":
-            selected[i] = majority_vote(answers[i], weights=scores[i].tolist())[1]
-        else:  # best-of-k and beam: argmax, ties to the first
-            selected[i] = int(np.argmax(scores[i]))
-    stats.pop("selected", None)
+    if "selected" in stats:
+        selected = np.asarray(stats.pop("selected"))
+    elif search.strategy == "vote":
+        selected = np.array([majority_vote(a)[1] for a in answers])
+    elif search.strategy == "weighted_vote":
+        selected = np.array(
+            [majority_vote(a, weights=w.tolist())[1] for a, w in zip(answers, scores, strict=True)]
+        )
+    else:  # best-of-k and beam: argmax, ties to the first
+        selected = np.asarray(select(scores))
     stats["generated_tokens"] = int(cands.length.sum())
     return SearchResult(cands, scores, answers, texts, selected, stats)
 
@@ -170,10 +160,10 @@ def _sample_all(model, prompts, search, params, step, seeds, mesh, stats):
         until_step=pruning,
     )  # fmt: skip
     if not pruning:
-        return _decode(graphdef, model_state, state, opts, mesh), search.k
+        return sampler.run_decode(graphdef, model_state, state, opts, mesh), search.k
     pruned_at = np.full(len(prompts) * search.k, -1)
     while True:
-        state = _decode(graphdef, model_state, state, opts, mesh)
+        state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
         done = np.asarray(state.done)
         if done.all():
             break
@@ -197,7 +187,7 @@ def _sample_all(model, prompts, search, params, step, seeds, mesh, stats):
 def _prune(state, search, b):
     """Marks rows done (PRUNED) by threshold or rank on the running score; returns new ids."""
     k = search.k
-    value = np.asarray(_running_value(state, search.aggregation)).reshape(b, k)
+    value = np.asarray(state.running.value(search.aggregation)).reshape(b, k)
     steps = np.asarray(state.running.count).reshape(b, k)
     live = ~np.asarray(state.done).reshape(b, k)
     eligible = live & (steps >= search.prune_min_steps)
@@ -227,11 +217,11 @@ def _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, sta
     state, opts, graphdef, model_state = sampler.start(
         model, prompts, k=search.k, params=think_params, step=step, seeds=seeds, mesh=mesh
     )
-    state = _decode(graphdef, model_state, state, opts, mesh)
+    state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
     b, k = len(prompts), search.k
     mask = sampler.final_step_mask(state)
     scores = np.asarray(aggregate(state.step_scores, mask, search.aggregation)).reshape(b, k)
-    best = scores.argmax(axis=1)
+    best = np.asarray(select(scores))
     # Continue only the chosen rows: gather them, run the answer phase, scatter them back.
     rows = jnp.asarray(np.arange(b) * k + best)
     chosen = _gather_rows(state, rows)
@@ -243,7 +233,7 @@ def _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, sta
         finish=jnp.where(jnp.asarray(ended_thinking), sampler.RUNNING, chosen.finish),
     )
     answer_opts = dataclasses.replace(opts, params=params)
-    chosen = _decode(graphdef, model_state, chosen, answer_opts, mesh)
+    chosen = sampler.run_decode(graphdef, model_state, chosen, answer_opts, mesh)
     state = jax.tree.map(
         lambda full, part: (
             full.at[rows].set(part) if full.ndim and full.shape[0] == b * k else full
@@ -268,11 +258,11 @@ def _beam(model, prompts, search, params, step, seeds, mesh, stats):
     )  # fmt: skip
     rounds, history = 0, []
     while True:
-        state = _decode(graphdef, model_state, state, opts, mesh)
+        state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
         rounds += 1
         if np.asarray(state.done).all():
             break
-        value = np.asarray(_running_value(state, search.aggregation)).reshape(b, n_per)
+        value = np.asarray(state.running.value(search.aggregation)).reshape(b, n_per)
         value = np.where(np.asarray(state.finish).reshape(b, n_per) == sampler.PRUNED, -np.inf,
                          value)  # fmt: skip
         done = np.asarray(state.done).reshape(b, n_per)
