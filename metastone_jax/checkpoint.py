@@ -155,21 +155,16 @@ def load_params_checkpoint(
     remat); shape fields must match the checkpoint. At most `concurrent_gb` is read at once,
     which bounds host memory beyond the restored parameters."""
     from metastone_jax.model import abstract_model
-    from metastone_jax.sharding import state_shardings
+    from metastone_jax.sharding import placement
 
     cfg, meta = read_checkpoint_meta(ckpt)
     cfg = cfg.replace(**config_overrides) if config_overrides else cfg
     abstract = abstract_model(cfg)
     graphdef, state = nnx.split(abstract)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, state)
-    else:
-        shardings = state_shardings(state, mesh)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         nnx.to_pure_dict(state),
-        nnx.to_pure_dict(shardings),
+        placement(state, mesh),
     )
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = _restore(ckpt, target, restore_args, concurrent_gb)

@@ -89,16 +89,10 @@ def _model_and_mesh(config, *, planning: bool = False):
     return cfg, mesh_shape
 
 
-def param_counts(cfg) -> dict[str, int]:
-    """Parameter counts by part, from abstract shapes (nothing is allocated)."""
-    import math
-
+def param_counts(model) -> dict[str, int]:
+    """Parameter counts by part of an (abstract) model: nothing is allocated."""
     import jax
     from flax import nnx
-
-    from metastone_jax.model import abstract_model
-
-    model = abstract_model(cfg)
 
     def count(node):
         if node is None:
@@ -124,8 +118,9 @@ def cmd_info(config) -> None:
     from metastone_jax.sharding import bytes_per_device
 
     cfg, mesh_shape = _model_and_mesh(config, planning=True)
-    counts = param_counts(cfg)
-    per_device = bytes_per_device(nnx.state(abstract_model(cfg)), mesh_shape)
+    model = abstract_model(cfg)
+    counts = param_counts(model)
+    per_device = bytes_per_device(nnx.state(model), mesh_shape)
     print(
         f"preset: {config.preset}  arch: {cfg.arch}  layers: {cfg.n_layers}  d_model: {cfg.d_model}"
     )

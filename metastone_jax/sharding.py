@@ -165,6 +165,17 @@ def state_shardings(abstract_state, mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
+def placement(abstract_state, mesh=None) -> dict:
+    """Pure dict (as `nnx.to_pure_dict`) of where each parameter goes: its NamedSharding on
+    `mesh`, or the first device without one."""
+    from flax import nnx
+
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, nnx.to_pure_dict(abstract_state))
+    return nnx.to_pure_dict(state_shardings(abstract_state, mesh))
+
+
 def bytes_per_device(abstract_state, mesh_shape: Mapping[str, int]) -> int:
     """Bytes that the largest shard of every parameter occupies on one device (no allocation)."""
     from flax import nnx

@@ -164,7 +164,7 @@ def load_hf_model(
     from `seed` (as for a policy that has not been trained with the SPR loss yet).
     """
     from metastone_jax.model import SPRMHead, abstract_model
-    from metastone_jax.sharding import state_shardings
+    from metastone_jax.sharding import placement
 
     _, cfg = read_hf_config(hf_dir, dtype)
     reader = SafetensorsReader(hf_dir)
@@ -173,11 +173,7 @@ def load_hf_model(
     source_dtype = SAFETENSORS_DTYPES[reader.dtype(first)]
 
     graphdef, abstract = nnx.split(abstract_model(cfg))
-    if mesh is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: single, nnx.to_pure_dict(abstract))
-    else:
-        shardings = nnx.to_pure_dict(state_shardings(abstract, mesh))
+    shardings = placement(abstract, mesh)
     targets = nnx.to_pure_dict(abstract)
     params = jax.tree.map(lambda _: None, targets)
 
@@ -243,10 +239,10 @@ def hf_to_jax(
     return meta
 
 
-def _carry_files(src: str, dst: str) -> None:
+def _carry_files(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
     os.makedirs(dst, exist_ok=True)
     for name in CARRIED_FILES:
-        if os.path.exists(os.path.join(src, name)):
+        if name not in skip and os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
@@ -277,6 +273,16 @@ def export_hf(
 ) -> list[str]:
     """Writes weights, config.json and the SPRM head into the existing `out_dir`. `params` is a
     pure dict of our parameters (numpy or jax arrays), e.g. `nnx.to_pure_dict(nnx.state(m))`."""
+    score_files = {
+        "pt": [score_module.PT_FILE],
+        "safetensors": [score_module.SAFETENSORS_FILE],
+        "both": [score_module.PT_FILE, score_module.SAFETENSORS_FILE],
+        "none": [],
+    }
+    if score_format not in score_files:  # checked before any tensor is written
+        raise ValueError(
+            f"--score_module: expected one of {', '.join(score_files)}, got {score_format!r}"
+        )
     dtype = canonical_dtype(dtype)
     host_dtype = np_dtype(dtype)
     # Our parameter for each HF tensor; each one is transformed only when its file is written.
@@ -302,23 +308,14 @@ def export_hf(
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(hf_config, f, indent=2)
 
-    if cfg.sprm_head and score_format != "none":
+    if cfg.sprm_head and score_files[score_format]:
         head = {
             rule.hf: rule.transform.to_hf(np.asarray(_get(params, rule.path)), cfg).astype(
                 np_dtype(score_dtype)
             )
             for rule in SPRM_RULES
         }
-        names = {
-            "pt": [score_module.PT_FILE],
-            "safetensors": [score_module.SAFETENSORS_FILE],
-            "both": [score_module.PT_FILE, score_module.SAFETENSORS_FILE],
-        }
-        if score_format not in names:
-            raise ValueError(
-                f"--score_module: expected one of pt, safetensors, both, none, got {score_format!r}"
-            )
-        for fname in names[score_format]:
+        for fname in score_files[score_format]:
             score_module.write_score_module(os.path.join(out_dir, fname), head)
             files.append(fname)
     return files
@@ -360,10 +357,8 @@ def jax_to_hf(
             base_config=base_config,
             progress=progress,
         )
-        if os.path.isdir(carried):
-            for name in CARRIED_FILES:
-                if name != CONFIG_FILE and os.path.exists(os.path.join(carried, name)):
-                    shutil.copy2(os.path.join(carried, name), os.path.join(tmp, name))
+        if os.path.isdir(carried):  # config.json was rewritten by export_hf
+            _carry_files(carried, tmp, skip=(CONFIG_FILE,))
         if not os.path.exists(os.path.join(tmp, GENERATION_CONFIG_FILE)):
             _write_generation_config(tmp, cfg)
     return files

@@ -2,9 +2,10 @@
 
 One array per layer (a tuple, not one stacked [L, ...] array): in a decode loop each layer then
 reads its own buffer in place and the new token is written in place, where slicing a stacked
-cache per layer costs a copy of it every step (3x slower decode on CPU, measured in
-bench/sampler_bench.py). Slots are written left to right; `valid` marks the slots holding real
-(non-padding) tokens, so left-padded prompts of different lengths share one write index.
+cache per layer costs a copy of it every step (attention over a 200 MB cache: 147 ms per step
+stacked vs 49 ms per layer buffer on the 2-core CPU; see bench/RESULTS.md for the end result).
+Slots are written left to right; `valid` marks the slots holding real (non-padding) tokens,
+so left-padded prompts of different lengths share one write index.
 """
 
 from __future__ import annotations
@@ -47,20 +48,6 @@ class KVCache:
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             valid=jnp.zeros((batch_size, max_len), bool),
             index=jnp.zeros((), jnp.int32),
-        )
-
-    def write(self, k, v, valid: jax.Array) -> KVCache:
-        """Appends a chunk for every layer: k, v L arrays [B,K,T,hd]; valid [B,T]."""
-        at = (0, 0, self.index, 0)
-
-        def put(cache, new):
-            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
-
-        return KVCache(
-            k=tuple(map(put, self.k, k)),
-            v=tuple(map(put, self.v, v)),
-            valid=jax.lax.dynamic_update_slice(self.valid, valid.astype(bool), (0, self.index)),
-            index=self.index + valid.shape[1],
         )
 
     def map_rows(self, fn) -> KVCache:
