@@ -18,32 +18,12 @@ __all__ = ["answers_match", "extract_final_answer", "majority_vote", "normalize_
 # ---------------------------------------------------------------------------------------------
 
 
-def _match_brace(s: str, k: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``s[k]``, or None when unbalanced.
-
-    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped: ``\\left\\{ ... \\right.`` inside a
-    box must not be counted as an unclosed group.
-    """
-    depth = 0
-    i = k
-    n = len(s)
-    while i < n:
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def _brace_pairs(s: str) -> dict[int, int]:
-    """Map each balanced ``{`` index to its ``}`` in one pass (escaped braces skipped as above)."""
+    """Map each balanced ``{`` index to its ``}`` in one pass; an unclosed ``{`` is absent.
+
+    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped: ``\\left\\{ ... \\right.``
+    inside a box must not be counted as an unclosed group.
+    """
     pairs: dict[int, int] = {}
     stack: list[int] = []
     i, n = 0, len(s)
@@ -128,7 +108,7 @@ def _box_content(text: str, j: int, pairs: dict[int, int] | None = None) -> str 
     while k < len(text) and text[k].isspace():
         k += 1
     if k < len(text) and text[k] == "{":
-        end = pairs.get(k) if pairs is not None else _match_brace(text, k)
+        end = (_brace_pairs(text) if pairs is None else pairs).get(k)
         content = None if end is None else text[k + 1 : end].strip()
     else:  # ``\boxed 5`` form: one whitespace-delimited token, ending at ``$`` too
         m = re.match(r"[^\s${}]+", text[k:])
