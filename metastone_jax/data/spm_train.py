@@ -1,0 +1,141 @@
+"""Train a SentencePiece tokenizer for from-scratch models (the synthetic task, small sweeps).
+
+    tok = train_sentencepiece(texts, "out/tok", vocab_size=512, chat_template=TEMPLATE)
+    tok = load_tokenizer("out/tok")    # the same tokenizer, later
+
+Settings and why:
+- The step text ".\\n\\n" and the think tags are user-defined symbols: always exactly one piece,
+  wherever they occur, so the step mask (SPRM.md section 2) is a single-id comparison.
+- Identity normalization, no extra-whitespace removal and no dummy prefix: SentencePiece's
+  defaults (NFKC, whitespace collapsing, newline -> space, a leading "▁") would change the
+  text, and "\\n" must survive. ``byte_fallback`` covers characters outside the vocabulary, so
+  ``decode(encode(x)) == x`` for any text without the U+2581 "▁" character (SentencePiece's
+  space marker, which decodes to a space).
+- ``split_digits``: every digit is its own piece, which arithmetic tasks learn more easily.
+- ``num_threads=1``: training is then deterministic for a fixed input.
+Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<s>`` (BOS), 3 ``</s>`` (EOS), then the user-defined symbols,
+then the 256 byte pieces, then learned pieces. ``vocab_size`` is an upper bound (a small corpus
+may yield fewer pieces) and must exceed 4 + the symbols + 256 + the distinct characters kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+
+from metastone_jax.data.tokenizer import load_tokenizer
+from metastone_jax.data.tokenizer_base import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    SPM_MODEL,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    Tokenizer,
+)
+
+SPECIAL_PIECES = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
+MODEL_TYPES = ("bpe", "unigram", "char", "word")
+# Files in out_dir that load_tokenizer would prefer over what we write.
+_CONFLICTS = (TOKENIZER_JSON, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR)
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    out_dir: str,
+    *,
+    vocab_size: int,
+    step_text: str = ".\n\n",
+    think_tags: Sequence[str] = ("<think>", "</think>"),
+    model_type: str = "bpe",
+    chat_template: str | None = None,
+) -> Tokenizer:
+    """Train on ``texts`` (one training sentence each; newlines inside are kept) and write
+    ``out_dir/tokenizer.model`` + ``tokenizer_config.json`` (special token strings,
+    ``add_bos_token``, and ``chat_template`` if given). Returns ``load_tokenizer(out_dir)``.
+
+    Files are written to a temporary directory first and then renamed into place.
+    """
+    import sentencepiece as spm
+
+    symbols = [step_text, *think_tags]
+    if not all(isinstance(s, str) and s for s in symbols) or len(set(symbols)) != len(symbols):
+        raise ValueError(f"step_text and think_tags must be distinct non-empty strings: {symbols}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    conflicts = [f for f in _CONFLICTS if os.path.exists(os.path.join(out_dir, f))]
+    if conflicts:
+        raise ValueError(f"{out_dir} already has {conflicts}, which load_tokenizer would use")
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,  # an upper bound: tiny corpora may not fill it
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=symbols,
+            byte_fallback=True,
+            split_digits=True,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            pad_piece=SPECIAL_PIECES["pad_token"],
+            unk_piece=SPECIAL_PIECES["unk_token"],
+            bos_piece=SPECIAL_PIECES["bos_token"],
+            eos_piece=SPECIAL_PIECES["eos_token"],
+            max_sentence_length=1 << 24,  # the default (4192 bytes) silently drops long traces
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training for {out_dir} failed: {e}") from None
+    _check_symbols(model.getvalue(), symbols)
+
+    config = {**SPECIAL_PIECES, "add_bos_token": True, "add_eos_token": False}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, SPM_MODEL), "wb") as f:
+            f.write(model.getvalue())
+        with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+        else:  # e.g. a model directory: replace our two files, each atomically
+            for name in (SPM_MODEL, TOKENIZER_CONFIG):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(out_dir)
+
+
+def _check_symbols(model_proto: bytes, symbols: Sequence[str]) -> None:
+    """Each symbol must be exactly one piece, alone and between other text."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    for s in symbols:
+        piece = sp.piece_to_id(s)
+        for text in (s, f"a{s}b", f"1{s}{s}2"):
+            if sp.encode(text).count(piece) != text.count(s) or sp.id_to_piece(piece) != s:
+                raise ValueError(
+                    f"{s!r} is not a single piece in {text!r}: {sp.encode_as_pieces(text)}"
+                )
