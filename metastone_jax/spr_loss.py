@@ -1,0 +1,113 @@
+"""Self-supervised process reward (SPR) loss and the score-gap metric (SPRM.md section 3).
+
+Shapes: N trajectories (rows), T positions. ``logits`` [N, T] are SPRM head logits at feature
+positions, ``mask`` [N, T] marks the scored positions (``sprm.shift_for_scoring`` of the step
+mask), ``labels`` [N] is the outcome (1: final answer correct), ``include`` [N] is False for
+trajectories left out of the loss (truncated and wrong). Pure jnp in fp32, runs under ``jit``
+(``form`` is static). Counts are sums over the whole arrays passed in: under ``jit`` with sharded
+inputs they are global-batch counts, as the released code's all-reduce; called per micro-batch
+they are micro-batch counts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from metastone_jax.sprm import aggregate
+
+FORMS = ("filtered", "paper", "bce")
+POS_WEIGHT = 1.5  # extra weight on positive steps in the released class balance
+WEIGHT_EPS = 1e-5  # denominator guard of the weighted mean (released code)
+
+
+def scale_gradient(x, scale: float) -> jnp.ndarray:
+    """Identity forward, gradient multiplied by ``scale``: x * scale + sg(x) * (1 - scale).
+
+    SPRM.md uses scale 1e-4 on the penultimate features, so the SPR loss barely moves the shared
+    backbone while the head trains at full rate.
+    """
+    return x * scale + jax.lax.stop_gradient(x) * (1.0 - scale)
+
+
+def bce_with_logits(s, y) -> jnp.ndarray:
+    """Elementwise BCE with logits, torch's stable form: (1 - y) * s - log_sigmoid(s)."""
+    return (1.0 - y) * s - jax.nn.log_sigmoid(s)
+
+
+def spr_loss(logits, mask, labels, include, *, form: str = "filtered"):
+    """SPR loss over scored steps -> (loss scalar, metrics).
+
+    form "filtered" (released code, default): keep a step iff its prediction agrees with the
+    outcome, (s > 0 and y = 1) or (s < 0 and y = 0); class-balanced weighted mean with
+    pos = kept positives + 1, neg = kept negatives + 1, w+ = 1.5 neg / (pos + neg),
+    w- = pos / (pos + neg), loss = sum(w * bce) / (sum(w) + 1e-5).
+    form "paper": the same agreement filter (probability thresholded at 0.5 == logit 0, compared
+    on logits so tiny |s| is not rounded to p = 0.5), plain mean over kept steps.
+    form "bce": no filter, plain mean over all eligible steps (ablation baseline).
+    Empty kept set -> loss 0. The filter is a comparison and the weights are counts, so neither
+    carries gradient (class weights are data, as torch's ``weight=``); stop_gradient makes that
+    explicit. metrics: spr_loss, spr_kept_fraction (kept / eligible, 0 if none), spr_kept_pos,
+    spr_kept_neg, spr_steps (eligible = mask & include).
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown SPR loss form {form!r}; expected one of {FORMS}")
+    s = jnp.asarray(logits, jnp.float32)
+    y = jnp.broadcast_to(jnp.asarray(labels, jnp.float32)[:, None], s.shape)
+    eligible = jnp.asarray(mask, bool) & jnp.asarray(include, bool)[:, None]
+    if form == "bce":
+        kept = eligible
+    else:
+        agrees = ((s > 0) & (y == 1)) | ((s < 0) & (y == 0))
+        kept = eligible & agrees
+    kept = jax.lax.stop_gradient(kept)
+    positive = y == 1
+    n_pos = jnp.sum(kept & positive).astype(jnp.float32)
+    n_neg = jnp.sum(kept & ~positive).astype(jnp.float32)
+    n_kept = n_pos + n_neg
+    bce = bce_with_logits(s, y)
+    if form == "filtered":
+        pos, neg = n_pos + 1.0, n_neg + 1.0
+        total = pos + neg
+        w = jnp.where(positive, POS_WEIGHT * neg / total, pos / total)
+        w = jax.lax.stop_gradient(jnp.where(kept, w, 0.0))
+        # where (not w * bce): a masked-out position with an inf/NaN logit must not leak in.
+        loss = jnp.sum(jnp.where(kept, w * bce, 0.0)) / (jnp.sum(w) + WEIGHT_EPS)
+    else:
+        loss = jnp.sum(jnp.where(kept, bce, 0.0)) / jnp.maximum(n_kept, 1.0)
+    n_steps = jnp.sum(eligible).astype(jnp.float32)
+    metrics = {
+        "spr_loss": loss,
+        "spr_kept_fraction": n_kept / jnp.maximum(n_steps, 1.0),
+        "spr_kept_pos": n_pos,
+        "spr_kept_neg": n_neg,
+        "spr_steps": n_steps,
+    }
+    return loss, jax.lax.stop_gradient(metrics)
+
+
+def score_gap(logits, mask, labels, include=None) -> dict[str, jnp.ndarray]:
+    """Mean trajectory score of correct vs incorrect rollouts (the paper's "aha" curves).
+
+    logits, mask [N, T]; labels [N]; include [N] or None (all). A trajectory's score is the
+    geometric mean of sigmoid(logit) over its scored steps, log clamped at 1e-10 (the same
+    ``sprm.aggregate`` the test-time selector uses); trajectories with no scored step are
+    skipped. Returns score_correct, score_incorrect (0 when the class is empty), score_gap
+    (correct - incorrect; 0 unless both classes are non-empty, so an empty class cannot fake a
+    separation), n_correct, n_incorrect (trajectories counted).
+    """
+    s = jnp.asarray(logits, jnp.float32)
+    m = jnp.asarray(mask, bool)
+    traj = aggregate(jax.nn.sigmoid(s), m, "geomean")  # [N]
+    valid = m.any(axis=-1)
+    if include is not None:
+        valid = valid & jnp.asarray(include, bool)
+    correct = jnp.asarray(labels) == 1
+    out = {}
+    for name, sel in (("correct", valid & correct), ("incorrect", valid & ~correct)):
+        n = jnp.sum(sel).astype(jnp.float32)
+        out[f"score_{name}"] = jnp.sum(jnp.where(sel, traj, 0.0)) / jnp.maximum(n, 1.0)
+        out[f"n_{name}"] = n
+    both = (out["n_correct"] > 0) & (out["n_incorrect"] > 0)
+    out["score_gap"] = jnp.where(both, out["score_correct"] - out["score_incorrect"], 0.0)
+    return jax.lax.stop_gradient(out)
