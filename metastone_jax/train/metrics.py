@@ -1,0 +1,164 @@
+"""Training metrics: one JSON line per step, TensorBoard scalars and a tqdm bar.
+
+Files under ``workdir``: ``metrics.jsonl`` ({"step": s, "name": value, ...} per line, flushed
+per line so a killed run keeps everything it logged) and ``tensorboard/`` (tensorboardX event
+files). JSON has no NaN/inf: non-finite values are written as ``null`` (TensorBoard gets the
+raw value). Only process 0 writes by default; a disabled writer creates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tensorboard"
+# Metrics shown on the progress bar when present (in this order); otherwise the first few.
+POSTFIX_KEYS = ("loss", "reward", "spr_loss", "score_gap", "kl")
+POSTFIX_MAX = 4
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl. An unparsable *last* line (a write cut short by a
+    kill) is skipped; a bad line elsewhere raises."""
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines):
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return out
+
+
+def _truncate(path: str, start_step: int) -> None:
+    """Drop records with step >= start_step (and a torn last line), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            raise
+        if rec.get("step", -1) < start_step:
+            keep.append(ln)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(ln + "\n" for ln in keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # same directory, so the rename is atomic
+
+
+def _to_float(v: Any) -> float:
+    """Python float from a Python/numpy/jax scalar (a jax array is fetched to host here)."""
+    a = np.asarray(v)
+    if a.size != 1:
+        raise ValueError(f"metric value must be a scalar, got shape {a.shape}")
+    return float(a.reshape(()))
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not math.isfinite(v) else f"{v:.4g}"
+
+
+class MetricsWriter:
+    """Per-step metrics to JSONL + TensorBoard + tqdm.
+
+    ``start_step > 0`` (a resumed run) first drops records with step >= start_step from an
+    existing metrics.jsonl, since a killed run may have logged steps after its last checkpoint
+    that will be recomputed; TensorBoard is told the same through ``purge_step``.
+    ``enabled=None`` means ``jax.process_index() == 0``.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool | None = None,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        progress: bool = True,
+        desc: str = "train",
+        flush_secs: int = 30,
+    ):
+        if enabled is None:
+            import jax
+
+            enabled = jax.process_index() == 0
+        self.enabled = bool(enabled)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._file = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if start_step > 0:
+            _truncate(self.path, start_step)
+        self._file = open(self.path, "a")
+        from tensorboardX import SummaryWriter  # heavy-ish import, only where we write
+
+        self._tb = SummaryWriter(
+            os.path.join(workdir, TB_DIR),
+            purge_step=start_step if start_step > 0 else None,
+            flush_secs=flush_secs,
+        )
+        self._bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, desc=desc, disable=not progress, leave=True
+        )
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Log scalar ``metrics`` for ``step`` (values: Python/numpy/jax scalars)."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError("MetricsWriter is closed")
+        if "step" in metrics:
+            raise ValueError("'step' is reserved in metrics")
+        step = int(step)
+        values = {str(k): _to_float(v) for k, v in metrics.items()}
+        rec = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
+        self._file.write(json.dumps(rec, allow_nan=False) + "\n")
+        self._file.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, step)
+        self._update_bar(step, values)
+
+    def _update_bar(self, step: int, values: dict[str, float]) -> None:
+        keys = [k for k in POSTFIX_KEYS if k in values] or list(values)
+        post = {k: _fmt(values[k]) for k in keys[:POSTFIX_MAX]}
+        self._bar.set_postfix(post, refresh=False)
+        # position = step (the bar counts steps done, so a resumed run starts at start_step).
+        self._bar.update(step - self._bar.n)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self.enabled or self._file is None:
+            return
+        self._file.close()
+        self._tb.close()
+        self._bar.close()
+        self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
