@@ -13,10 +13,10 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "demo", "convert", "sample")
-REPO_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model.py"
-)
+COMMANDS = ("info", "demo", "convert", "sample", "train")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO_CONFIG = os.path.join(CONFIGS, "model.py")
+TRAIN_CONFIG = os.path.join(CONFIGS, "train.py")
 
 
 def _usage() -> str:
@@ -26,7 +26,7 @@ def _usage() -> str:
     )
 
 
-def _parse(argv: list[str], default_preset: str):
+def _parse(argv: list[str], default_preset: str, config_file: str = REPO_CONFIG):
     """Parses absl flags (ml_collections config file with preset and overrides).
 
     Errors (unknown preset, unknown override key, bad value) exit with one line naming the
@@ -39,7 +39,7 @@ def _parse(argv: list[str], default_preset: str):
         fv = flags.FlagValues()
         config_flags.DEFINE_config_file(
             "config",
-            f"{REPO_CONFIG}:{default_preset}",
+            f"{config_file}:{default_preset}",
             "config file:preset",
             flag_values=fv,
             sys_argv=args,
@@ -198,6 +198,30 @@ def cmd_demo(config) -> None:
     print("The end-to-end demo (train policy + SPRM, test-time scaling) lands with the demo issue.")
 
 
+def cmd_train(argv: list[str]) -> None:
+    """`train --config=configs/train.py:PRESET --workdir=DIR`: runs or resumes a training run."""
+    rest, workdir = [], None
+    for arg in argv[2:]:
+        if arg.startswith("--workdir="):
+            workdir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not workdir:
+        raise SystemExit("metastone-jax train: --workdir=DIR is required (re-run it to resume)")
+    config = _parse([argv[0], *rest], default_preset="tiny-sft", config_file=TRAIN_CONFIG)
+    from metastone_jax.train.loop import Preempted, train
+
+    try:
+        metrics = train(config, workdir)
+    except Preempted as e:
+        print(f"metastone-jax train: {e}", file=sys.stderr)
+        return
+    except (ValueError, FloatingPointError) as e:
+        raise SystemExit(f"metastone-jax train: {e}") from None
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "reward_mean")}
+    print(f"metastone-jax train: done, {workdir} (last step: {shown})")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             return cli.main(argv[2:])
         except ValueError as e:
             raise SystemExit(f"metastone-jax {command}: {e}") from None
+    if command == "train":
+        return cmd_train(argv)
     config = _parse([argv[0], *argv[2:]], default_preset="demo")
     try:
         {"info": cmd_info, "demo": cmd_demo}[command](config)

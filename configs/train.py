@@ -1,0 +1,119 @@
+"""Train config: `metastone-jax train --config=configs/train.py:<preset> --workdir=DIR`.
+
+Presets:
+  tiny-sft, tiny-grpo   the tiny model on the synthetic arithmetic task (tests, smoke runs)
+  demo-sft, demo-grpo   the demo model on the synthetic task (laptop CPU)
+  sft-1.5b, grpo-1.5b   MetaStone-S1-1.5B settings (SPRM.md sections 3-4) on a math file:
+                        set --config.data.source=FILE and --config.init_ckpt=CKPT
+
+Override any key with --config.a.b=value; an unknown key lists the valid ones.
+"""
+
+import importlib.util
+import os
+
+from ml_collections import ConfigDict, config_dict
+
+
+def model_config(preset: str) -> ConfigDict:
+    """configs/model.py's config for `preset` (loaded by path: config files are not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
+    spec = importlib.util.spec_from_file_location("metastone_model_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+PRESETS = ("tiny-sft", "tiny-grpo", "demo-sft", "demo-grpo", "sft-1.5b", "grpo-1.5b")
+
+# From-scratch models: the chat template of the SentencePiece tokenizer trained on the data.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Answer: {% endif %}"
+)
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    preset = arg or "tiny-sft"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown train preset {preset!r}; expected one of {PRESETS}")
+    size, kind = preset.split("-")[0], preset.split("-")[1]
+    if preset.endswith("1.5b"):
+        kind, size = preset.split("-")[0], "metastone-s1-1.5b"
+    base = model_config(size)
+    released = size.startswith("metastone")
+    grpo = kind == "grpo"
+    c = ConfigDict(
+        {
+            "preset": preset,
+            "kind": kind,  # sft | grpo | spr
+            "model": base.model,
+            "mesh": base.mesh,
+            "seed": 0,
+            # A params checkpoint to start from (`metastone-jax convert` output or an export);
+            # empty: random init (from-scratch models).
+            "init_ckpt": "",
+            "tokenizer": {
+                # A tokenizer directory; empty: the init checkpoint's, else one is trained on the
+                # training data into WORKDIR/tokenizer (SentencePiece; see data/spm_train.py).
+                "path": "",
+                "vocab_size": 384,
+                "chat_template": PLAIN_TEMPLATE,
+            },
+            "data": {
+                # "synthetic" (the built-in arithmetic task) or a .jsonl/.parquet math file.
+                "source": "synthetic",
+                "synthetic_size": 4096,
+                "batch_size": 16 if not released else 32,  # sequences (sft) / prompts (grpo)
+                "seq_len": 128 if not released else 9216,  # sft row length
+                "max_prompt_len": 48 if not released else 1024,
+                "grad_accum": 1,  # micro-batches per update
+            },
+            "optim": {
+                "lr": (1e-6 if grpo else 1e-5) if released else (1e-3 if not grpo else 3e-4),
+                "schedule": "constant" if grpo else "cosine",
+                "warmup_steps": 0 if grpo else 10,
+                "b1": 0.9,
+                "b2": 0.999,
+                "weight_decay": 0.01,
+                "clip_norm": 1.0,
+                "sprm_lr": 1e-5 if released else 1e-3,
+                "sprm_weight_decay": 0.01,
+                "sprm_clip_norm": 1.0,
+                "freeze_backbone": False,
+            },
+            "rl": {
+                "k": 8,
+                "temperature": 0.6 if released else 1.0,
+                "top_p": 1.0,
+                "max_new_tokens": 8192 if released else 64,
+                "mini_batches": 4 if released else 1,  # updates per rollout batch
+                "clip_eps": 0.2,
+                "kl_coef": 0.001,
+                "entropy_coef": 0.001,
+            },
+            "spr": {
+                "coef": 1.0 if grpo else 0.0,
+                "form": "filtered",  # filtered | paper | bce
+                "grad_scale": 1e-4,
+                "dropout": True,
+            },
+            "train": {
+                "steps": 200 if not released else 1000,
+                "save_every": 50,
+                "keep": 3,
+                "best_metric": "reward_mean" if grpo else "loss",
+                "best_mode": "max" if grpo else "min",
+                "async_checkpoint": True,
+                "progress": True,
+                "export": True,  # write WORKDIR/export (params + tokenizer) at the end
+            },
+        }
+    )
+    if not released:
+        c.model.vocab_size = config_dict.placeholder(int)  # from the trained tokenizer
+    if size == "tiny":
+        c.data.update(batch_size=8, seq_len=96, synthetic_size=512)
+        c.rl.update(k=4, max_new_tokens=48)
+        c.train.update(steps=20, save_every=5)
+    return c

@@ -1,0 +1,67 @@
+"""A synthetic verifiable reasoning task: chained arithmetic, one step per operation.
+
+    prompt:   "Start at 3. add 4, multiply by 2, subtract 5. What is the result?"
+    solution: "<think>3+4=7.\\n\\n7*2=14.\\n\\n14-5=9.\\n\\n</think>The answer is \\boxed{9}."
+
+Every intermediate result is written out, so an error happens in an individual step and the
+final answer is checked exactly. Difficulty knobs: the number of operations and the operand range.
+Records use the schema of `metastone_jax.data.builders` (id, prompt, messages, answer, solution).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+
+OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b),
+       "*": ("multiply by", lambda a, b: a * b)}  # fmt: skip
+
+
+def make_problem(rng: np.random.Generator, *, n_ops: int, max_operand: int, ops: str):
+    """(prompt, solution, answer) for one random chain of `n_ops` operations."""
+    value = int(rng.integers(1, max_operand + 1))
+    words, steps = [], []
+    start = value
+    for _ in range(n_ops):
+        op = ops[int(rng.integers(len(ops)))]
+        operand = int(rng.integers(1, max_operand + 1))
+        name, fn = OPS[op]
+        new = fn(value, operand)
+        words.append(f"{name} {operand}")
+        steps.append(f"{value}{op}{operand}={new}.\n\n")
+        value = new
+    prompt = f"Start at {start}. {', '.join(words)}. What is the result?"
+    solution = "<think>" + "".join(steps) + f"</think>The answer is \\boxed{{{value}}}."
+    return prompt, solution, str(value)
+
+
+def make_examples(
+    split: str,
+    n: int,
+    seed: int,
+    *,
+    min_ops: int = 2,
+    max_ops: int = 3,
+    max_operand: int = 9,
+    ops: str = "+-",
+) -> Iterator[dict[str, str]]:
+    """`n` records for `split`, a pure function of (split, n, seed, knobs)."""
+    if min_ops < 1 or max_ops < min_ops:
+        raise ValueError(f"synthetic task: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"synthetic task: unknown ops {sorted(unknown)}; expected among {OPS}")
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    for i in range(n):
+        n_ops = int(rng.integers(min_ops, max_ops + 1))
+        prompt, solution, answer = make_problem(rng, n_ops=n_ops, max_operand=max_operand, ops=ops)
+        yield {
+            "id": f"{split}-{i}",
+            "prompt": prompt,
+            "messages": json.dumps([{"role": "user", "content": prompt}]),
+            "answer": answer,
+            "solution": solution,
+        }

@@ -1,0 +1,1 @@
+"""Training: train state and optimizers, pure train steps, the loop, orbax checkpoints."""

@@ -1,0 +1,252 @@
+"""The train loop: data -> (rollouts) -> jitted step -> metrics -> asynchronous checkpoint.
+
+`train(config, workdir)` runs SFT, GRPO (+SPR) or SPR-only by `config.kind`; re-running it on the
+same workdir resumes from the latest checkpoint (state, data position, RNG), so a resumed run
+reproduces the uninterrupted one step for step. SIGTERM (TPU preemption) saves and exits cleanly;
+a non-finite loss stops the run naming the step, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from metastone_jax.sharding import make_mesh, maybe_initialize_distributed, placement
+from metastone_jax.train import setup
+from metastone_jax.train.checkpoint import TrainCheckpointer, abstract_target
+from metastone_jax.train.metrics import MetricsWriter
+from metastone_jax.train.rollout import (
+    LENGTH,
+    grade_rollouts,
+    minibatches,
+    pack_rollouts,
+    sample_rollouts,
+    split_micro,
+)
+from metastone_jax.train.state import (
+    OptimConfig,
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    state_shardings,
+)
+from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn
+
+
+class Preempted(Exception):
+    """Raised after the state was saved on SIGTERM."""
+
+
+class _SigtermFlag:
+    """Records SIGTERM; the loop checks it between steps (a save mid-step is impossible)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.set = True
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: no handler
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def agreed(self) -> bool:
+        """True when any process was signalled (all processes must save the same step)."""
+        if jax.process_count() == 1:
+            return self.set
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.set], np.int32))
+        return bool(np.max(flags))
+
+
+def _host(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    out = {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+    out["tokens"] = float(sum(p["tokens"] for p in parts))
+    return out
+
+
+def step_config(config, step_tokens) -> StepConfig:
+    return StepConfig(
+        kind=config.kind,
+        temperature=float(config.rl.temperature),
+        clip_eps=float(config.rl.clip_eps),
+        kl_coef=float(config.rl.kl_coef),
+        entropy_coef=float(config.rl.entropy_coef),
+        spr_coef=float(config.spr.coef),
+        spr_form=config.spr.form,
+        spr_grad_scale=float(config.spr.grad_scale),
+        sprm_dropout=bool(config.spr.dropout),
+        step=step_tokens,
+    )
+
+
+def optim_config(config) -> OptimConfig:
+    return OptimConfig(
+        **dict(config.optim),
+        total_steps=int(config.train.steps),
+        train_sprm=config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0),
+    )
+
+
+def _check_resume(meta: dict, model_cfg_json: dict, where: str) -> None:
+    saved = meta.get("model", {})
+    diff = sorted(
+        k for k in set(saved) | set(model_cfg_json) if saved.get(k) != model_cfg_json.get(k)
+    )
+    if diff:
+        raise ValueError(
+            f"{where}: the checkpoint's model config differs from this run's in {diff}; "
+            "resume with the same config or use a new --workdir"
+        )
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the configured training; returns the last step's metrics."""
+    maybe_initialize_distributed()
+    mesh = make_mesh(dict(config.mesh))
+    ctx = setup.prepare(config, workdir, mesh)
+    graphdef = ctx.graphdef
+    tx = make_optimizer(optim_config(config))
+    step_cfg = step_config(config, ctx.step_tokens)
+    kind = config.kind
+    with_ref = kind == "grpo" and step_cfg.kl_coef > 0
+
+    param_shardings = placement(nnx.state(ctx.abstract_model), mesh)
+    init = partial(init_train_state, tx=tx, seed=int(config.seed), with_ref=with_ref)
+    abstract = jax.eval_shape(init, ctx.abstract_params)
+    shardings = state_shardings(abstract, param_shardings, mesh)
+    ckpt = TrainCheckpointer(
+        workdir,
+        keep=int(config.train.keep),
+        best_metric=config.train.best_metric or None,
+        best_mode=config.train.best_mode,
+        asynchronous=bool(config.train.async_checkpoint),
+    )
+    meta = {"model": ctx.model_cfg_json, "config": json.loads(config.to_json_best_effort())}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, saved_meta = ckpt.restore(latest, abstract_target(abstract, shardings))
+        _check_resume(saved_meta, ctx.model_cfg_json, ckpt.directory)
+        ctx.iterator.restore(data_state)
+    else:
+        params = ctx.init_params()
+        state = jax.jit(init, out_shardings=shardings)(params)
+        del params
+    start = int(state.step)
+    total = int(config.train.steps)
+    step_fn = compile_step(graphdef, step_cfg, tx, mesh, shardings)
+    logprobs = rollout_logprobs_fn(graphdef, mesh, temperature=step_cfg.temperature)
+    writer = MetricsWriter(
+        workdir,
+        total_steps=total,
+        start_step=start + 1,
+        progress=bool(config.train.progress),
+        desc=kind,
+    )
+    last: dict[str, float] = {}
+    last_saved = latest
+    try:
+        with _SigtermFlag() as sigterm:
+            for step in range(start + 1, total + 1):
+                t0 = time.perf_counter()
+                records = next(ctx.iterator)
+                if kind in ("grpo", "spr"):
+                    state, metrics = _grpo_update(
+                        state, records, ctx, config, step_fn, logprobs, step, mesh
+                    )
+                else:
+                    batch = setup.sft_or_spr_batch(records, ctx, config)
+                    state, m = step_fn(state, batch)
+                    metrics = _host(m)
+                loss = metrics["loss"]
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss} at step {step}; stopping. The last good "
+                        f"checkpoint is step {last_saved} in {ckpt.directory}"
+                    )
+                dt = time.perf_counter() - t0
+                metrics["tokens_per_s"] = metrics["tokens"] / dt
+                metrics["step_time_s"] = dt
+                writer.write(step, metrics)
+                last = metrics
+                stop = sigterm.agreed()
+                if step % int(config.train.save_every) == 0 or step == total or stop:
+                    ckpt.save(step, state, ctx.iterator.state(), meta, metrics)
+                    last_saved = step
+                if stop:
+                    ckpt.wait()
+                    raise Preempted(
+                        f"SIGTERM: saved step {step} to {ckpt.directory}; "
+                        "re-run the same command to resume"
+                    )
+        ckpt.wait()
+        if config.train.export and jax.process_index() == 0:
+            setup.export(state, ctx, workdir)
+    finally:
+        writer.close()
+        ckpt.close()
+    return last
+
+
+def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, step: int, mesh):
+    """Rollouts for the batch's prompts, rewards, then `rl.mini_batches` updates."""
+    prompts, answers = ctx.prompt_batch(records)
+    rng = np.random.default_rng([int(config.seed), step])
+    seeds = rng.integers(0, 2**31 - 1, size=len(prompts)).tolist()
+    t0 = time.perf_counter()
+    cands = sample_rollouts(
+        ctx.graphdef, state.params, prompts, k=int(config.rl.k), sampling=ctx.sampling,
+        step=ctx.sampler_step, seeds=seeds, pad_id=ctx.pad_id, mesh=mesh,
+    )  # fmt: skip
+    rollout_s = time.perf_counter() - t0
+    rewards = grade_rollouts(cands.texts(ctx.tokenizer), answers)
+    rows = pack_rollouts(
+        prompts, cands, rewards, prompt_width=int(config.data.max_prompt_len), pad_id=ctx.pad_id
+    )
+    mbs = [split_micro(mb, int(config.data.grad_accum))
+           for mb in minibatches(rows, int(config.rl.mini_batches))]  # fmt: skip
+    if config.kind == "grpo":
+        # The PPO ratio's denominator: the rollout policy, i.e. the params before any update.
+        for mb in mbs:
+            old, ref = logprobs(state.params, state.ref_params, mb)
+            mb["old_logp"] = old
+            if ref is not None:
+                mb["ref_logp"] = ref
+    parts = []
+    for mb in mbs:
+        state, m = step_fn(state, mb)
+        parts.append(_host(m))
+    metrics = _mean_metrics(parts)
+    finished = cands.finish != LENGTH
+    metrics.update(
+        reward_mean=float(rewards.mean()),
+        response_len=float(cands.length.mean()),
+        truncated_fraction=float(1.0 - finished.mean()),
+        rollout_s=rollout_s,
+    )
+    return state, metrics
+
+
+def export_path(workdir: str) -> str:
+    return os.path.join(workdir, "export")

@@ -1,0 +1,112 @@
+"""GRPO rollouts: prompts -> k candidates from the sampler -> rewards -> a packed train batch.
+
+Rows are laid out [left-padded prompt (width P) | generated tokens (width G)], the sampler's own
+layout, so the train forward sees the same positions the rollout did. Fixed P and G keep one
+compiled step for the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from flax import nnx
+
+from metastone_jax.evaluate.grading import answers_match, extract_final_answer
+from metastone_jax.rl import group_advantages
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sample.sampler import FINISH_REASONS, Candidates, generate
+from metastone_jax.sprm import StepTokens
+
+LENGTH = FINISH_REASONS.index("length")
+
+
+def sample_rollouts(
+    graphdef,
+    params: dict,
+    prompts: list[list[int]],
+    *,
+    k: int,
+    sampling: SamplingParams,
+    step: StepTokens,
+    seeds: Sequence[int],
+    pad_id: int,
+    mesh=None,
+) -> Candidates:
+    """k candidates per prompt with the current policy (no step scoring: the train step
+    recomputes SPRM logits with gradients anyway)."""
+    model = nnx.merge(graphdef, params)
+    return generate(
+        model, prompts, k=k, params=sampling, step=step, seeds=list(seeds), pad_id=pad_id,
+        mesh=mesh, score_steps=False,
+    )  # fmt: skip
+
+
+def grade_rollouts(texts: list[list[str]], answers: list[str]) -> np.ndarray:
+    """[B, k] float32 rule-based reward: 1 when the candidate's final answer matches."""
+    return np.array(
+        [[float(answers_match(extract_final_answer(t), a)) for t in row]
+         for row, a in zip(texts, answers, strict=True)],
+        np.float32,
+    )  # fmt: skip
+
+
+def pack_rollouts(
+    prompts: list[list[int]],
+    cands: Candidates,
+    rewards: np.ndarray,
+    *,
+    prompt_width: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """Train rows [B*k, P+G] from prompts, candidates [B, k, G] and rewards [B, k].
+
+    tokens/valid/response_mask [N, P+G]; response_start [N] (= P); advantages [N] (group
+    advantages over each prompt's k rollouts); labels [N] (reward, the SPR target); include [N]
+    (False for truncated-and-wrong rollouts, which the SPR loss excludes).
+    """
+    b, k, g = cands.tokens.shape
+    width = prompt_width + g
+    n = b * k
+    tokens = np.full((n, width), pad_id, np.int32)
+    valid = np.zeros((n, width), bool)
+    response = np.zeros((n, width), bool)
+    for i, p in enumerate(prompts):
+        if len(p) > prompt_width:
+            raise ValueError(f"prompt {i}: {len(p)} tokens > prompt width {prompt_width}")
+        rows = slice(i * k, (i + 1) * k)
+        tokens[rows, prompt_width - len(p) : prompt_width] = p
+        valid[rows, prompt_width - len(p) : prompt_width] = True
+    gen = cands.tokens.reshape(n, g)
+    live = np.arange(g)[None, :] < cands.length.reshape(n, 1)
+    tokens[:, prompt_width:] = np.where(live, gen, pad_id)
+    valid[:, prompt_width:] = live
+    response[:, prompt_width:] = live
+    labels = rewards.reshape(n).astype(np.float32)
+    truncated = cands.finish.reshape(n) == LENGTH
+    return {
+        "tokens": tokens,
+        "valid": valid,
+        "response_mask": response,
+        "response_start": np.full((n,), prompt_width, np.int32),
+        "advantages": np.asarray(group_advantages(rewards)).reshape(n).astype(np.float32),
+        "labels": labels,
+        "include": ~(truncated & (labels == 0)),
+    }
+
+
+def split_micro(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
+    """[N, ...] -> [parts, N/parts, ...] (rows in order)."""
+    n = len(next(iter(batch.values())))
+    if n % parts:
+        raise ValueError(f"{n} rows cannot be split into {parts} equal micro-batches")
+    return {k: v.reshape(parts, n // parts, *v.shape[1:]) for k, v in batch.items()}
+
+
+def minibatches(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """The rows [N, ...] split into `parts` consecutive mini-batches (one update each)."""
+    n = len(next(iter(batch.values())))
+    if n % parts:
+        raise ValueError(f"{n} rollouts cannot be split into {parts} equal mini-batches")
+    size = n // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]

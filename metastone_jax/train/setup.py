@@ -1,0 +1,204 @@
+"""What a train run needs before its first step: data, tokenizer, model config and params.
+
+`prepare(config, workdir, mesh)` builds the dataset through the tfds builders (into
+WORKDIR/data), loads or trains the tokenizer (WORKDIR/tokenizer for from-scratch models), settles
+the ModelConfig (from the init checkpoint, else the config with the tokenizer's vocabulary and
+special ids) and returns a `RunContext`. Everything here is deterministic in the config, so a
+resumed run rebuilds the same context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from metastone_jax.checkpoint import (
+    HF_FILES_DIR,
+    atomic_dir,
+    config_to_json,
+    load_params_checkpoint,
+    read_checkpoint_meta,
+    write_params_checkpoint,
+)
+from metastone_jax.config import ModelConfig, model_config_from_dict
+from metastone_jax.data import builders, pipeline, synthetic
+from metastone_jax.data.tokenizer import load_tokenizer
+from metastone_jax.model import abstract_model, create_model
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sprm import StepTokens
+from metastone_jax.train.state import pure_params
+
+TOKENIZER_DIR = "tokenizer"
+DATA_DIR = "data"
+EXPORT_DIR = "export"
+# Non-shape fields a run may change relative to its init checkpoint.
+RUNTIME_FIELDS = ("remat", "scan_layers", "compute_dtype")
+
+
+@dataclasses.dataclass
+class RunContext:
+    model_cfg: ModelConfig
+    model_cfg_json: dict
+    graphdef: Any
+    abstract_model: Any
+    abstract_params: dict
+    init_params: Callable[[], dict]
+    tokenizer: Any
+    tokenizer_dir: str
+    iterator: pipeline.BatchIterator
+    step_tokens: StepTokens | None  # for the SPR loss (None when the run does not use it)
+    sampler_step: StepTokens
+    sampling: SamplingParams
+    pad_id: int
+    prompt_batch: Callable[[list[dict]], tuple[list[list[int]], list[str]]]
+
+
+def _source(config, workdir: str):
+    data_dir = os.path.join(workdir, DATA_DIR)
+    src = config.data.source
+    if src == "synthetic":
+        n = int(config.data.synthetic_size)
+        splits = builders.prepare_synthetic(
+            synthetic.make_examples,
+            name="arithmetic",
+            splits={"train": n, "test": max(n // 8, 1)},
+            seed=int(config.seed),
+            data_dir=data_dir,
+        )
+        return splits["train"]
+    if not os.path.isfile(src):
+        raise ValueError(f"config.data.source: {src!r} is neither 'synthetic' nor a file")
+    return builders.prepare_math_file(src, data_dir)
+
+
+def _tokenizer(config, workdir: str, source) -> tuple[Any, str]:
+    if config.tokenizer.path:
+        return load_tokenizer(config.tokenizer.path), config.tokenizer.path
+    if config.init_ckpt:
+        path = os.path.join(config.init_ckpt, HF_FILES_DIR)
+        return load_tokenizer(path), path
+    path = os.path.join(workdir, TOKENIZER_DIR)
+    if os.path.isdir(path):
+        return load_tokenizer(path), path
+    import jax
+
+    if jax.process_count() > 1:
+        raise ValueError(
+            "multi-process runs need a tokenizer: set config.tokenizer.path (train one with a "
+            "single-process run first)"
+        )
+    from metastone_jax.data.spm_train import train_sentencepiece
+
+    texts = (source[i]["prompt"] + "\n" + source[i]["solution"] for i in range(len(source)))
+    tok = train_sentencepiece(
+        texts,
+        path,
+        vocab_size=int(config.tokenizer.vocab_size),
+        chat_template=config.tokenizer.chat_template or None,
+    )
+    return tok, path
+
+
+def _model_config(config, tok) -> ModelConfig:
+    if config.init_ckpt:
+        cfg, _ = read_checkpoint_meta(config.init_ckpt)
+        return cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS})
+    values = dict(config.model)
+    vocab = tok.vocab_size
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = -(-vocab // 64) * 64
+    elif values["vocab_size"] < vocab:
+        raise ValueError(
+            f"config.model.vocab_size={values['vocab_size']} < the tokenizer's {vocab} tokens"
+        )
+    eos = tok.eos_ids
+    values.update(
+        bos_token_id=tok.bos_id,
+        eos_token_id=(eos[0] if len(eos) == 1 else tuple(eos)) if eos else None,
+        pad_token_id=tok.pad_id,
+    )
+    return model_config_from_dict(values)
+
+
+def prepare(config, workdir: str, mesh) -> RunContext:
+    if not workdir.startswith("gs://"):
+        os.makedirs(workdir, exist_ok=True)
+    source = _source(config, workdir)
+    tok, tok_dir = _tokenizer(config, workdir, source)
+    cfg = _model_config(config, tok)
+    uses_spr = config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0)
+    if uses_spr and not cfg.sprm_head:
+        raise ValueError(f"config.kind={config.kind} trains the SPRM head; the model has none")
+    step_tokens = StepTokens.from_tokenizer(tok) if uses_spr else None
+    try:
+        sampler_step = step_tokens or StepTokens.from_tokenizer(tok)
+    except ValueError:
+        sampler_step = StepTokens(())  # no step token: rollouts are simply not scored
+    model = abstract_model(cfg)
+    graphdef, _ = nnx.split(model)
+
+    def init_params() -> dict:
+        if config.init_ckpt:
+            loaded, _ = load_params_checkpoint(
+                config.init_ckpt, mesh=mesh, **{f: config.model[f] for f in RUNTIME_FIELDS}
+            )
+            return pure_params(loaded)
+        return pure_params(create_model(cfg, seed=int(config.seed), mesh=mesh))
+
+    eos = tok.eos_ids
+    pad_id = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
+    sampling = SamplingParams(
+        temperature=float(config.rl.temperature),
+        top_p=float(config.rl.top_p),
+        max_new_tokens=int(config.rl.max_new_tokens),
+        stop_ids=tuple(eos),
+    )
+    max_prompt = int(config.data.max_prompt_len)
+    return RunContext(
+        model_cfg=cfg,
+        model_cfg_json=config_to_json(cfg),
+        graphdef=graphdef,
+        abstract_model=model,
+        abstract_params=pure_params(model),
+        init_params=init_params,
+        tokenizer=tok,
+        tokenizer_dir=tok_dir,
+        iterator=pipeline.BatchIterator(
+            source, global_batch=int(config.data.batch_size), seed=int(config.seed)
+        ),
+        step_tokens=step_tokens,
+        sampler_step=sampler_step,
+        sampling=sampling,
+        pad_id=pad_id,
+        prompt_batch=lambda recs: pipeline.prompt_batch(recs, tok, max_prompt_len=max_prompt),
+    )
+
+
+def sft_or_spr_batch(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
+    """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
+    batch = pipeline.sft_batch(records, ctx.tokenizer, seq_len=int(config.data.seq_len))
+    a = int(config.data.grad_accum)
+    n = len(records)
+    if n % a:
+        raise ValueError(f"batch of {n} rows cannot be split into grad_accum={a} micro-batches")
+    return {k: v.reshape(a, n // a, *v.shape[1:]) for k, v in batch.items()}
+
+
+def export(state, ctx: RunContext, workdir: str) -> str:
+    """WORKDIR/export: a params-only checkpoint + the tokenizer, for `metastone-jax sample`."""
+    out = os.path.join(workdir, EXPORT_DIR)
+    model = nnx.merge(ctx.graphdef, state.params)
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_params_checkpoint(tmp, nnx.state(model), ctx.model_cfg, {"source": workdir})
+        if os.path.isdir(ctx.tokenizer_dir):
+            shutil.copytree(ctx.tokenizer_dir, os.path.join(tmp, HF_FILES_DIR))
+        with open(os.path.join(tmp, "train_step.json"), "w") as f:
+            json.dump({"step": int(state.step)}, f)
+    return out

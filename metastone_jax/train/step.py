@@ -1,0 +1,226 @@
+"""Pure train steps: `step(state, batch) -> (state, metrics)`, jitted with shardings + donation.
+
+Three kinds share one skeleton (gradient accumulation by `lax.scan` over micro-batches, then one
+optax update):
+
+- sft:  masked next-token loss on response tokens;
+- grpo: clipped policy loss + low-variance KL to the frozen reference - entropy bonus, plus the
+        SPR loss on penultimate features at step positions (backbone gradient scaled by 1e-4);
+- spr:  the SPR loss alone (train the head on saved rollouts; with a frozen backbone).
+
+Batch arrays carry a leading micro-batch axis: [A, b, ...] (A accumulation steps of b rows).
+Loss at position t means "predict tokens[t] from tokens[:t]", so masks over tokens are applied
+to the [.., T-1] log-prob arrays as mask[:, 1:].
+
+SPR class weights are computed over each micro-batch across all devices (the whole batch when
+A = 1, as in the released recipe); the filter needs the current logits, so global weights over
+several micro-batches would cost a second forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from metastone_jax import rl, spr_loss
+from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
+from metastone_jax.train.state import TrainState
+
+KINDS = ("sft", "grpo", "spr")
+SPR_FORMS = ("filtered", "paper", "bce")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static loss settings (hashable: part of the compiled step's identity)."""
+
+    kind: str = "sft"
+    temperature: float = 1.0  # log-probs of rollouts use the sampling temperature (as verl)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    spr_coef: float = 1.0  # 0 turns the SPR loss off in grpo
+    spr_form: str = "filtered"
+    spr_grad_scale: float = 1e-4
+    sprm_dropout: bool = True
+    step: StepTokens | None = None  # needed by grpo (with spr_coef > 0) and spr
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"step kind {self.kind!r}; expected one of {KINDS}")
+        if self.spr_form not in SPR_FORMS:
+            raise ValueError(f"spr_form {self.spr_form!r}; expected one of {SPR_FORMS}")
+        if self.uses_spr and self.step is None:
+            raise ValueError(f"{self.kind} with the SPR loss needs the step tokens (step=...)")
+
+    @property
+    def uses_spr(self) -> bool:
+        return self.kind == "spr" or (self.kind == "grpo" and self.spr_coef > 0)
+
+
+def _model(graphdef, params):
+    return nnx.merge(graphdef, params)
+
+
+def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
+    """Mean next-token NLL over batch['loss_mask'] positions. tokens/valid/loss_mask [b, T]."""
+    del key
+    out = _model(graphdef, params)(batch["tokens"], valid=batch["valid"])
+    logp = rl.token_logprobs(out.logits[:, :-1], batch["tokens"][:, 1:])
+    mask = batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]
+    loss = -rl.masked_mean(logp, mask)
+    return loss, {"loss": loss, "tokens": jnp.sum(mask).astype(jnp.float32)}
+
+
+def _spr_terms(model, features, batch, key, cfg: StepConfig, *, backbone_scale: float):
+    """SPR loss + metrics from penultimate features [b, T, D] at the training step mask."""
+    tokens, valid = batch["tokens"], batch["valid"]
+    mask = step_mask(
+        tokens, cfg.step, mode="train", valid=valid, response_start=batch["response_start"]
+    )
+    feat_mask = shift_for_scoring(mask)
+    feats = spr_loss.scale_gradient(features, backbone_scale)
+    drop = key if cfg.sprm_dropout else None
+    logits = model.sprm_logits(feats, dropout_rng=drop)
+    labels, include = batch["labels"], batch["include"]
+    loss, metrics = spr_loss.spr_loss(logits, feat_mask, labels, include, form=cfg.spr_form)
+    clean = model.sprm_logits(jax.lax.stop_gradient(features))
+    metrics = {**metrics, **spr_loss.score_gap(clean, feat_mask, labels, include)}
+    return loss, metrics
+
+
+def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
+    """Policy loss (+KL, -entropy) + spr_coef * SPR loss over rollouts [b, T]."""
+    model = _model(graphdef, params)
+    out = model(batch["tokens"], valid=batch["valid"])
+    logits = out.logits[:, :-1]
+    logp = rl.token_logprobs(logits, batch["tokens"][:, 1:], cfg.temperature)
+    entropy = rl.entropy_from_logits(logits, cfg.temperature)
+    mask = batch["response_mask"][:, 1:] & batch["valid"][:, 1:]
+    ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
+    loss, metrics = rl.grpo_loss(
+        logp, batch["old_logp"], ref, entropy, batch["advantages"], mask,
+        clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef if ref is not None else 0.0,
+        entropy_coef=cfg.entropy_coef,
+    )  # fmt: skip
+    metrics = {**metrics, "tokens": jnp.sum(mask).astype(jnp.float32)}
+    if cfg.uses_spr:
+        spr, spr_metrics = _spr_terms(
+            model, out.features, batch, key, cfg, backbone_scale=cfg.spr_grad_scale
+        )
+        loss = loss + cfg.spr_coef * spr
+        metrics = {**metrics, **spr_metrics}
+    return loss, {**metrics, "loss": loss}
+
+
+def spr_only_loss(params, batch, key, *, graphdef, cfg: StepConfig):
+    """The SPR loss alone (backbone gradient scaled by spr_grad_scale, as in grpo)."""
+    model = _model(graphdef, params)
+    out = model(batch["tokens"], valid=batch["valid"])
+    loss, metrics = _spr_terms(
+        model, out.features, batch, key, cfg, backbone_scale=cfg.spr_grad_scale
+    )
+    tokens = jnp.sum(batch["valid"]).astype(jnp.float32)
+    return loss, {**metrics, "loss": loss, "tokens": tokens}
+
+
+LOSSES = {"sft": sft_loss, "grpo": grpo_loss, "spr": spr_only_loss}
+
+
+def _norms(grads: dict) -> dict[str, jax.Array]:
+    policy = {k: v for k, v in grads.items() if k != "sprm"}
+    out = {"grad_norm": optax.tree.norm(policy)}
+    if "sprm" in grads:
+        out["sprm_grad_norm"] = optax.tree.norm(grads["sprm"])
+    return out
+
+
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, cfg: StepConfig, tx
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from micro-batches batch[name] [A, b, ...]; metrics are means over
+    the A micro-batches (grad norms of the averaged gradient, before clipping)."""
+    loss_fn = partial(LOSSES[cfg.kind], graphdef=graphdef, cfg=cfg)
+    key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+
+    def micro(acc, xs):
+        i, mb = xs
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, mb, jax.random.fold_in(key, i)
+        )
+        return jax.tree.map(jnp.add, acc, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(micro, zeros, (jnp.arange(n_micro), dict(batch)))
+    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["tokens"] = metrics["tokens"] * n_micro  # a sum, not a mean
+    metrics.update(_norms(grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.key_data(next_key),
+    )
+    return new, metrics
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """[A, b, ...] batch arrays: rows b over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+
+
+def compile_step(graphdef, cfg: StepConfig, tx, mesh, shardings: TrainState):
+    """`step(state, batch) -> (state, metrics)` jitted on `mesh`; the state is donated."""
+    fn = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
+    def jitted(state, batch):
+        batch = {
+            k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim))
+            for k, v in batch.items()
+        }
+        return fn(state, batch)
+
+    def step(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return step
+
+
+def rollout_logprobs_fn(graphdef, mesh, *, temperature: float):
+    """Jitted (params, ref_params | None, batch [A, b, T]) -> (old_logp, ref_logp | None), each
+    [A, b, T-1]: the log-probs the policy and the frozen reference gave the sampled tokens,
+    computed once before the updates (the PPO ratio's denominator and the KL's reference)."""
+
+    def logp(params, mb):
+        out = _model(graphdef, params)(mb["tokens"], valid=mb["valid"])
+        return rl.token_logprobs(out.logits[:, :-1], mb["tokens"][:, 1:], temperature)
+
+    @jax.jit
+    def jitted(params, ref_params, batch):
+        batch = {
+            k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim))
+            for k, v in batch.items()
+        }
+        old = jax.lax.map(partial(logp, params), batch)
+        ref = None if ref_params is None else jax.lax.map(partial(logp, ref_params), batch)
+        return old, ref
+
+    def run(params, ref_params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, ref_params, batch)
+
+    return run
