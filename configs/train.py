@@ -68,6 +68,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "seq_len": 128 if not released else 9216,  # sft row length
                 "max_prompt_len": 48 if not released else 1024,
                 "grad_accum": 1,  # micro-batches per update
+                "save_rollouts": False,  # grpo: keep each step's rollouts in WORKDIR/rollouts
+                "rollouts_dir": "",  # spr: train on these saved rollouts instead of sampling
             },
             "optim": {
                 "lr": (1e-6 if grpo else 1e-5) if released else (1e-3 if not grpo else 3e-4),

@@ -25,10 +25,12 @@ from metastone_jax.train.checkpoint import TrainCheckpointer, abstract_target
 from metastone_jax.train.metrics import MetricsWriter
 from metastone_jax.train.rollout import (
     LENGTH,
+    SavedRollouts,
     grade_rollouts,
     minibatches,
     pack_rollouts,
     sample_rollouts,
+    save_rollouts,
     split_micro,
 )
 from metastone_jax.train.state import (
@@ -39,6 +41,8 @@ from metastone_jax.train.state import (
     state_shardings,
 )
 from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn
+
+ROLLOUTS_DIR = "rollouts"
 
 
 class Preempted(Exception):
@@ -171,7 +175,11 @@ def train(config, workdir: str) -> dict[str, Any]:
             for step in range(start + 1, total + 1):
                 t0 = time.perf_counter()
                 records = next(ctx.iterator)
-                if kind in ("grpo", "spr"):
+                if isinstance(ctx.iterator, SavedRollouts):
+                    batch = split_micro(records, int(config.data.grad_accum))
+                    state, m = step_fn(state, batch)
+                    metrics = _host(m)
+                elif kind in ("grpo", "spr"):
                     state, metrics = _grpo_update(
                         state, records, ctx, config, step_fn, logprobs, step, mesh
                     )
@@ -224,6 +232,8 @@ def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, ste
     rows = pack_rollouts(
         prompts, cands, rewards, prompt_width=int(config.data.max_prompt_len), pad_id=ctx.pad_id
     )
+    if config.data.save_rollouts and jax.process_index() == 0:
+        save_rollouts(os.path.join(ctx.workdir, ROLLOUTS_DIR), step, rows)
     mbs = [split_micro(mb, int(config.data.grad_accum))
            for mb in minibatches(rows, int(config.rl.mini_batches))]  # fmt: skip
     if config.kind == "grpo":

@@ -110,3 +110,58 @@ def minibatches(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.n
         raise ValueError(f"{n} rollouts cannot be split into {parts} equal mini-batches")
     size = n // parts
     return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+ROLLOUT_FILE = "step_{:06d}.npz"
+
+
+def save_rollouts(directory: str, step: int, rows: dict[str, np.ndarray]) -> str:
+    """Writes packed rows to DIRECTORY/step_NNNNNN.npz (temporary name, then rename)."""
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ROLLOUT_FILE.format(step))
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, path)
+    return path
+
+
+class SavedRollouts:
+    """Rollout files saved by a GRPO run, replayed in order (cycling): the data of a head-only
+    SPR run (`kind='spr'`, `optim.freeze_backbone=True`). State: the number of files consumed."""
+
+    KEYS = ("tokens", "valid", "response_mask", "response_start", "labels", "include")
+
+    def __init__(self, directory: str):
+        import glob
+        import os
+
+        self.files = sorted(glob.glob(os.path.join(directory, "step_*.npz")))
+        if not self.files:
+            raise ValueError(f"{directory}: no saved rollouts (step_*.npz); run GRPO with "
+                             "--config.data.save_rollouts=True first")  # fmt: skip
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        path = self.files[self.step % len(self.files)]
+        self.step += 1
+        with np.load(path) as f:
+            missing = [k for k in self.KEYS if k not in f]
+            if missing:
+                raise ValueError(f"{path}: not a rollout file (missing {missing})")
+            return {k: f[k] for k in self.KEYS}
+
+    def state(self) -> dict:
+        return {"step": self.step, "files": len(self.files)}
+
+    def restore(self, state: dict) -> None:
+        if state.get("files") != len(self.files):
+            raise ValueError(
+                f"saved rollouts changed: the checkpoint consumed a directory of "
+                f"{state.get('files')} files, now {len(self.files)}"
+            )
+        self.step = int(state["step"])

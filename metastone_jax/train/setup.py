@@ -33,6 +33,7 @@ from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.model import abstract_model, create_model
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sprm import StepTokens
+from metastone_jax.train.rollout import SavedRollouts
 from metastone_jax.train.state import pure_params
 
 TOKENIZER_DIR = "tokenizer"
@@ -52,12 +53,13 @@ class RunContext:
     init_params: Callable[[], dict]
     tokenizer: Any
     tokenizer_dir: str
-    iterator: pipeline.BatchIterator
+    iterator: Any  # pipeline.BatchIterator, or rollout.SavedRollouts for a head-only SPR run
     step_tokens: StepTokens | None  # for the SPR loss (None when the run does not use it)
     sampler_step: StepTokens
     sampling: SamplingParams
     pad_id: int
     prompt_batch: Callable[[list[dict]], tuple[list[list[int]], list[str]]]
+    workdir: str
 
 
 def _source(config, workdir: str):
@@ -161,6 +163,14 @@ def prepare(config, workdir: str, mesh) -> RunContext:
         stop_ids=tuple(eos),
     )
     max_prompt = int(config.data.max_prompt_len)
+    if config.data.rollouts_dir:
+        if config.kind != "spr":
+            raise ValueError("config.data.rollouts_dir (saved rollouts) is for kind='spr' runs")
+        iterator = SavedRollouts(config.data.rollouts_dir)
+    else:
+        iterator = pipeline.BatchIterator(
+            source, global_batch=int(config.data.batch_size), seed=int(config.seed)
+        )
     return RunContext(
         model_cfg=cfg,
         model_cfg_json=config_to_json(cfg),
@@ -170,14 +180,13 @@ def prepare(config, workdir: str, mesh) -> RunContext:
         init_params=init_params,
         tokenizer=tok,
         tokenizer_dir=tok_dir,
-        iterator=pipeline.BatchIterator(
-            source, global_batch=int(config.data.batch_size), seed=int(config.seed)
-        ),
+        iterator=iterator,
         step_tokens=step_tokens,
         sampler_step=sampler_step,
         sampling=sampling,
         pad_id=pad_id,
         prompt_batch=lambda recs: pipeline.prompt_batch(recs, tok, max_prompt_len=max_prompt),
+        workdir=workdir,
     )
 
 

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -195,9 +196,21 @@ def compile_step(graphdef, cfg: StepConfig, tx, mesh, shardings: TrainState):
 
     def step(state, batch):
         with jax.set_mesh(mesh):
-            return jitted(state, batch)
+            return jitted(state, global_batch(batch, mesh))
 
     return step
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
+    """Host arrays -> global arrays. One process: unchanged (jit places them). Several: each
+    process holds its own rows [A, b/P, ...], which become one [A, b, ...] array sharded over
+    ('data', 'fsdp') without any process seeing the others' rows."""
+    if jax.process_count() == 1:
+        return dict(batch)
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in batch.items()
+    }
 
 
 def rollout_logprobs_fn(graphdef, mesh, *, temperature: float):

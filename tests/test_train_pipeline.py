@@ -1,0 +1,87 @@
+"""The train pipeline in process on the 8 simulated devices: SFT -> export -> GRPO + SPR from the
+export (metrics, saved rollouts) -> a head-only SPR run on those rollouts (frozen backbone)."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from metastone_jax.checkpoint import load_params_numpy
+from metastone_jax.train.loop import train
+from metastone_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(preset, **sections):
+    spec = importlib.util.spec_from_file_location(
+        "train_cfg", os.path.join(ROOT, "configs", "train.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    config.train.progress = False
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            config[name].update(values)
+        else:
+            config[name] = values
+    return config
+
+
+@pytest.fixture(scope="module")
+def sft_export(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sft"))
+    train(_config("tiny-sft", train={"steps": 150, "save_every": 150}), workdir)
+    return workdir
+
+
+def test_grpo_then_head_only_spr(sft_export, tmp_path):
+    export = os.path.join(sft_export, "export")
+    assert os.path.isfile(os.path.join(export, "hf", "tokenizer.model"))
+    grpo_dir = str(tmp_path / "grpo")
+    train(
+        _config(
+            "tiny-grpo",
+            init_ckpt=export,
+            train={"steps": 2, "save_every": 1},
+            data={"save_rollouts": True},
+            rl={"max_new_tokens": 24},
+        ),
+        grpo_dir,
+    )
+    metrics = read_metrics(os.path.join(grpo_dir, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward_mean", "policy_loss", "kl", "entropy", "spr_loss", "spr_kept_fraction",
+                "score_correct", "score_incorrect", "score_gap", "grad_norm", "sprm_grad_norm",
+                "tokens_per_s", "truncated_fraction"):  # fmt: skip
+        assert key in metrics[-1], key
+    assert metrics[-1]["spr_steps"] > 0  # the SPR loss saw step tokens in the rollouts
+    assert os.listdir(os.path.join(grpo_dir, "tensorboard"))
+    rollouts = os.path.join(grpo_dir, "rollouts")
+    assert sorted(os.listdir(rollouts)) == ["step_000001.npz", "step_000002.npz"]
+
+    spr_dir = str(tmp_path / "spr")
+    config = _config(
+        "tiny-grpo",
+        kind="spr",
+        init_ckpt=os.path.join(grpo_dir, "export"),
+        train={"steps": 3, "save_every": 3, "best_metric": "spr_loss", "best_mode": "min"},
+        data={"rollouts_dir": rollouts},
+        optim={"freeze_backbone": True},
+    )
+    train(config, spr_dir)
+    _, before, _ = load_params_numpy(os.path.join(grpo_dir, "export"))
+    _, after, _ = load_params_numpy(os.path.join(spr_dir, "export"))
+    np.testing.assert_array_equal(after["embed"], before["embed"])
+    np.testing.assert_array_equal(
+        after["blocks"]["mlp"]["up_proj"]["kernel"], before["blocks"]["mlp"]["up_proj"]["kernel"]
+    )
+    assert np.abs(after["sprm"]["fc1"]["kernel"] - before["sprm"]["fc1"]["kernel"]).max() > 0
+
+
+def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
+    config = _config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="rollouts_dir"):
+        train(config, str(tmp_path / "w"))
