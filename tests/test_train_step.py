@@ -217,3 +217,22 @@ def test_grpo_raises_the_mean_reward_on_a_tiny_task():
         state, _ = step(state, {**rows, "old_logp": old, "ref_logp": ref})
     start, end = np.mean(rewards_per_step[:5]), np.mean(rewards_per_step[-5:])
     assert start < 0.3 and end > start + 0.3, rewards_per_step
+
+
+def test_checkpoints_keep_the_last_n_plus_the_best(tmp_path):
+    mesh = _mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    tx = make_optimizer(OptimConfig())
+    _, state, _, _ = _state(mesh, tx)
+    losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: float("nan"), 6: 2.5}
+    ckpt = TrainCheckpointer(str(tmp_path), keep=2, best_metric="loss", best_mode="min")
+    for step, loss in losses.items():
+        ckpt.save(step, state, {"step": step}, {}, {"loss": loss})
+    ckpt.wait()
+    assert sorted(ckpt.all_steps()) == [2, 5, 6]  # best (lowest loss), then the last two
+    ckpt.close()
+    ckpt = TrainCheckpointer(str(tmp_path), keep=1, best_metric="reward_mean", best_mode="max")
+    for step, reward in {7: 0.1, 8: 0.9, 9: 0.2}.items():
+        ckpt.save(step, state, {"step": step}, {}, {"reward_mean": reward})
+    ckpt.wait()
+    assert 8 in ckpt.all_steps() and 9 in ckpt.all_steps() and 7 not in ckpt.all_steps()
+    ckpt.close()

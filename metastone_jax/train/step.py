@@ -176,6 +176,21 @@ def train_step(
     return new, metrics
 
 
+def _kind_step(kind: str):
+    def step(state, batch, *, graphdef, tx, cfg: StepConfig | None = None):
+        cfg = cfg or StepConfig(kind=kind)
+        if cfg.kind != kind:
+            raise ValueError(f"{kind}_step given a StepConfig of kind {cfg.kind!r}")
+        return train_step(state, batch, graphdef=graphdef, cfg=cfg, tx=tx)
+
+    step.__name__ = step.__qualname__ = f"{kind}_step"
+    step.__doc__ = f"`train_step` with the {kind} loss (see LOSSES['{kind}'])."
+    return step
+
+
+sft_step, grpo_step, spr_step = _kind_step("sft"), _kind_step("grpo"), _kind_step("spr")
+
+
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
     """[A, b, ...] batch arrays: rows b over ('data', 'fsdp'), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
