@@ -184,7 +184,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                         state, records, ctx, config, step_fn, logprobs, step, mesh
                     )
                 else:
-                    batch = setup.sft_or_spr_batch(records, ctx, config)
+                    batch = setup.sft_rows(records, ctx, config)
                     state, m = step_fn(state, batch)
                     metrics = _host(m)
                 loss = metrics["loss"]
@@ -209,8 +209,12 @@ def train(config, workdir: str) -> dict[str, Any]:
                         "re-run the same command to resume"
                     )
         ckpt.wait()
-        if config.train.export and jax.process_index() == 0:
-            setup.export(state, ctx, workdir)
+        if config.train.export:
+            if jax.process_count() == 1:
+                setup.export(state, ctx, workdir)
+            elif jax.process_index() == 0:
+                print("metastone-jax train: multi-process run, export skipped (the checkpoint in "
+                      f"{ckpt.directory} holds the params)")  # fmt: skip
     finally:
         writer.close()
         ckpt.close()
@@ -256,7 +260,3 @@ def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, ste
         rollout_s=rollout_s,
     )
     return state, metrics
-
-
-def export_path(workdir: str) -> str:
-    return os.path.join(workdir, "export")

@@ -190,7 +190,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
     )
 
 
-def sft_or_spr_batch(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
+def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
     """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
     batch = pipeline.sft_batch(records, ctx.tokenizer, seq_len=int(config.data.seq_len))
     a = int(config.data.grad_accum)
