@@ -65,12 +65,17 @@ class Linear(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # One 2-D matmul [rows, in] x [in, out]: XLA:CPU's backward of a 3-D dot_general writes
+        # transposed copies of the gradients (~20% of a train step, bench/RESULTS.md); the
+        # reshapes merge dims whose sharding sits on the major one, so they move no data.
         kernel = self.kernel[...].astype(self.compute_dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel, (contract, ((), ())))
+        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        lead = x.shape[: x.ndim - self.n_in]
+        rows = x.astype(self.compute_dtype).reshape(math.prod(lead), math.prod(in_shape))
+        y = jnp.dot(rows, kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.compute_dtype)
-        return y
+            y = y + self.bias[...].astype(self.compute_dtype).reshape(-1)
+        return y.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -121,6 +126,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
+
+
+# Query block of the causal-blocked attention used without a cache (training, full forwards).
+CAUSAL_BLOCK = 64
 
 
 class Attention(nnx.Module):
@@ -177,18 +186,34 @@ class Attention(nnx.Module):
         if t == 1:  # decode: multiply-reduce over the cache (one pass over it, no transposes)
             qf, kf, vf = q[:, :, :, 0].astype(jnp.float32), k.astype(jnp.float32), v
             scores = jnp.sum(qf[:, :, :, None, :] * kf[:, :, None, :, :], axis=-1)[:, :, :, None]
-        else:
-            scores = jnp.einsum(
-                "bkgth,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-            )
-        scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        if t == 1:
+            scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
             out = jnp.sum(probs[:, :, :, 0, :, None] * vf[:, :, None].astype(q.dtype), axis=3)
             out = out[:, None].reshape(b, 1, h, hd)  # [B,K,G,hd] -> [B,1,H,hd]
+        elif k_cache is None and t > CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:
+            # Without a cache the mask is causal: query block i never sees keys past its end, so
+            # each block attends to keys [0, end) only (~(n+1)/2n of the full T x T work).
+            out = jnp.concatenate(
+                [self._attend(q[:, :, :, s : s + CAUSAL_BLOCK], k[:, :, : s + CAUSAL_BLOCK],
+                              v[:, :, : s + CAUSAL_BLOCK], mask[:, s : s + CAUSAL_BLOCK,
+                              : s + CAUSAL_BLOCK])
+                 for s in range(0, t, CAUSAL_BLOCK)],
+                axis=1,
+            )  # fmt: skip
         else:
-            out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
+            out = self._attend(q, k, v, mask)
         return self.o_proj(out), (k, v)
+
+    def _attend(self, q, k, v, mask):
+        """q [B,K,G,T,hd], k/v [B,K,S,hd], mask [B,T,S] -> [B,T,H,hd]."""
+        b, _, _, t, hd = q.shape
+        scores = jnp.einsum(
+            "bkgth,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(q.dtype))
+        return out.reshape(b, t, -1, hd)
 
 
 class MLP(nnx.Module):
