@@ -112,6 +112,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
             },
         }
     )
+    # Saving only matmul outputs is both the fastest and a memory saver for training on CPU
+    # (bench/RESULTS.md: scan + remat 'dots' is the best variant of the train step).
+    c.model.remat = "dots"
     if not released:
         c.model.vocab_size = config_dict.placeholder(int)  # from the trained tokenizer
     if size == "tiny":
