@@ -109,6 +109,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "async_checkpoint": True,
                 "progress": True,
                 "export": True,  # write WORKDIR/export (params + tokenizer) at the end
+                # With a gs:// workdir (checkpoints via orbax): where the other files go;
+                # empty = /tmp/metastone-jax-runs/<bucket>_<path>.
+                "local_dir": "",
             },
         }
     )

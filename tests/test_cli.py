@@ -49,7 +49,12 @@ def test_info_per_device_memory_shrinks_with_fsdp(capsys):
             "does not divide the 8",
         ),
         (["demo", "--config=configs/model.py:tiny", "--config.mesh.fsdp=4"], "device count 8"),
-        (["train"], "unknown command 'train'"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["train"], "--workdir=DIR is required"),
+        (
+            ["train", "--workdir=/tmp/x", "--config.train.stepz=3"],
+            "config.train has no key 'stepz'",
+        ),
     ],
 )
 def test_errors_are_one_clear_line(args, message):

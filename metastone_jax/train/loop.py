@@ -161,8 +161,10 @@ def train(config, workdir: str) -> dict[str, Any]:
     total = int(config.train.steps)
     step_fn = compile_step(graphdef, step_cfg, tx, mesh, shardings)
     logprobs = rollout_logprobs_fn(graphdef, mesh, temperature=step_cfg.temperature)
+    if ctx.workdir != workdir and jax.process_index() == 0:
+        print(f"metastone-jax train: checkpoints in {workdir}, other files in {ctx.workdir}")
     writer = MetricsWriter(
-        workdir,
+        ctx.workdir,
         total_steps=total,
         start_step=start + 1,
         progress=bool(config.train.progress),
@@ -211,7 +213,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         ckpt.wait()
         if config.train.export:
             if jax.process_count() == 1:
-                setup.export(state, ctx, workdir)
+                setup.export(state, ctx, ctx.workdir)
             elif jax.process_index() == 0:
                 print("metastone-jax train: multi-process run, export skipped (the checkpoint in "
                       f"{ckpt.directory} holds the params)")  # fmt: skip

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ class RunContext:
     sampling: SamplingParams
     pad_id: int
     prompt_batch: Callable[[list[dict]], tuple[list[list[int]], list[str]]]
-    workdir: str
+    workdir: str  # local files (see files_dir); checkpoints may be elsewhere (gs://)
 
 
 def _source(config, workdir: str):
@@ -129,11 +130,29 @@ def _model_config(config, tok) -> ModelConfig:
     return model_config_from_dict(values)
 
 
-def prepare(config, workdir: str, mesh) -> RunContext:
+def files_dir(workdir: str, local_dir: str = "") -> str:
+    """Where a run's files other than checkpoints go (data, tokenizer, metrics, export, saved
+    rollouts): the workdir itself, or, for a gs:// workdir (written by orbax alone), `local_dir`,
+    by default /tmp/metastone-jax-runs/<bucket>_<path>."""
     if not workdir.startswith("gs://"):
-        os.makedirs(workdir, exist_ok=True)
-    source = _source(config, workdir)
-    tok, tok_dir = _tokenizer(config, workdir, source)
+        return workdir
+    if local_dir:
+        return local_dir
+    name = workdir[len("gs://") :].strip("/").replace("/", "_")
+    return os.path.join(tempfile.gettempdir(), "metastone-jax-runs", name)
+
+
+def prepare(config, workdir: str, mesh) -> RunContext:
+    """`workdir` may be gs://...: checkpoints go there, other files to `files_dir`."""
+    local = files_dir(workdir, config.train.local_dir)
+    if local != workdir and not (config.tokenizer.path or config.init_ckpt):
+        raise ValueError(
+            f"a gs:// workdir ({workdir}) needs config.tokenizer.path or config.init_ckpt: a "
+            f"tokenizer trained here would live only in {local} on this machine"
+        )
+    os.makedirs(local, exist_ok=True)
+    source = _source(config, local)
+    tok, tok_dir = _tokenizer(config, local, source)
     cfg = _model_config(config, tok)
     uses_spr = config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0)
     if uses_spr and not cfg.sprm_head:
@@ -186,7 +205,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
         sampling=sampling,
         pad_id=pad_id,
         prompt_batch=lambda recs: pipeline.prompt_batch(recs, tok, max_prompt_len=max_prompt),
-        workdir=workdir,
+        workdir=local,
     )
 
 
