@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
+
+from same_weights import qwen2_both_ways
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -63,28 +64,14 @@ def main() -> None:
     import transformers
 
     from metastone_jax.checkpoint import load_params_checkpoint
-    from metastone_jax.convert.hf import hf_to_jax, jax_to_hf
     from metastone_jax.sample import sampler
     from metastone_jax.sample.processors import SamplingParams
     from metastone_jax.sprm import StepTokens
 
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        eos_token_id=None,
-    )
-    tmp = tempfile.mkdtemp(prefix="sampler-bench-")
-    transformers.Qwen2ForCausalLM(config).save_pretrained(os.path.join(tmp, "hf"))
     # Same weights both ways: HF -> JAX for ours, JAX -> HF for transformers.
-    hf_to_jax(os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt"), progress=False)
-    jax_to_hf(os.path.join(tmp, "ckpt"), os.path.join(tmp, "back"), progress=False)
+    tmp, _, _ = qwen2_both_ways(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, prefix="sampler-bench-"
+    )
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(tmp, "back"), dtype=torch.float32
     ).eval()

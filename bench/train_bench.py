@@ -31,8 +31,9 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
+
+from same_weights import qwen2_both_ways
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -130,7 +131,6 @@ def main() -> None:
     from flax import nnx
 
     from metastone_jax.checkpoint import load_params_checkpoint
-    from metastone_jax.convert.hf import hf_to_jax, jax_to_hf
     from metastone_jax.sharding import make_mesh
     from metastone_jax.train.state import (
         OptimConfig,
@@ -143,23 +143,10 @@ def main() -> None:
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        eos_token_id=None,
-    )
-    tmp = tempfile.mkdtemp(prefix="train-bench-")
-    transformers.Qwen2ForCausalLM(config).save_pretrained(os.path.join(tmp, "hf"))
     # Same weights both ways: HF -> JAX for ours, JAX -> HF for transformers.
-    hf_to_jax(os.path.join(tmp, "hf"), os.path.join(tmp, "ckpt"), progress=False)
-    jax_to_hf(os.path.join(tmp, "ckpt"), os.path.join(tmp, "back"), progress=False)
+    tmp, _, _ = qwen2_both_ways(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, prefix="train-bench-"
+    )
     ckpt = os.path.join(tmp, "ckpt")
 
     # --- the batch: random tokens, every position valid, the first `prompt` positions masked --
@@ -262,13 +249,14 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in hf_model.parameters())
     n_matmul = n_params - args.vocab * args.hidden  # the input embedding is a lookup, no matmul
-    d_attn = config.num_attention_heads * (args.hidden // config.num_attention_heads)
+    hf_cfg = hf_model.config
+    d_attn = hf_cfg.num_attention_heads * (args.hidden // hf_cfg.num_attention_heads)
     flops = model_flops_per_step(n_matmul, args.layers, d_attn, t, n_tokens)
 
     label = f" [WHAT-IF: {'+'.join(what_if)} monkeypatched]" if what_if else ""
     print(f"model{label}: Qwen2 d={args.hidden} L={args.layers} V={args.vocab} "
-          f"ff={config.intermediate_size} heads={config.num_attention_heads}/"
-          f"{config.num_key_value_heads}, {n_params / 1e6:.1f}M params ({n_matmul / 1e6:.1f}M in "
+          f"ff={hf_cfg.intermediate_size} heads={hf_cfg.num_attention_heads}/"
+          f"{hf_cfg.num_key_value_heads}, {n_params / 1e6:.1f}M params ({n_matmul / 1e6:.1f}M in "
           f"matmuls), fp32; batch {b} x {t} = {n_tokens} tokens ({args.prompt} prompt positions "
           f"masked per row); jax {jax.__version__}, torch {torch.__version__} eager (no "
           f"torch.compile, attn {hf_model.config._attn_implementation}), transformers "
