@@ -18,31 +18,10 @@ import argparse
 import os
 import time
 
-from same_weights import qwen2_both_ways
+from common import best_time as _time
+from common import matmul_roofline, qwen2_both_ways
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def _time(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_roofline(n: int = 2048, repeat: int = 5) -> float:
-    """FLOP/s of a large fp32 jnp.dot on this machine (the practical compute roof)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    t = _time(lambda: dot(a, b).block_until_ready(), repeat)
-    return 2 * n**3 / t
 
 
 def main() -> None:

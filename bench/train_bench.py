@@ -33,7 +33,8 @@ import shutil
 import statistics
 import time
 
-from same_weights import qwen2_both_ways
+from common import best_time as _time
+from common import matmul_roofline, qwen2_both_ways
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -43,31 +44,9 @@ TPU_PEAK_BF16 = {"v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 VARIANTS = ("scan:none", "scan:dots", "scan:full", "unroll:none", "unroll:dots", "unroll:full")
 
 
-def _time(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _median_time(fn, n: int = 3) -> float:
     fn()
     return statistics.median(_time(fn) for _ in range(n))
-
-
-def matmul_roofline(n: int = 2048, repeat: int = 5) -> float:
-    """FLOP/s of a large fp32 jnp.dot on this machine (the practical compute roof)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    t = _time(lambda: dot(a, b).block_until_ready(), repeat)
-    return 2 * n**3 / t
 
 
 def model_flops_per_step(n_matmul: int, layers: int, d_attn: int, seq: int, tokens: int) -> float:

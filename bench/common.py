@@ -1,9 +1,32 @@
-"""One random Qwen2 in both formats, so a bench runs identical weights on each side."""
+"""Shared bench helpers: best-of timing, the matmul roofline, one random Qwen2 in both formats."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
+
+
+def best_time(fn, repeat: int = 1) -> float:
+    """The fastest of `repeat` calls of fn(), in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_roofline(n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of a large fp32 jnp.dot on this machine (the practical compute roof)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * n**3 / best_time(lambda: dot(a, b).block_until_ready(), repeat)
 
 
 def qwen2_both_ways(*, vocab: int, hidden: int, layers: int, prefix: str) -> tuple[str, str, str]:
