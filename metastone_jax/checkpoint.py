@@ -155,17 +155,13 @@ def load_params_checkpoint(
     remat); shape fields must match the checkpoint. At most `concurrent_gb` is read at once,
     which bounds host memory beyond the restored parameters."""
     from metastone_jax.model import abstract_model
-    from metastone_jax.sharding import placement
+    from metastone_jax.sharding import placement, sharded_abstract
 
     cfg, meta = read_checkpoint_meta(ckpt)
     cfg = cfg.replace(**config_overrides) if config_overrides else cfg
     abstract = abstract_model(cfg)
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        nnx.to_pure_dict(state),
-        placement(state, mesh),
-    )
+    target = sharded_abstract(nnx.to_pure_dict(state), placement(state, mesh))
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = _restore(ckpt, target, restore_args, concurrent_gb)
     nnx.replace_by_pure_dict(state, restored)

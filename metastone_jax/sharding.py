@@ -176,6 +176,14 @@ def placement(abstract_state, mesh=None) -> dict:
     return nnx.to_pure_dict(state_shardings(abstract_state, mesh))
 
 
+def sharded_abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings` (same structure):
+    a restore target that places every array straight into its sharding."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
 def bytes_per_device(abstract_state, mesh_shape: Mapping[str, int]) -> int:
     """Bytes that the largest shard of every parameter occupies on one device (no allocation)."""
     from flax import nnx

@@ -10,9 +10,9 @@ from flax import nnx
 from metastone_jax.model import create_model
 from metastone_jax.presets import get_preset
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sharding import make_mesh, placement
+from metastone_jax.sharding import make_mesh, placement, sharded_abstract
 from metastone_jax.sprm import StepTokens
-from metastone_jax.train.checkpoint import TrainCheckpointer, abstract_target
+from metastone_jax.train.checkpoint import TrainCheckpointer
 from metastone_jax.train.rollout import pack_rollouts, sample_rollouts, split_micro
 from metastone_jax.train.state import (
     OptimConfig,
@@ -179,7 +179,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     mesh_b = _mesh({"data": 1, "fsdp": 8, "tensor": 1})
     model_b = create_model(CFG, seed=0, mesh=mesh_b)
     shardings_b = state_shardings(abstract, placement(nnx.state(model_b), mesh_b), mesh_b)
-    restored, data, meta = ckpt.restore(1, abstract_target(abstract, shardings_b))
+    restored, data, meta = ckpt.restore(1, sharded_abstract(abstract, shardings_b))
     ckpt.close()
     assert data == {"step": 1, "seed": 0, "size": 10} and meta == {"note": "a"}
     want, got = jax.device_get(state), jax.device_get(restored)

@@ -126,6 +126,13 @@ def encode_prompt(record: Mapping[str, str], tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode_chat(json.loads(record["messages"]), add_generation_prompt=True)
 
 
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The tokenizer's pad id, else its (first) EOS id, else 0."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+
 def sft_batch(
     records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *, seq_len: int
 ) -> dict[str, np.ndarray]:
@@ -144,7 +151,7 @@ def sft_batch(
     eos = tokenizer.eos_id
     if eos is None:
         raise ValueError(f"{tokenizer!r} has no EOS id; SFT rows end with EOS")
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else eos
+    pad = pad_id(tokenizer)
     b = len(records)
     tokens = np.full((b, seq_len), pad, dtype=np.int32)
     valid = np.zeros((b, seq_len), dtype=bool)

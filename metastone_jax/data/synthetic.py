@@ -5,12 +5,12 @@
 
 Every intermediate result is written out, so an error happens in an individual step and the
 final answer is checked exactly. Difficulty knobs: the number of operations and the operand range.
-Records use the schema of `metastone_jax.data.builders` (id, prompt, messages, answer, solution).
+Records use the schema of `metastone_jax.data.builders` (id, prompt, answer, solution; the
+builder adds the chat messages).
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterator
 
@@ -61,7 +61,6 @@ def make_examples(
         yield {
             "id": f"{split}-{i}",
             "prompt": prompt,
-            "messages": json.dumps([{"role": "user", "content": prompt}]),
             "answer": answer,
             "solution": solution,
         }

@@ -15,7 +15,6 @@ import math
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
@@ -119,10 +118,3 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_target(abstract: TrainState, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs with the given shardings: the restore target."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )

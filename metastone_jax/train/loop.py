@@ -19,9 +19,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from metastone_jax.sharding import make_mesh, maybe_initialize_distributed, placement
+from metastone_jax.sharding import (
+    make_mesh,
+    maybe_initialize_distributed,
+    placement,
+    sharded_abstract,
+)
 from metastone_jax.train import setup
-from metastone_jax.train.checkpoint import TrainCheckpointer, abstract_target
+from metastone_jax.train.checkpoint import TrainCheckpointer
 from metastone_jax.train.metrics import MetricsWriter
 from metastone_jax.train.rollout import (
     LENGTH,
@@ -150,7 +155,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     meta = {"model": ctx.model_cfg_json, "config": json.loads(config.to_json_best_effort())}
     latest = ckpt.latest_step()
     if latest is not None:
-        state, data_state, saved_meta = ckpt.restore(latest, abstract_target(abstract, shardings))
+        state, data_state, saved_meta = ckpt.restore(latest, sharded_abstract(abstract, shardings))
         _check_resume(saved_meta, ctx.model_cfg_json, ckpt.directory)
         ctx.iterator.restore(data_state)
     else:

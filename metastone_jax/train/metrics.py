@@ -25,37 +25,31 @@ POSTFIX_KEYS = ("loss", "reward", "spr_loss", "score_gap", "kl")
 POSTFIX_MAX = 4
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl. An unparsable *last* line (a write cut short by a
-    kill) is skipped; a bad line elsewhere raises."""
+def _lines_and_records(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every line of a metrics.jsonl. An unparsable *last* line (a write cut
+    short by a kill) is skipped; a bad line elsewhere raises."""
     with open(path) as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]
     out = []
     for i, ln in enumerate(lines):
         try:
-            out.append(json.loads(ln))
+            out.append((ln, json.loads(ln)))
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 raise
     return out
 
 
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (a torn last line skipped)."""
+    return [rec for _, rec in _lines_and_records(path)]
+
+
 def _truncate(path: str, start_step: int) -> None:
     """Drop records with step >= start_step (and a torn last line), atomically."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    keep = []
-    for i, ln in enumerate(lines):
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue
-            raise
-        if rec.get("step", -1) < start_step:
-            keep.append(ln)
+    keep = [ln for ln, rec in _lines_and_records(path) if rec.get("step", -1) < start_step]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.writelines(ln + "\n" for ln in keep)

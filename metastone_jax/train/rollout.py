@@ -15,10 +15,8 @@ from flax import nnx
 from metastone_jax.evaluate.grading import answers_match, extract_final_answer
 from metastone_jax.rl import group_advantages
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sample.sampler import FINISH_REASONS, Candidates, generate
+from metastone_jax.sample.sampler import LENGTH, Candidates, generate
 from metastone_jax.sprm import StepTokens
-
-LENGTH = FINISH_REASONS.index("length")
 
 
 def sample_rollouts(

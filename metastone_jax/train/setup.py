@@ -34,7 +34,7 @@ from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.model import abstract_model, create_model
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sprm import StepTokens
-from metastone_jax.train.rollout import SavedRollouts
+from metastone_jax.train.rollout import SavedRollouts, split_micro
 from metastone_jax.train.state import pure_params
 
 TOKENIZER_DIR = "tokenizer"
@@ -174,7 +174,6 @@ def prepare(config, workdir: str, mesh) -> RunContext:
         return pure_params(create_model(cfg, seed=int(config.seed), mesh=mesh))
 
     eos = tok.eos_ids
-    pad_id = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
     sampling = SamplingParams(
         temperature=float(config.rl.temperature),
         top_p=float(config.rl.top_p),
@@ -203,7 +202,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
         step_tokens=step_tokens,
         sampler_step=sampler_step,
         sampling=sampling,
-        pad_id=pad_id,
+        pad_id=pipeline.pad_id(tok),
         prompt_batch=lambda recs: pipeline.prompt_batch(recs, tok, max_prompt_len=max_prompt),
         workdir=local,
     )
@@ -212,11 +211,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
 def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
     """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
     batch = pipeline.sft_batch(records, ctx.tokenizer, seq_len=int(config.data.seq_len))
-    a = int(config.data.grad_accum)
-    n = len(records)
-    if n % a:
-        raise ValueError(f"batch of {n} rows cannot be split into grad_accum={a} micro-batches")
-    return {k: v.reshape(a, n // a, *v.shape[1:]) for k, v in batch.items()}
+    return split_micro(batch, int(config.data.grad_accum))
 
 
 def export(state, ctx: RunContext, workdir: str) -> str:

@@ -103,9 +103,7 @@ def state_shardings(abstract: TrainState, param_shardings: dict, mesh) -> TrainS
     parameter (Adam's mu/nu: same dict path suffix and shape) takes that parameter's sharding;
     counters, the step and the RNG are replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    flat = {
-        _key_path(p): (s, None) for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
-    }
+    flat = {_key_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
     shapes = {
         _key_path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]
     }
@@ -115,7 +113,7 @@ def state_shardings(abstract: TrainState, param_shardings: dict, mesh) -> TrainS
         for i in range(len(keys)):
             suffix = keys[i:]
             if suffix in flat and shapes[suffix] == getattr(leaf, "shape", None):
-                return flat[suffix][0]
+                return flat[suffix]
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(pick, abstract.opt_state)

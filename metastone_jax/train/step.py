@@ -80,14 +80,15 @@ def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     return loss, {"loss": loss, "tokens": jnp.sum(mask).astype(jnp.float32)}
 
 
-def _spr_terms(model, features, batch, key, cfg: StepConfig, *, backbone_scale: float):
-    """SPR loss + metrics from penultimate features [b, T, D] at the training step mask."""
+def _spr_terms(model, features, batch, key, cfg: StepConfig):
+    """SPR loss + metrics from penultimate features [b, T, D] at the training step mask; the
+    backbone sees the loss's gradient scaled by cfg.spr_grad_scale."""
     tokens, valid = batch["tokens"], batch["valid"]
     mask = step_mask(
         tokens, cfg.step, mode="train", valid=valid, response_start=batch["response_start"]
     )
     feat_mask = shift_for_scoring(mask)
-    feats = spr_loss.scale_gradient(features, backbone_scale)
+    feats = spr_loss.scale_gradient(features, cfg.spr_grad_scale)
     drop = key if cfg.sprm_dropout else None
     logits = model.sprm_logits(feats, dropout_rng=drop)
     labels, include = batch["labels"], batch["include"]
@@ -108,14 +109,11 @@ def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
     loss, metrics = rl.grpo_loss(
         logp, batch["old_logp"], ref, entropy, batch["advantages"], mask,
-        clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef if ref is not None else 0.0,
-        entropy_coef=cfg.entropy_coef,
+        clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
     )  # fmt: skip
     metrics = {**metrics, "tokens": jnp.sum(mask).astype(jnp.float32)}
     if cfg.uses_spr:
-        spr, spr_metrics = _spr_terms(
-            model, out.features, batch, key, cfg, backbone_scale=cfg.spr_grad_scale
-        )
+        spr, spr_metrics = _spr_terms(model, out.features, batch, key, cfg)
         loss = loss + cfg.spr_coef * spr
         metrics = {**metrics, **spr_metrics}
     return loss, {**metrics, "loss": loss}
@@ -125,9 +123,7 @@ def spr_only_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """The SPR loss alone (backbone gradient scaled by spr_grad_scale, as in grpo)."""
     model = _model(graphdef, params)
     out = model(batch["tokens"], valid=batch["valid"])
-    loss, metrics = _spr_terms(
-        model, out.features, batch, key, cfg, backbone_scale=cfg.spr_grad_scale
-    )
+    loss, metrics = _spr_terms(model, out.features, batch, key, cfg)
     tokens = jnp.sum(batch["valid"]).astype(jnp.float32)
     return loss, {**metrics, "loss": loss, "tokens": tokens}
 
@@ -196,6 +192,13 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (ndim - 2))))
 
 
+def _constrain_batch(batch: Mapping[str, jax.Array], mesh) -> dict[str, jax.Array]:
+    return {
+        k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim))
+        for k, v in batch.items()
+    }
+
+
 def compile_step(graphdef, cfg: StepConfig, tx, mesh, shardings: TrainState):
     """`step(state, batch) -> (state, metrics)` jitted on `mesh`; the state is donated."""
     fn = partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx)
@@ -203,11 +206,7 @@ def compile_step(graphdef, cfg: StepConfig, tx, mesh, shardings: TrainState):
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
     def jitted(state, batch):
-        batch = {
-            k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim))
-            for k, v in batch.items()
-        }
-        return fn(state, batch)
+        return fn(state, _constrain_batch(batch, mesh))
 
     def step(state, batch):
         with jax.set_mesh(mesh):
@@ -239,16 +238,13 @@ def rollout_logprobs_fn(graphdef, mesh, *, temperature: float):
 
     @jax.jit
     def jitted(params, ref_params, batch):
-        batch = {
-            k: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim))
-            for k, v in batch.items()
-        }
+        batch = _constrain_batch(batch, mesh)
         old = jax.lax.map(partial(logp, params), batch)
         ref = None if ref_params is None else jax.lax.map(partial(logp, ref_params), batch)
         return old, ref
 
     def run(params, ref_params, batch):
         with jax.set_mesh(mesh):
-            return jitted(params, ref_params, batch)
+            return jitted(params, ref_params, global_batch(batch, mesh))
 
     return run
