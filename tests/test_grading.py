@@ -3,14 +3,20 @@
 import itertools
 import json
 import os
+import threading
 import time
 
 import pytest
 
 from metastone_jax.evaluate.grading import (
+    GRADE_METHODS,
+    _main,
     _norm_match,
     answers_match,
+    check_reference_solutions,
     extract_final_answer,
+    grade_answer,
+    grade_detail,
     majority_vote,
     normalize_answer,
 )
@@ -384,3 +390,168 @@ def test_weighted_vote():
     assert majority_vote(["a", "b", "b"], weights=[1.0, 0.5, 0.5]) == ("a", 0)
     with pytest.raises(ValueError):
         majority_vote(["1", "2"], weights=[1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) Grading with math-verify, its timeout and fallbacks
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "math_verify_only"])
+def test_math500_reference_solutions_grade_correct(shared_dir, capsys, fast_path):
+    path = os.path.join(shared_dir, "data", "math500.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    res = check_reference_solutions(path, fast_path=fast_path)
+    assert res["n"] == 500
+    with capsys.disabled():
+        print(f"\nMATH-500 reference solutions ({'fast path' if fast_path else 'math-verify'}): "
+              f"{res['agree']}/{res['n']} agree; paths {res['methods']}")  # fmt: skip
+        for miss in res["disagreements"]:
+            print("  disagree:", miss)
+    assert res["agree"] / res["n"] >= 0.99, res["disagreements"]
+    # Measured 500/500 both ways; without the fast path every row goes through math-verify.
+    assert set(res["methods"]) == ({"string_match"} if fast_path else {"math_verify"})
+
+
+def test_grading_check_command(shared_dir, capsys):
+    path = os.path.join(shared_dir, "data", "math500.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    _main(["--check", path])
+    out = capsys.readouterr().out
+    assert "500/500 agree (100.00%)" in out
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("x^2+2x+1", "(x+1)^2"),
+        ("x^2-1", "(x-1)(x+1)"),
+        ("\\sqrt{8}", "2\\sqrt{2}"),
+        ("\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{3}}{2}"),
+        ("\\dfrac{2}{\\sqrt{3}}", "\\frac{2\\sqrt{3}}{3}"),
+        ("-\\sqrt2+1", "1-\\sqrt{2}"),
+        ("\\pi/2", "\\frac{\\pi}{2}"),
+        ("\\{2,1\\}", "\\{1,2\\}"),
+        ("-2, 1", "1, -2"),  # a list of roots: math-verify reads it as a set
+    ],
+)
+def test_math_verify_catches_what_string_matching_misses(pred, gold):
+    assert not answers_match(pred, gold)
+    assert grade_detail(pred, gold) == (True, "math_verify")
+    assert grade_answer(pred, gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("\\sqrt{2}", "2"),
+        ("x+1", "x-1"),
+        ("(2,1)", "(1,2)"),
+        ("[1,2]", "[1,2)"),
+        ("0.51", "0.5"),
+        ("1.000001", "1"),
+        ("0.333", "\\frac{1}{3}"),
+        ("B", "A"),
+        ("3", "\\text{Monday}"),
+    ],
+)
+def test_math_verify_keeps_different_answers_apart(pred, gold):
+    assert grade_detail(pred, gold) == (False, "math_verify")
+
+
+def test_grade_fast_path_and_no_answer(monkeypatch):
+    import math_verify
+
+    def boom(*args, **kwargs):
+        raise AssertionError("math-verify must not be called")
+
+    monkeypatch.setattr(math_verify, "verify", boom)
+    monkeypatch.setattr(math_verify, "parse", boom)
+    assert grade_detail("0.5", "\\frac12") == (True, "string_match")
+    assert grade_detail("\\boxed{033}", "33") == (True, "string_match")
+    assert grade_detail(None, "5") == (False, "no_answer")
+    assert grade_detail("  ", "5") == (False, "no_answer")
+    assert grade_detail("I give up.", "5", extract=True) == (False, "no_answer")
+    text = "<think>\\boxed{4}</think> so $\\boxed{5}$."
+    assert grade_detail(text, "5", extract=True) == (True, "string_match")
+
+
+def test_grade_extracts_from_response_text():
+    text = "<think>so</think> The answer is $\\boxed{(x+1)^2}$."
+    assert grade_detail(text, "x^2+2x+1", extract=True) == (True, "math_verify")
+    assert grade_detail("\\boxed{\\sqrt{8}}", "2\\sqrt2") == (True, "math_verify")  # unboxed
+
+
+def test_grade_falls_back_when_math_verify_raises(monkeypatch):
+    import math_verify
+
+    def raise_(*args, **kwargs):
+        raise RuntimeError("sympy blew up")
+
+    monkeypatch.setattr(math_verify, "verify", raise_)
+    assert grade_detail("x^2+2x+1", "(x+1)^2") == (False, "fallback_error")
+    # The fallback is answers_match: with the fast path off, it still says True here.
+    assert grade_detail("0.5", "1/2", fast_path=False) == (True, "fallback_error")
+
+
+def test_grade_falls_back_when_a_side_does_not_parse():
+    assert grade_detail("???", "5") == (False, "fallback_unparsed")
+    assert grade_detail("\\frac{", "5") == (False, "fallback_unparsed")
+    assert set(GRADE_METHODS) >= {"fallback_unparsed", "fallback_timeout", "fallback_error"}
+
+
+def test_grade_timeout_in_the_main_thread_uses_math_verify_alarm(monkeypatch):
+    import math_verify
+    from math_verify.utils import timeout
+
+    seen = {}
+
+    def slow_verify(gold, target, *, timeout_seconds, raise_on_error, **kwargs):
+        # What math-verify does with its timeout argument: signal.alarm around the comparison.
+        seen["timeout_seconds"] = timeout_seconds
+        return timeout(timeout_seconds)(time.sleep)(30)
+
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    assert threading.current_thread() is threading.main_thread()
+    start = time.perf_counter()
+    assert grade_detail("x^2+2x+1", "(x+1)^2", timeout_s=0.3) == (False, "fallback_timeout")
+    assert time.perf_counter() - start < 5
+    assert seen["timeout_seconds"] == 1  # signal.alarm counts whole seconds: ceil(0.3)
+
+
+def test_grade_timeout_off_the_main_thread_is_guarded_by_a_worker(monkeypatch):
+    import math_verify
+
+    calls = {}
+
+    def hang(gold, target, *, timeout_seconds, **kwargs):
+        calls["timeout_seconds"] = timeout_seconds  # no signal.alarm outside the main thread
+        time.sleep(3)
+        return True
+
+    monkeypatch.setattr(math_verify, "verify", hang)
+    out = {}
+
+    def grade_in_thread():
+        start = time.perf_counter()
+        out["result"] = grade_detail("x^2+2x+1", "(x+1)^2", timeout_s=0.2)
+        out["elapsed"] = time.perf_counter() - start
+        out["quick"] = grade_detail("0.5", "\\frac12", timeout_s=0.2)
+
+    t = threading.Thread(target=grade_in_thread)
+    t.start()
+    t.join(10)
+    assert out["result"] == (False, "fallback_timeout")
+    assert out["elapsed"] < 2
+    assert calls["timeout_seconds"] is None
+    assert out["quick"] == (True, "string_match")
+
+
+def test_grade_off_the_main_thread_without_timeout_trouble():
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=grade_detail("\\sqrt{8}", "2\\sqrt{2}")))
+    t.start()
+    t.join(30)
+    assert out["r"] == (True, "math_verify")

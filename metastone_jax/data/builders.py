@@ -312,6 +312,20 @@ def prepare_math_file(path: str, data_dir: str) -> Source:
     return Source(builder.as_data_source(split="train"), _stem(path), str(builder.data_dir))
 
 
+def read_records(path: str) -> list[dict[str, str]]:
+    """The records of a benchmark file, read directly (no dataset is built): the fields of
+    ``FIELDS`` (``id``, ``prompt``, ``messages``, ``answer``, ``solution``), parsed exactly as
+    :func:`prepare_math_file` parses them. Bad rows raise ValueError naming the file and line."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".jsonl": _jsonl_records, ".parquet": _parquet_records}
+    if ext not in readers:
+        raise ValueError(f"{path}: unknown format {ext or '(no extension)'!r}; accepted: {FORMATS}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    return list(readers[ext](path))
+
+
 def _synthetic_record(rec: Any, name: str, split: str, i: int) -> dict[str, str]:
     """Validate a generated record; ``id``, ``messages`` and ``solution`` have defaults."""
     where = f"synthetic {name!r} split {split!r} example {i}"

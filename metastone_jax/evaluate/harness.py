@@ -1,0 +1,520 @@
+"""Test-time scaling over a benchmark file: a resumable pool of candidates, and metrics over it.
+
+The pool (``sample_pool``) is a JSONL file, one line per question:
+
+    {"id", "index", "prompt", "answer" (gold), "seed",
+     "candidates": [{"text", "answer" (extracted), "correct", "grade" (grading path),
+                     "step_scores" (the counted steps, in order), "tokens", "finish"}]}
+
+Metrics are pure Python/numpy (no JAX) over such question dicts, so any code can recompute them
+from a pool: for a question with M candidates and a given k, the candidates are split into
+floor(M/k) disjoint consecutive groups of k; a method selects one candidate per group; the
+question's accuracy is the share of groups whose selection is correct, and a metric is the mean
+over questions (SPRM.md section 5). ``evaluate`` ties it together for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from metastone_jax.evaluate.grading import extract_final_answer, grade_detail, majority_vote
+
+METHODS = (
+    "random",  # the first candidate of the group (candidates are i.i.d.): plain pass@1
+    "vote",  # majority over extracted answers
+    "weighted_vote",  # votes weighted by the candidate's geomean SPRM score
+    "sprm_geomean",  # argmax of the aggregated SPRM score (ties: the first) ...
+    "sprm_mean",
+    "sprm_min",
+    "sprm_last",
+    "sprm_product",
+    "oracle",  # any candidate of the group correct: pass@k
+)
+# The pass@1 method of each pool strategy; "beam" searches instead of sampling a pool.
+STRATEGY_METHOD = {"best_of_k": "sprm_geomean", "vote": "vote", "weighted_vote": "weighted_vote"}
+STRATEGIES = (*STRATEGY_METHOD, "beam")
+LOG_CLAMP = 1e-10  # geomean: log(max(p, 1e-10)), as sprm.aggregate and the released scorer
+Z95 = 1.959963984540054
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def candidate_score(step_scores, how: str = "geomean") -> float:
+    """The SPRM score of one candidate from its counted step scores, as ``sprm.aggregate``
+    (geomean clamps at 1e-10; product does not) but in float64; no step -> 0."""
+    p = np.asarray(step_scores, np.float64)
+    if p.size == 0:
+        return 0.0
+    if how == "geomean":
+        return float(np.exp(np.mean(np.log(np.maximum(p, LOG_CLAMP)))))
+    if how == "mean":
+        return float(p.mean())
+    if how == "min":
+        return float(p.min())
+    if how == "last":
+        return float(p[-1])
+    if how == "product":
+        with np.errstate(divide="ignore"):
+            return float(np.exp(np.sum(np.log(p))))
+    raise ValueError(f"unknown aggregation {how!r}; expected geomean|mean|min|last|product")
+
+
+def select_candidate(group: list[dict], method: str) -> int:
+    """Index (within ``group``) of the candidate that ``method`` picks."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method == "random":
+        return 0
+    if method == "oracle":
+        return next((i for i, c in enumerate(group) if c["correct"]), 0)
+    if method in ("vote", "weighted_vote"):
+        weights = None
+        if method == "weighted_vote":
+            weights = [candidate_score(c["step_scores"]) for c in group]
+        return majority_vote([c["answer"] for c in group], weights=weights)[1]
+    scores = [candidate_score(c["step_scores"], method[len("sprm_") :]) for c in group]
+    return int(np.argmax(scores))  # the first of equal maxima
+
+
+def question_accuracy(question: dict, k: int, method: str) -> float:
+    """Share of the floor(M/k) consecutive groups of k whose selected candidate is correct."""
+    cands = question["candidates"]
+    n_groups = len(cands) // k if k >= 1 else 0
+    if n_groups == 0:
+        raise ValueError(
+            f"question {question.get('id')!r}: {len(cands)} candidates, need at least k={k}"
+        )
+    hits = 0
+    for g in range(n_groups):
+        group = cands[g * k : (g + 1) * k]
+        hits += bool(group[select_candidate(group, method)]["correct"])
+    return hits / n_groups
+
+
+def summarize(values) -> dict:
+    """Mean and 95% interval of per-question accuracies: mean +- 1.96 * s / sqrt(n) with s the
+    sample standard deviation (normal approximation), clipped to [0, 1]; one question gives
+    the whole [0, 1]. -> {"mean", "ci95": [lo, hi], "n_questions"}."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        raise ValueError("no questions to summarize")
+    mean = float(v.mean())
+    half = Z95 * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else 1.0
+    return {
+        "mean": mean,
+        "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+        "n_questions": int(v.size),
+    }
+
+
+def method_accuracy(questions: list[dict], k: int, method: str) -> dict:
+    """``summarize`` of ``question_accuracy`` over the questions, plus "n_groups" (total)."""
+    out = summarize([question_accuracy(q, k, method) for q in questions])
+    out["n_groups"] = sum(len(q["candidates"]) // k for q in questions)
+    return out
+
+
+def tokens_per_question(questions: list[dict], k: int) -> float:
+    """Generated tokens for k candidates: k x (mean tokens per candidate, averaged over
+    questions)."""
+    per_q = [np.mean([c["tokens"] for c in q["candidates"]]) for q in questions]
+    return float(k * np.mean(per_q)) if per_q else 0.0
+
+
+def pool_metrics(questions: list[dict], ks, methods=METHODS) -> dict:
+    """{k: {"methods": {method: method_accuracy}, "tokens_per_question": float}}."""
+    return {
+        int(k): {
+            "methods": {m: method_accuracy(questions, int(k), m) for m in methods},
+            "tokens_per_question": tokens_per_question(questions, int(k)),
+        }
+        for k in ks
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool file
+# ---------------------------------------------------------------------------------------------
+
+
+def question_seed(seed: int, index: int) -> int:
+    """The sampler seed of question ``index`` (uint32), a function of (seed, index) only."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_pool(path: str, *, repair: bool = False) -> list[dict]:
+    """The question entries of a pool file (none if it does not exist).
+
+    A last line without its newline or not valid JSON is a write cut short (a kill): it is
+    skipped, and with ``repair`` the file is rewritten without it (temp name + rename). A bad
+    line elsewhere, or an id seen twice, raises ValueError naming the file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    entries, ids = [], set()
+    for lineno, raw in enumerate(lines, start=1):
+        last = lineno == len(lines)
+        try:
+            entry = json.loads(raw) if raw.endswith(b"\n") or not last else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not last:
+                raise ValueError(f"{path}, line {lineno}: not a pool entry ({e})") from None
+            entry = None
+        if entry is None:  # the torn last line
+            if repair:
+                _replace_file(path, b"".join(lines[: lineno - 1]))
+            break
+        if not isinstance(entry, dict) or "id" not in entry or "candidates" not in entry:
+            raise ValueError(f"{path}, line {lineno}: expected an object with id and candidates")
+        if entry["id"] in ids:
+            raise ValueError(f"{path}, line {lineno}: question id {entry['id']!r} seen twice")
+        ids.add(entry["id"])
+        entries.append(entry)
+    return entries
+
+
+def _check_meta(out_path: str, meta: dict) -> None:
+    """The pool's sampling settings live beside it; resuming with other settings is an error."""
+    path = os.path.splitext(out_path)[0] + ".meta.json"
+    meta = json.loads(json.dumps(meta))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        for key in sorted(set(old) | set(meta)):
+            if old.get(key) != meta.get(key):
+                raise ValueError(
+                    f"{out_path} was sampled with {key}={old.get(key)!r}, now "
+                    f"{meta.get(key)!r}: use another output directory to sample afresh"
+                )
+        return
+    _replace_file(path, json.dumps(meta, indent=1).encode("utf-8"))
+
+
+def encode_question(record: dict, tokenizer, chat_template: bool = True) -> list[int]:
+    """Prompt ids as `sample` makes them: the chat template over the record's messages (or its
+    prompt as the user message), else the plain prompt with the tokenizer's special tokens."""
+    if chat_template and tokenizer.chat_template is not None:
+        messages = record.get("messages")
+        messages = json.loads(messages) if isinstance(messages, str) else messages
+        messages = messages or [{"role": "user", "content": record["prompt"]}]
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return tokenizer.encode(record["prompt"], add_special_tokens=True)
+
+
+def _prompts(records, tokenizer, chat_template, max_len, max_new) -> list[list[int]]:
+    prompts = []
+    for i, rec in enumerate(records):
+        ids = encode_question(rec, tokenizer, chat_template)
+        if not ids:
+            raise ValueError(f"question {rec['id']!r} (index {i}): empty prompt")
+        if len(ids) + max_new > max_len:
+            raise ValueError(
+                f"question {rec['id']!r} (index {i}): the prompt has {len(ids)} tokens; with "
+                f"max_new_tokens={max_new} that exceeds the model's max_len={max_len} "
+                "(lower max_new_tokens or leave the question out)"
+            )
+        prompts.append(ids)
+    return prompts
+
+
+def _chunks(n: int, size: int):
+    """Fixed batches of question indices [c*size, (c+1)*size): a resumed run and an
+    uninterrupted one call the sampler with the same batches."""
+    for start in range(0, n, size):
+        yield list(range(start, min(start + size, n)))
+
+
+def _batch(indices: list[int], size: int) -> list[int]:
+    """A chunk padded to ``size`` rows by repeating its first question (one compiled shape)."""
+    return indices + [indices[0]] * (size - len(indices))
+
+
+def sample_pool(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    samples: int,
+    sampling,
+    step,
+    out_path: str,
+    batch_prompts: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    chat_template: bool = True,
+    mesh=None,
+) -> list[dict]:
+    """Samples ``samples`` candidates per question into ``out_path`` (resumable) and returns the
+    pool entries of ``records``, in order.
+
+    Questions go to the sampler in fixed chunks of ``batch_prompts`` consecutive records, each
+    call padded to ``batch_prompts`` rows; a chunk whose questions are partly in the file is
+    re-run whole (only the missing entries are kept), so a run resumed after a kill makes
+    exactly the calls of an uninterrupted one, and reproduces it bit for bit. Question i samples
+    with seed ``question_seed(seed, i)`` whatever its batch, so after a smaller ``records``
+    list (a --limit) or another ``batch_prompts`` the samples are the same up to floating-point
+    rounding of a differently shaped batch (bit for bit when the limit is a multiple of
+    ``batch_prompts``). Each chunk's entries are appended and flushed together. Questions
+    already in the file (by id) are skipped; a torn last line is dropped first. The sampling
+    settings are kept in ``<out_path stem>.meta.json`` and must match on resume.
+    """
+    from tqdm import tqdm
+
+    from metastone_jax.sample import sampler
+
+    if samples < 1 or batch_prompts < 1:
+        raise ValueError(f"samples and batch_prompts must be >= 1, got {samples}, {batch_prompts}")
+    ids = [str(r["id"]) for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"question id {dup!r} occurs more than once in the benchmark")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _check_meta(out_path, {
+        "samples": samples, "seed": seed, "chat_template": chat_template,
+        "sampling": dataclasses.asdict(sampling), "step": dataclasses.asdict(step),
+    })  # fmt: skip
+    done = {e["id"]: e for e in read_pool(out_path, repair=True)}
+    for i, rec in enumerate(records):
+        e = done.get(ids[i])
+        if e is not None and (e["answer"] != rec["answer"] or len(e["candidates"]) != samples):
+            raise ValueError(
+                f"{out_path}: question {ids[i]!r} holds {len(e['candidates'])} candidates for "
+                f"answer {e['answer']!r}, expected {samples} for {rec['answer']!r} (another "
+                "benchmark or sample count): use another output directory"
+            )
+    prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
+                       sampling.max_new_tokens)  # fmt: skip
+    bar = tqdm(total=len(records), initial=sum(i in done for i in ids), unit="question",
+               desc="sampling", disable=not progress)  # fmt: skip
+    for chunk in _chunks(len(records), batch_prompts):
+        todo = [i for i in chunk if ids[i] not in done]
+        if not todo:
+            continue
+        rows = _batch(chunk, batch_prompts)
+        cands = sampler.generate(
+            model, [prompts[i] for i in rows], k=samples, params=sampling, step=step,
+            seeds=[question_seed(seed, i) for i in rows], mesh=mesh,
+        )  # fmt: skip
+        lines = []
+        for i in todo:
+            entry = _entry(records[i], i, question_seed(seed, i), cands, chunk.index(i), tokenizer)
+            done[ids[i]] = entry
+            lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        with open(out_path, "ab") as f:
+            f.write("".join(lines).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(len(todo))
+    bar.close()
+    return [done[i] for i in ids]
+
+
+def _entry(record, index, seed, cands, row, tokenizer) -> dict:
+    from metastone_jax.sample.sampler import FINISH_REASONS
+
+    out = []
+    for j in range(cands.tokens.shape[1]):
+        n = int(cands.length[row, j])
+        text = tokenizer.decode(cands.tokens[row, j, :n].tolist())
+        answer = extract_final_answer(text)
+        correct, how = grade_detail(answer, record["answer"])
+        scores = cands.step_scores[row, j][cands.step_mask[row, j]]
+        out.append({
+            "text": text, "answer": answer, "correct": bool(correct), "grade": how,
+            "step_scores": [float(s) for s in scores], "tokens": n,
+            "finish": FINISH_REASONS[int(cands.finish[row, j])],
+        })  # fmt: skip
+    return {"id": str(record["id"]), "index": index, "prompt": record["prompt"],
+            "answer": record["answer"], "seed": seed, "candidates": out}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search (one selection per question)
+# ---------------------------------------------------------------------------------------------
+
+
+def beam_split(k: int) -> tuple[int, int]:
+    """(beam_width, expansions) with width x expansions = k: 4 expansions per kept beam (the
+    SearchConfig default; k=8 -> 2x4, k=32 -> 8x4) when 4 divides k, else one beam x k."""
+    return (k // 4, 4) if k >= 4 and k % 4 == 0 else (1, k)
+
+
+def beam_eval(
+    model, tokenizer, records: list[dict], *, k: int, sampling, step, batch_prompts: int = 8,
+    seed: int = 0, progress: bool = True, chat_template: bool = True, mesh=None,
+) -> list[dict]:  # fmt: skip
+    """SPRM-guided step-level beam search (``search.run``, strategy "beam", ``beam_split(k)``)
+    per question, in the same fixed batches and seeds as ``sample_pool``. -> per question
+    {"id", "index", "answer", "correct", "selected": {...}, "tokens"}; "tokens" sums the
+    lengths of the k final beams (a shared prefix counts once per beam)."""
+    from tqdm import tqdm
+
+    from metastone_jax.sample import search
+
+    width, expansions = beam_split(k)
+    config = search.SearchConfig(strategy="beam", k=k, beam_width=width, expansions=expansions)
+    prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
+                       sampling.max_new_tokens)  # fmt: skip
+    out = []
+    for chunk in tqdm(list(_chunks(len(records), batch_prompts)), desc=f"beam k={k}",
+                      unit="batch", disable=not progress):  # fmt: skip
+        rows = _batch(chunk, batch_prompts)
+        res = search.run(
+            model, [prompts[i] for i in rows], search=config, params=sampling, step=step,
+            tokenizer=tokenizer, seeds=[question_seed(seed, i) for i in rows], mesh=mesh,
+        )  # fmt: skip
+        for r, i in enumerate(chunk):
+            j = int(res.selected[r])
+            correct, how = grade_detail(res.answers[r][j], records[i]["answer"])
+            selected = {"text": res.texts[r][j], "answer": res.answers[r][j],
+                        "score": float(res.scores[r, j]), "grade": how,
+                        "tokens": int(res.candidates.length[r, j])}  # fmt: skip
+            out.append({"id": str(records[i]["id"]), "index": i, "answer": records[i]["answer"],
+                        "correct": bool(correct), "selected": selected,
+                        "tokens": int(res.candidates.length[r].sum())})  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: checkpoint x benchmark -> pool -> metrics.json
+# ---------------------------------------------------------------------------------------------
+
+
+def targets(modes=(), ks=()) -> dict[str, int]:
+    """{label: k}: each mode (low/medium/high = 2/8/32), then each explicit k as "k=K"."""
+    from metastone_jax.sample.search import MODES
+
+    out = {}
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"mode: expected one of {tuple(MODES)}, got {m!r}")
+        out[m] = MODES[m]
+    for k in ks:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+        out[f"k={k}"] = k
+    if not out:
+        raise ValueError("nothing to evaluate: give at least one mode or k")
+    return out
+
+
+def evaluate(
+    ckpt: str,
+    benchmark: str,
+    *,
+    modes=("low", "medium", "high"),
+    ks=(),
+    samples: int | None = None,
+    strategy: str = "best_of_k",
+    out_dir: str,
+    sampling=None,
+    step_ids=None,
+    batch_prompts: int = 8,
+    seed: int = 0,
+    limit: int | None = None,
+    chat_template: bool = True,
+    progress: bool = True,
+    mesh=None,
+) -> dict:
+    """Test-time scaling of checkpoint ``ckpt`` on ``benchmark`` (``read_records`` formats).
+
+    Pool strategies (best_of_k, vote, weighted_vote): ``samples`` (M) candidates per question
+    into ``out_dir/candidates.jsonl`` (resumable), then per mode/k: pass@1 by the strategy's
+    method (``STRATEGY_METHOD``) over floor(M/k) disjoint groups, maj@k (vote) and pass@k
+    (oracle), with 95% intervals and tokens per question; every method at every k goes under
+    "pool". Beam: ``beam_eval`` per k (``out_dir/beam_k{k}.jsonl``), pass@1 = the searched
+    answer's accuracy. ``sampling``: a SamplingParams (default: SPRM.md section 5, temperature
+    0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids become the
+    tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
+    ``limit``: the first N questions. Writes ``out_dir/metrics.json`` (temp + rename) and
+    returns the same dict. Bad arguments raise ValueError before anything is loaded.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    want = targets(modes, ks)
+    if strategy != "beam":
+        label, need = max(want.items(), key=lambda kv: kv[1])
+        if samples is None or samples < need:
+            raise ValueError(
+                f"samples={samples} is fewer than the largest k={need} ({label}): sample at "
+                f"least {need} candidates per question"
+            )
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: expected >= 1 questions, got {limit}")
+    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
+    from metastone_jax.data.builders import read_records
+    from metastone_jax.data.tokenizer import load_tokenizer
+    from metastone_jax.sample.processors import SamplingParams
+    from metastone_jax.sprm import StepTokens
+
+    hf_dir = os.path.join(ckpt, HF_FILES_DIR)
+    if not os.path.isdir(hf_dir):
+        raise ValueError(
+            f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
+        )
+    records = read_records(benchmark)[:limit]
+    if not records:
+        raise ValueError(f"{benchmark}: no questions")
+    tokenizer = load_tokenizer(hf_dir)
+    model, _ = load_params_checkpoint(ckpt, mesh=mesh)
+    if sampling is None:
+        sampling = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
+                                  max_new_tokens=32768)  # fmt: skip
+    if not sampling.stop_ids:
+        sampling = dataclasses.replace(sampling, stop_ids=tuple(tokenizer.eos_ids))
+    if step_ids:
+        step = StepTokens.from_tokenizer(tokenizer, step_text=[int(i) for i in step_ids])
+    else:
+        step = StepTokens.from_tokenizer(tokenizer)
+    common = dict(sampling=sampling, step=step, batch_prompts=batch_prompts, seed=seed,
+                  progress=progress, chat_template=chat_template, mesh=mesh)  # fmt: skip
+    report = {
+        "ckpt": os.path.abspath(ckpt), "benchmark": os.path.abspath(benchmark),
+        "n_questions": len(records), "strategy": strategy, "seed": seed,
+        "samples": samples if strategy != "beam" else None,
+        "sampling": dataclasses.asdict(sampling), "modes": {},
+    }  # fmt: skip
+    os.makedirs(out_dir, exist_ok=True)
+    if strategy == "beam":
+        for label, k in want.items():
+            entries = beam_eval(model, tokenizer, records, k=k, **common)
+            path = os.path.join(out_dir, f"beam_k{k}.jsonl")
+            lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+            _replace_file(path, lines.encode("utf-8"))
+            width, expansions = beam_split(k)
+            report["modes"][label] = {
+                "k": k, "selection": f"beam {width}x{expansions}",
+                "pass@1": summarize([e["correct"] for e in entries]),
+                "tokens_per_question": float(np.mean([e["tokens"] for e in entries])),
+            }  # fmt: skip
+    else:
+        out_path = os.path.join(out_dir, "candidates.jsonl")
+        pool = sample_pool(model, tokenizer, records, samples=samples, out_path=out_path, **common)
+        metrics = pool_metrics(pool, sorted(set(want.values())))
+        method = STRATEGY_METHOD[strategy]
+        for label, k in want.items():
+            m = metrics[k]["methods"]
+            report["modes"][label] = {
+                "k": k, "selection": method, "pass@1": m[method], "maj@k": m["vote"],
+                "pass@k": m["oracle"], "tokens_per_question": metrics[k]["tokens_per_question"],
+            }  # fmt: skip
+        report["pool"] = {str(k): v for k, v in metrics.items()}
+    _replace_file(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2).encode())
+    return report
