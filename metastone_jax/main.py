@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "demo", "convert", "sample", "train")
+COMMANDS = ("info", "demo", "convert", "sample", "train", "sweep", "evaluate")
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 REPO_CONFIG = os.path.join(CONFIGS, "model.py")
 TRAIN_CONFIG = os.path.join(CONFIGS, "train.py")
@@ -232,10 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"metastone-jax: unknown command {command!r}; expected one of {COMMANDS}\n{_usage()}"
         )
-    if command in ("convert", "sample"):  # commands with their own options (argparse)
+    if command in ("convert", "sample", "sweep", "evaluate"):  # own options (argparse)
         import importlib
 
-        cli = importlib.import_module(f"metastone_jax.{command}.cli")
+        package = {"sweep": "scaling"}.get(command, command)
+        cli = importlib.import_module(f"metastone_jax.{package}.cli")
         try:
             return cli.main(argv[2:])
         except ValueError as e:
