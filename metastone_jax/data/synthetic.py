@@ -20,8 +20,18 @@ OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b),
        "*": ("multiply by", lambda a, b: a * b)}  # fmt: skip
 
 
-def make_problem(rng: np.random.Generator, *, n_ops: int, max_operand: int, ops: str):
-    """(prompt, solution, answer) for one random chain of `n_ops` operations."""
+SLIPS = (-10, -2, -1, 1, 2, 10)  # how a reflective trace's wrong first attempt is off
+
+
+def make_problem(
+    rng: np.random.Generator, *, n_ops: int, max_operand: int, ops: str, reflect: float = 0.0
+):
+    """(prompt, solution, answer) for one random chain of `n_ops` operations.
+
+    With probability `reflect` a step first writes a wrong result and corrects itself within
+    the step ("7+5=13, wait, 7+5=12.\n\n"), as long-CoT traces do: a policy trained on such
+    traces must notice a wrong result where the step would end, which is the very position
+    whose feature the SPRM scores (SPRM.md section 2)."""
     value = int(rng.integers(1, max_operand + 1))
     words, steps = [], []
     start = value
@@ -31,7 +41,12 @@ def make_problem(rng: np.random.Generator, *, n_ops: int, max_operand: int, ops:
         name, fn = OPS[op]
         new = fn(value, operand)
         words.append(f"{name} {operand}")
-        steps.append(f"{value}{op}{operand}={new}.\n\n")
+        expr = f"{value}{op}{operand}"
+        if reflect and rng.random() < reflect:
+            slip = int(SLIPS[int(rng.integers(len(SLIPS)))])
+            steps.append(f"{expr}={new + slip}, wait, {expr}={new}.\n\n")
+        else:
+            steps.append(f"{expr}={new}.\n\n")
         value = new
     prompt = f"Start at {start}. {', '.join(words)}. What is the result?"
     solution = "<think>" + "".join(steps) + f"</think>The answer is \\boxed{{{value}}}."
@@ -47,6 +62,7 @@ def make_examples(
     max_ops: int = 3,
     max_operand: int = 9,
     ops: str = "+-",
+    reflect: float = 0.0,
 ) -> Iterator[dict[str, str]]:
     """`n` records for `split`, a pure function of (split, n, seed, knobs)."""
     if min_ops < 1 or max_ops < min_ops:
@@ -57,7 +73,9 @@ def make_examples(
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     for i in range(n):
         n_ops = int(rng.integers(min_ops, max_ops + 1))
-        prompt, solution, answer = make_problem(rng, n_ops=n_ops, max_operand=max_operand, ops=ops)
+        prompt, solution, answer = make_problem(
+            rng, n_ops=n_ops, max_operand=max_operand, ops=ops, reflect=reflect
+        )
         yield {
             "id": f"{split}-{i}",
             "prompt": prompt,

@@ -10,6 +10,7 @@ resumed run rebuilds the same context.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -69,7 +70,7 @@ def _source(config, workdir: str):
     if src == "synthetic":
         n = int(config.data.synthetic_size)
         splits = builders.prepare_synthetic(
-            synthetic.make_examples,
+            functools.partial(synthetic.make_examples, **dict(config.data.task)),
             name="arithmetic",
             splits={"train": n, "test": max(n // 8, 1)},
             seed=int(config.seed),
