@@ -1,9 +1,9 @@
 """Command line: `metastone-jax <command> --config=configs/model.py:<preset> [--config.a.b=v]`.
 
-Commands: info (parameter counts and per-device memory); convert (HF <-> JAX checkpoints) and
-sample (test-time scaling), which take their own options (`metastone-jax convert -h`); demo
-(the end-to-end demo; until the training capability lands it runs a real sharded forward pass
-of the demo model).
+Commands: info (parameter counts and per-device memory, on this config file); train (configs/
+train.py); convert (HF <-> JAX checkpoints), sample (test-time scaling), evaluate (a benchmark
+file), sweep (scaling sweeps) and demo (the end-to-end demo, configs/demo.py), which take their
+own options (`metastone-jax demo -h`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 COMMANDS = ("info", "demo", "convert", "sample", "train", "sweep", "evaluate")
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -141,63 +140,6 @@ def cmd_info(config) -> None:
     )
 
 
-def cmd_demo(config) -> None:
-    """A real sharded forward pass of the demo model and best-of-k sampling with in-loop SPRM
-    scores (the full demo, with training, arrives with the demo issue)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from metastone_jax.model import create_model
-    from metastone_jax.sharding import make_mesh
-
-    cmd_info(config)
-    cfg, mesh_shape = _model_and_mesh(config)
-    mesh = make_mesh(mesh_shape)
-    model = create_model(cfg, seed=config.seed, mesh=mesh)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, tokens):
-        m = nnx.merge(graphdef, state)
-        out = m(tokens)
-        return out.logits, jax.nn.sigmoid(m.sprm_logits(out.features))
-
-    batch = max(8, mesh_shape["data"] * mesh_shape["fsdp"])
-    tokens = np.random.default_rng(config.seed).integers(0, cfg.vocab_size, (batch, 64))
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        logits, scores = jax.block_until_ready(forward(state, tokens))
-        t1 = time.perf_counter()
-        jax.block_until_ready(forward(state, tokens))
-        t2 = time.perf_counter()
-    print(
-        f"forward [B={batch}, T=64] on {jax.device_count()} device(s): logits {logits.shape}, "
-        f"SPRM scores {scores.shape} in ({float(scores.min()):.3f}, {float(scores.max()):.3f})"
-    )
-    print(f"  compile+run {t1 - t0:.2f}s, run {t2 - t1:.3f}s")
-
-    # Best-of-k with in-loop step scores on the (untrained) demo model: ids 5..68 stand in for
-    # the step token, so every candidate gets several scored steps.
-    from metastone_jax.sample import search
-    from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
-
-    params = SamplingParams(temperature=1.0, max_new_tokens=48)
-    step = StepTokens(step_ids=tuple(range(5, 69)), think_open=None, think_close=None)
-    prompts = [tokens[i, :16].tolist() for i in range(2)]
-    t0 = time.perf_counter()
-    result = search.run(model, prompts, search=search.SearchConfig(k=8), params=params, step=step)
-    t1 = time.perf_counter()
-    for i in range(len(prompts)):
-        scores = " ".join(f"{x:.3f}" for x in result.scores[i])
-        print(f"prompt {i}: best-of-8 geomean step scores [{scores}] -> candidate "
-              f"{result.selected[i]}")  # fmt: skip
-    print(f"  sampled {result.stats['generated_tokens']} tokens with in-loop SPRM scores "
-          f"in {t1 - t0:.2f}s (compile included)")  # fmt: skip
-    print("The end-to-end demo (train policy + SPRM, test-time scaling) lands with the demo issue.")
-
-
 def cmd_train(argv: list[str]) -> None:
     """`train --config=configs/train.py:PRESET --workdir=DIR`: runs or resumes a training run."""
     rest, workdir = [], None
@@ -232,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"metastone-jax: unknown command {command!r}; expected one of {COMMANDS}\n{_usage()}"
         )
-    if command in ("convert", "sample", "sweep", "evaluate"):  # own options (argparse)
+    if command in ("convert", "sample", "sweep", "evaluate", "demo"):  # own options (argparse)
         import importlib
 
         package = {"sweep": "scaling"}.get(command, command)
@@ -245,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_train(argv)
     config = _parse([argv[0], *argv[2:]], default_preset="demo")
     try:
-        {"info": cmd_info, "demo": cmd_demo}[command](config)
+        cmd_info(config)
     except ValueError as e:
         raise SystemExit(f"metastone-jax {command}: {e}") from None
 

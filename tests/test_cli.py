@@ -48,7 +48,8 @@ def test_info_per_device_memory_shrinks_with_fsdp(capsys):
             ["info", "--config=configs/model.py:tiny", "--config.mesh.data=3"],
             "does not divide the 8",
         ),
-        (["demo", "--config=configs/model.py:tiny", "--config.mesh.fsdp=4"], "device count 8"),
+        (["demo", "--config.spr.formz=bce"], "config.spr has no key 'formz'"),
+        (["demo", "--bogus"], "unknown argument '--bogus'"),
         (["frobnicate"], "unknown command 'frobnicate'"),
         (["train"], "--workdir=DIR is required"),
         (
@@ -62,10 +63,3 @@ def test_errors_are_one_clear_line(args, message):
         main(["metastone-jax", *args])
     assert message in str(exc.value)
     assert "Traceback" not in str(exc.value)
-
-
-def test_demo_runs_a_sharded_forward_and_best_of_k(capsys):
-    out = run(capsys, "demo", "--config=configs/model.py:tiny", "--config.mesh.fsdp=4",
-              "--config.mesh.data=2")  # fmt: skip
-    assert "forward [B=8, T=64] on 8 device(s): logits (8, 64, 128)" in out
-    assert out.count("best-of-8 geomean step scores") == 2

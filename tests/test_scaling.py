@@ -81,7 +81,7 @@ def test_grid_and_point_ids():
     assert len(points) == 3 * 6 * 2
     assert points[0].point_id == "size=demo_s/k=1/budget=none"
     assert points[1].point_id == "size=demo_s/k=1/budget=12"
-    assert points[-1].point_id == "size=demo_l/k=32/budget=12"
+    assert points[-1].point_id == "size=demo/k=32/budget=12"
     assert {(p.k, p.groups, p.candidates) for p in points} == {
         (1, 32, 32), (2, 16, 32), (4, 8, 32), (8, 4, 32), (16, 2, 32), (32, 1, 32)
     }  # fmt: skip
@@ -98,17 +98,17 @@ def test_print_commands_golden(capsys, tmp_path):
 
     main(["metastone-jax", "sweep", "--config=configs/sweeps/cpu.py", "--workdir=/mnt/sweep",
           "--print_commands", "--config.ks=(1,8)", "--config.think_budgets=(None,)",
-          "--config.sizes.demo_l.n_layers=8"])  # fmt: skip
+          "--config.sizes.demo.n_layers=8"])  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6
     assert lines[0] == (
         "gcloud compute tpus tpu-vm ssh metastone-sweep --zone=us-central2-b --worker=all "
         '--command="cd ~/metastone-jax && metastone-jax sweep --config=configs/sweeps/cpu.py '
         "--workdir=/mnt/sweep --only=size=demo_s/k=1/budget=none '--config.ks=(1,8)' "
-        "'--config.think_budgets=(None,)' --config.sizes.demo_l.n_layers=8\""
+        "'--config.think_budgets=(None,)' --config.sizes.demo.n_layers=8\""
     )
     assert [line.split("--only=")[1].split()[0] for line in lines] == [
-        f"size={s}/k={k}/budget=none" for s in ("demo_s", "demo", "demo_l") for k in (1, 8)
+        f"size={s}/k={k}/budget=none" for s in ("demo_s", "demo_m", "demo") for k in (1, 8)
     ]
     assert not os.path.exists("/mnt/sweep/points.jsonl")
 

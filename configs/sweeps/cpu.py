@@ -1,15 +1,16 @@
 """CPU scaling sweep: `metastone-jax sweep --config=configs/sweeps/cpu.py --workdir=DIR`.
 
 Three demo model sizes (each trained on the synthetic arithmetic task by the demo pipeline's
-`train_for_sweep`) x k in {1, 2, 4, 8, 16, 32} x thinking budget {off, 12 tokens}: 36 points.
+`train_for_sweep`) x k in {1, 2, 4, 8, 16, 32} x thinking budget {off, 24 tokens}: 36 points.
 100 held-out questions, 32 candidates per question and point (floor(32 / k) disjoint groups of
 k). Every k divides 32, so the six points of a size and budget share one sampling run
-(metastone_jax/scaling/sweep.py): six runs of 100 x 32 candidates in all. The synthetic task's
-thinking is ~17 tokens (2-3 steps), so a budget of 12 cuts most of it short: less compute,
-lower accuracy.
+(metastone_jax/scaling/sweep.py): six runs of 100 x 32 candidates in all. The demo task's
+thinking is ~40 tokens (3-4 steps, some with a correction), so a budget of 24 cuts it short:
+less compute, lower accuracy. Sizes stop at the demo model so that the sweep, training
+included, fits in an hour on a 2-core CPU.
 
 Override any key with --config.KEY=VALUE, e.g. --config.questions=20 --config.ks="(1,4)"
---config.think_budgets="(None,12)"; an unknown key lists the valid ones.
+--config.think_budgets="(None,24)"; an unknown key lists the valid ones.
 """
 
 from ml_collections import ConfigDict
@@ -29,17 +30,17 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # identifiers so that --config.sizes.NAME.FIELD=V works (absl parses the key path).
             "sizes": {
                 "demo_s": _size(64, 2),
+                "demo_m": _size(96, 3),
                 "demo": _size(128, 4),
-                "demo_l": _size(192, 6),
             },
             "ks": (1, 2, 4, 8, 16, 32),
-            "think_budgets": (None, 12),  # None: off; ints: max tokens inside <think>...</think>
+            "think_budgets": (None, 24),  # None: off; ints: max tokens inside <think>...</think>
             "questions": 100,  # held-out synthetic "test" questions
             "candidates_per_point": 32,  # floor(32 / k) groups of k per question
             "chunk_questions": 10,  # questions per sampler call (x candidates rows)
-            "sampling": {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 64},
-            # synthetic task knobs (metastone_jax.data.synthetic.make_examples)
-            "task": {"min_ops": 2, "max_ops": 3, "max_operand": 9, "ops": "+-"},
+            # The demo's sampling and task (configs/demo.py: the trainer trains on that task).
+            "sampling": {"temperature": 1.4, "top_p": 1.0, "max_new_tokens": 128},
+            "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-"},
             "seed": 0,
             # --print_commands: one command per point from `command` (fields: name, zone,
             # config, workdir, point_id, overrides); workdir empty = the --workdir given.

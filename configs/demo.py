@@ -1,0 +1,77 @@
+"""The end-to-end demo: `metastone-jax demo [--workdir=DIR] [--quick] [--config.KEY=VALUE]`.
+
+Presets: full (what `make demo` runs, ~15 min on a 2-core CPU), quick (the same pipeline at toy
+sizes, ~2 min; a test runs it and checks the artifacts, not the accuracy).
+
+Stages (each resumable in WORKDIR): SFT of the policy on the synthetic task (tfds builder,
+SentencePiece tokenizer, `metastone-jax train`), rollouts of the SFT policy on training prompts,
+head-only SPR training on their cached step features (filtered loss after a BCE warm-up, and
+the plain-BCE ablation), then test-time scaling on held-out problems.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    preset = arg or "full"
+    if preset not in ("full", "quick"):
+        raise ValueError(f"unknown demo preset {preset!r}; expected 'full' or 'quick'")
+    c = ConfigDict(
+        {
+            "preset": preset,
+            "seed": 0,
+            # The synthetic task (metastone_jax.data.synthetic.make_examples): chained +/-,
+            # one step per operation; a quarter of the training steps are reflective (a wrong
+            # result corrected within the step), so the policy learns to notice a wrong result
+            # where a step ends: the feature the SPRM reads (README, "The demo").
+            "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-", "reflect": 0.25},
+            # ModelConfig overrides on the demo preset (configs/model.py).
+            "model": {},
+            "sft": {
+                "steps": 2500,
+                "batch_size": 16,
+                "seq_len": 160,
+                "max_prompt_len": 64,
+                "synthetic_size": 30000,
+                "lr": 1e-3,
+            },
+            "spr": {
+                "rollout_prompts": 1024,  # training prompts rolled out by the SFT policy
+                "k": 8,  # rollouts per prompt
+                "form": "filtered",  # the SPR loss of the released code
+                "ablation_form": "bce",  # plain BCE on every step, no filter ("" = skip)
+                # Plain BCE before the filter (train/head_only.py: a sound start); at this scale
+                # the filter hurts, so it only fine-tunes a BCE-trained head (README, "The demo").
+                "warmup_bce_steps": 1500,
+                "steps": 2000,
+                "batch": 256,
+                "lr": 1e-3,
+                "held_out_fraction": 0.1,  # rollouts kept aside for the "aha" curve
+            },
+            "eval": {
+                "questions": 200,  # held-out problems (never in the SFT data)
+                "samples": 32,  # candidates per question; k in ks uses floor(32/k) groups
+                "ks": (1, 2, 8, 32),
+                "beam_ks": (2, 8, 32),
+                "batch_prompts": 8,
+            },
+            # Sampling for rollouts and evaluation. The SFT policy is ~95% right at temperature
+            # 1.0; 1.4 puts single candidates at ~45%, with errors in individual steps (top-p 1
+            # and no repetition penalty: the task's answers repeat digits on purpose).
+            "sampling": {
+                "temperature": 1.4,
+                "top_p": 1.0,
+                "repetition_penalty": 1.0,
+                "max_new_tokens": 128,
+            },
+            "progress": True,
+        }
+    )
+    if preset == "quick":
+        c.task.update(min_ops=2, max_ops=3, max_operand=9)
+        c.model = {"d_model": 64, "n_layers": 2, "d_ff": 192}
+        c.sft.update(steps=120, seq_len=128, max_prompt_len=48, synthetic_size=1024)
+        c.spr.update(rollout_prompts=64, k=4, warmup_bce_steps=10, steps=40, batch=64)
+        c.eval.update(questions=8, beam_ks=(2, 8))
+        c.sampling.max_new_tokens = 80
+    return c

@@ -1,0 +1,1 @@
+"""The end-to-end demo: pipeline (stages), report (table, plots), cli."""

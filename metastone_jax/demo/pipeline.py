@@ -1,0 +1,297 @@
+"""The demo's stages: SFT policy -> own rollouts -> SPRM head (filtered SPR loss and the BCE
+ablation) -> test-time scaling on held-out problems. Every stage is resumable in WORKDIR:
+
+    WORKDIR/sft/                 `metastone-jax train` run (dataset, tokenizer, checkpoints,
+                                 metrics.jsonl, export/)
+    WORKDIR/spr/rollouts.npz     SFT-policy rollouts on training prompts, graded
+    WORKDIR/spr/<form>/          the policy with the head trained by that SPR loss form, and
+                                 history.json (the "aha" curve)
+    WORKDIR/eval/                candidate pools (JSONL, resumable) and beam-search results
+
+Why SFT then SPR on the policy's own rollouts (not GRPO + SPR): see README, "The demo".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from metastone_jax.data import synthetic
+
+SFT_DIR, SPR_DIR, EVAL_DIR = "sft", "spr", "eval"
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def sft_config(cfg):
+    """configs/train.py:demo-sft with the demo's task, model and SFT settings."""
+    from metastone_jax.main import TRAIN_CONFIG, _parse
+
+    config = _parse(["demo", f"--config={TRAIN_CONFIG}:demo-sft"], "demo-sft", TRAIN_CONFIG)
+    config.seed = int(cfg.seed)
+    config.data.task.update(dict(cfg.task))
+    for key, value in dict(cfg.model).items():
+        if key not in config.model:
+            raise ValueError(f"demo config.model: unknown ModelConfig field {key!r}")
+        config.model[key] = value
+    s = cfg.sft
+    config.data.update(batch_size=int(s.batch_size), seq_len=int(s.seq_len),
+                       max_prompt_len=int(s.max_prompt_len),
+                       synthetic_size=int(s.synthetic_size))  # fmt: skip
+    config.optim.lr = float(s.lr)
+    config.train.update(steps=int(s.steps), save_every=max(int(s.steps) // 4, 1),
+                        progress=bool(cfg.progress))  # fmt: skip
+    return config
+
+
+def train_policy(cfg, workdir: str) -> str:
+    """Stage 1: SFT (resumable). -> the exported params checkpoint with its tokenizer."""
+    from metastone_jax.train.loop import train
+
+    run = os.path.join(workdir, SFT_DIR)
+    export = os.path.join(run, "export")
+    step_file = os.path.join(export, "train_step.json")
+    if os.path.exists(step_file) and json.load(open(step_file))["step"] == int(cfg.sft.steps):
+        _log(f"SFT policy: reusing {export}")
+        return export
+    _log(f"SFT: {cfg.sft.steps} steps of {cfg.sft.batch_size} problems -> {run}")
+    train(sft_config(cfg), run)
+    return export
+
+
+def sampling_params(cfg, tokenizer):
+    from metastone_jax.sample.processors import SamplingParams
+
+    s = cfg.sampling
+    return SamplingParams(
+        temperature=float(s.temperature), top_p=float(s.top_p),
+        repetition_penalty=float(s.repetition_penalty), max_new_tokens=int(s.max_new_tokens),
+        stop_ids=tuple(tokenizer.eos_ids),
+    )  # fmt: skip
+
+
+def load_policy(ckpt: str):
+    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
+    from metastone_jax.data.tokenizer import load_tokenizer
+    from metastone_jax.sprm import StepTokens
+
+    tokenizer = load_tokenizer(os.path.join(ckpt, HF_FILES_DIR))
+    model, _ = load_params_checkpoint(ckpt)
+    return model, tokenizer, StepTokens.from_tokenizer(tokenizer)
+
+
+def train_records(cfg) -> list[dict]:
+    """The SFT training problems (the builder's "train" split is exactly these)."""
+    n = int(cfg.sft.synthetic_size)
+    return list(synthetic.make_examples("train", n, int(cfg.seed), **dict(cfg.task)))
+
+
+def held_out_records(cfg) -> list[dict]:
+    """`eval.questions` problems from their own stream, none of whose prompts is in the SFT data
+    (the small task space makes collisions possible)."""
+    seen = {r["prompt"] for r in train_records(cfg)}
+    n = int(cfg.eval.questions)
+    out: list[dict] = []
+    for r in synthetic.make_examples("heldout", 4 * n + 64, int(cfg.seed), **dict(cfg.task)):
+        if r["prompt"] not in seen:
+            out.append(r)
+            seen.add(r["prompt"])
+        if len(out) == n:
+            return out
+    raise ValueError(f"the task has too few distinct problems for {n} held-out questions")
+
+
+def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.ndarray]:
+    """Stage 2: `spr.k` rollouts of the SFT policy per training prompt, graded (cached)."""
+    from metastone_jax.data.pipeline import pad_id
+    from metastone_jax.evaluate.harness import encode_question
+    from metastone_jax.train.rollout import grade_rollouts, pack_rollouts, sample_rollouts
+
+    path = os.path.join(workdir, SPR_DIR, "rollouts.npz")
+    if os.path.exists(path):
+        _log(f"rollouts: reusing {path}")
+        return dict(np.load(path))
+    from flax import nnx
+    from tqdm import tqdm
+
+    records = train_records(cfg)[: int(cfg.spr.rollout_prompts)]
+    width = int(cfg.sft.max_prompt_len)
+    graphdef, params = nnx.split(model)
+    sampling = sampling_params(cfg, tokenizer)
+    chunk, parts = 32, []
+    k = int(cfg.spr.k)
+    for i in tqdm(range(0, len(records), chunk), desc="rollouts", unit="batch",
+                  disable=not cfg.progress):  # fmt: skip
+        recs = records[i : i + chunk]
+        prompts = [encode_question(r, tokenizer) for r in recs]
+        for r, p in zip(recs, prompts, strict=True):
+            if len(p) > width:
+                raise ValueError(f"problem {r['id']!r}: prompt of {len(p)} tokens is longer "
+                                 f"than sft.max_prompt_len={width}")  # fmt: skip
+        answers = [r["answer"] for r in recs]
+        seeds = [int(cfg.seed) * 1_000_003 + i + j for j in range(len(recs))]
+        cands = sample_rollouts(graphdef, params, prompts, k=k, sampling=sampling, step=step,
+                                seeds=seeds, pad_id=pad_id(tokenizer))  # fmt: skip
+        rewards = grade_rollouts(cands.texts(tokenizer), answers)
+        rows = pack_rollouts(prompts, cands, rewards, prompt_width=width,
+                             pad_id=pad_id(tokenizer))  # fmt: skip
+        rows["group"] = np.repeat(np.arange(i, i + len(recs)), k)
+        parts.append(rows)
+    gen = max(p["tokens"].shape[1] for p in parts)
+    rows = {}
+    for key in parts[0]:
+        if parts[0][key].ndim == 2:  # generation widths differ per chunk: right-pad
+            fill = pad_id(tokenizer) if key == "tokens" else False
+            rows[key] = np.concatenate([np.pad(p[key], [(0, 0), (0, gen - p[key].shape[1])],
+                                               constant_values=fill) for p in parts])  # fmt: skip
+        else:
+            rows[key] = np.concatenate([p[key] for p in parts])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, path)
+    _log(f"rollouts: {len(rows['labels'])} from {len(records)} prompts, "
+         f"{rows['labels'].mean():.1%} correct")  # fmt: skip
+    return rows
+
+
+def save_policy(model, head, tokenizer_dir: str, out: str, meta: dict) -> str:
+    """The policy with `head` as its SPRM head, as a params checkpoint + tokenizer at `out`."""
+    from flax import nnx
+
+    from metastone_jax.checkpoint import HF_FILES_DIR, atomic_dir, write_params_checkpoint
+
+    graphdef, state = nnx.split(model)
+    policy = nnx.merge(graphdef, state)  # a copy: `model` keeps its own head
+    policy.sprm = head
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_params_checkpoint(tmp, nnx.state(policy), policy.cfg, meta)
+        shutil.copytree(tokenizer_dir, os.path.join(tmp, HF_FILES_DIR))
+    return out
+
+
+def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) -> dict[str, dict]:
+    """Stage 3: the SPRM head trained on cached step features, once per SPR loss form.
+    -> {form: {"ckpt": dir, "history": [...]}} (each form cached in WORKDIR/spr/<form>)."""
+    from metastone_jax.checkpoint import HF_FILES_DIR
+    from metastone_jax.train.head_only import HeadFitConfig, fit_head, step_features
+
+    out, features = {}, None
+    for form in forms:
+        ckpt = os.path.join(workdir, SPR_DIR, form)
+        hist_path = os.path.join(ckpt, "history.json")
+        if os.path.exists(hist_path):
+            _log(f"SPRM head ({form}): reusing {ckpt}")
+            out[form] = {"ckpt": ckpt, "history": json.load(open(hist_path))}
+            continue
+        if features is None:
+            features = step_features(model, rows, step)
+            # Held-out rollouts (whole prompts) for the "aha" curve.
+            groups = np.unique(rows["group"])
+            rng = np.random.default_rng(int(cfg.seed))
+            n_held = max(1, int(len(groups) * float(cfg.spr.held_out_fraction)))
+            held = np.isin(rows["group"], rng.choice(groups, n_held, replace=False))
+            train_set, held_set = features.take(~held), features.take(held)
+        s = cfg.spr
+        fit = HeadFitConfig(
+            form=form, steps=int(s.steps), batch=int(s.batch), lr=float(s.lr),
+            warmup_bce_steps=int(s.warmup_bce_steps) if form != "bce" else 0,
+            eval_every=max(int(s.steps) // 40, 1), seed=int(cfg.seed),
+        )  # fmt: skip
+        _log(f"SPRM head ({form}): {fit.steps} updates on {len(train_set)} rollouts "
+             f"({int(train_set.mask.sum())} steps)")  # fmt: skip
+        head, history = fit_head(model.sprm, train_set, fit, held_out=held_set)
+        last = history[-1]
+        _log(f"  held-out score correct {last['score_correct']:.3f} vs incorrect "
+             f"{last['score_incorrect']:.3f} (gap {last['score_gap']:+.3f})")  # fmt: skip
+        save_policy(model, head, os.path.join(policy_dir, HF_FILES_DIR), ckpt,
+                    {"source": policy_dir, "spr_form": form})  # fmt: skip
+        _write_json(hist_path, history)
+        out[form] = {"ckpt": ckpt, "history": history}
+    return out
+
+
+def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
+    """Stage 4: a pool of `eval.samples` candidates per held-out question for each head (the
+    same seeds, so the same texts: only the step scores differ), and beam search with the main
+    head. -> {"pools": {form: [...]}, "beam": {k: [...]}, "records": [...]}."""
+    from metastone_jax.evaluate.harness import beam_eval, sample_pool
+
+    records = held_out_records(cfg)
+    e = cfg.eval
+    os.makedirs(os.path.join(workdir, EVAL_DIR), exist_ok=True)
+    pools, beams = {}, {}
+    for form, head in heads.items():
+        model, tokenizer, step = load_policy(head["ckpt"])
+        path = os.path.join(workdir, EVAL_DIR, f"pool-{form}.jsonl")
+        _log(f"evaluation ({form} head): {len(records)} questions x {e.samples} candidates")
+        pools[form] = sample_pool(
+            model, tokenizer, records, samples=int(e.samples),
+            sampling=sampling_params(cfg, tokenizer), step=step, out_path=path,
+            batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
+        )  # fmt: skip
+        if form != cfg.spr.form:
+            continue
+        for k in e.beam_ks:
+            path = os.path.join(workdir, EVAL_DIR, f"beam-k{k}.json")
+            if os.path.exists(path):
+                beams[int(k)] = json.load(open(path))
+                continue
+            beams[int(k)] = beam_eval(
+                model, tokenizer, records, k=int(k), sampling=sampling_params(cfg, tokenizer),
+                step=step, batch_prompts=int(e.batch_prompts), seed=int(cfg.seed),
+                progress=bool(cfg.progress),
+            )  # fmt: skip
+            _write_json(path, beams[int(k)])
+    return {"pools": pools, "beam": beams, "records": records}
+
+
+def spr_forms(cfg) -> list[str]:
+    forms = [cfg.spr.form]
+    if cfg.spr.ablation_form and cfg.spr.ablation_form != cfg.spr.form:
+        forms.append(cfg.spr.ablation_form)
+    return forms
+
+
+def run(cfg, workdir: str) -> dict:
+    """All stages -> {"policy", "rollouts", "heads", "eval"} (see `report` for the table)."""
+    os.makedirs(workdir, exist_ok=True)
+    policy = train_policy(cfg, workdir)
+    model, tokenizer, step = load_policy(policy)
+    rows = collect_rollouts(cfg, model, tokenizer, step, workdir)
+    heads = train_heads(cfg, model, step, rows, policy, workdir, spr_forms(cfg))
+    del model
+    evaluation = evaluate_policies(cfg, heads, workdir)
+    return {"policy": policy, "rollouts": rows, "heads": heads, "eval": evaluation}
+
+
+def train_for_sweep(
+    size_name: str, model_overrides: dict, workdir: str, *, form: str = "bce"
+) -> str:
+    """The sweep's trainer: the demo's SFT + one SPRM head for one model size -> the policy
+    checkpoint with its trained head (resumable). The head is the plain-BCE one by default:
+    in the demo at these sizes the filtered head's best-of-k falls as k grows (README)."""
+    from metastone_jax.main import CONFIGS, _parse
+
+    demo = os.path.join(CONFIGS, "demo.py")
+    cfg = _parse(["sweep", f"--config={demo}:full"], "full", demo)
+    cfg.model = dict(model_overrides)
+    cfg.spr.form, cfg.spr.ablation_form = form, ""
+    _log(f"sweep size {size_name}: {model_overrides}")
+    policy = train_policy(cfg, workdir)
+    model, tokenizer, step = load_policy(policy)
+    rows = collect_rollouts(cfg, model, tokenizer, step, workdir)
+    heads = train_heads(cfg, model, step, rows, policy, workdir, [form])
+    return heads[form]["ckpt"]

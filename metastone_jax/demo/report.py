@@ -1,0 +1,169 @@
+"""The demo's results: one table (methods x k with 95% intervals), results.json, the "aha" curve
+and accuracy vs compute as PNG. Everything is computed from the candidate pools and beam results
+of `pipeline.evaluate_policies`; nothing here samples."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from metastone_jax.evaluate.harness import method_accuracy, summarize, tokens_per_question
+
+# (key, label, pool method); "beam" rows come from beam search, "ablation" from the BCE head.
+ROWS = (
+    ("random", "random single candidate", "random"),
+    ("vote", "majority vote", "vote"),
+    ("sprm_geomean", "SPRM best-of-k (geomean)", "sprm_geomean"),
+    ("weighted_vote", "SPRM-weighted vote", "weighted_vote"),
+    ("sprm_last", "SPRM last step only", "sprm_last"),
+    ("sprm_product", "SPRM product", "sprm_product"),
+    ("beam", "SPRM beam search", None),
+    ("ablation_bce", "SPRM best-of-k, BCE head (ablation)", "sprm_geomean"),
+    ("oracle", "oracle pass@k", "oracle"),
+)
+MODE_OF_K = {2: "low", 8: "medium", 32: "high"}
+
+
+def _beam_metric(results: list[dict], n_candidates: int) -> dict:
+    out = summarize([float(r["correct"]) for r in results])
+    out["tokens_per_question"] = float(np.mean([r["tokens"] for r in results]))
+    out["n_groups"] = len(results)
+    out["candidates"] = n_candidates
+    return out
+
+
+def build_results(cfg, run: dict) -> dict:
+    """{"table": {row: {k: metric}}, "tokens_per_question": {k: n}, "heads": {form: last aha},
+    "rollouts": {...}, "config": {...}} from `pipeline.run`'s output."""
+    ev = run["eval"]
+    main_pool = ev["pools"][cfg.spr.form]
+    ablation = ev["pools"].get(cfg.spr.ablation_form)
+    ks = [int(k) for k in cfg.eval.ks]
+    table: dict[str, dict] = {}
+    for key, _, method in ROWS:
+        table[key] = {}
+        for k in ks:
+            if key == "beam":
+                if k == 1:  # width = beams = 1 is best-of-1 (tested in test_search)
+                    table[key][k] = method_accuracy(main_pool, 1, "sprm_geomean")
+                elif k in ev["beam"]:
+                    table[key][k] = _beam_metric(ev["beam"][k], k)
+            elif key == "ablation_bce":
+                if ablation is not None:
+                    table[key][k] = method_accuracy(ablation, k, method)
+            else:
+                table[key][k] = method_accuracy(main_pool, k, method)
+    rows = run["rollouts"]
+    return {
+        "table": table,
+        "tokens_per_question": {k: tokens_per_question(main_pool, k) for k in ks},
+        "per_sample_accuracy": table["random"][ks[0]]["mean"],
+        "heads": {form: h["history"][-1] for form, h in run["heads"].items()},
+        "rollouts": {"n": int(len(rows["labels"])), "accuracy": float(rows["labels"].mean())},
+        "questions": len(ev["records"]),
+        "samples": int(cfg.eval.samples),
+        "config": json.loads(cfg.to_json_best_effort()),
+    }
+
+
+def format_table(results: dict) -> str:
+    """The table as text: one row per method, one column per k (mode names for 2/8/32)."""
+    ks = sorted(results["tokens_per_question"], key=int)
+    head = [f"k={k}" + (f" ({MODE_OF_K[int(k)]})" if int(k) in MODE_OF_K else "") for k in ks]
+    width = 38
+    lines = [f"{'method':<{width}}" + "".join(f"{h:>22}" for h in head)]
+    lines.append("-" * len(lines[0]))
+    for key, label, _ in ROWS:
+        cells = []
+        for k in ks:
+            m = results["table"][key].get(k)
+            if m is None:
+                cells.append(f"{'-':>22}")
+            else:
+                lo, hi = m["ci95"]
+                cells.append(f"{100 * m['mean']:>8.1f} [{100 * lo:4.1f},{100 * hi:5.1f}]")
+        lines.append(f"{label:<{width}}" + "".join(cells))
+    tokens = "".join(f"{results['tokens_per_question'][k]:>22.0f}" for k in ks)
+    lines.append(f"{'generated tokens per question':<{width}}" + tokens)
+    return "\n".join(lines)
+
+
+def _save_png(fig, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_aha(heads: dict[str, dict], path: str) -> None:
+    """Mean held-out trajectory score of correct vs incorrect rollouts over head training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    styles = ["-", "--", ":"]
+    for (form, head), style in zip(heads.items(), styles, strict=False):
+        h = head["history"]
+        steps = [r["step"] for r in h]
+        ax.plot(steps, [r["score_correct"] for r in h], style, color="tab:green",
+                label=f"correct ({form})")  # fmt: skip
+        ax.plot(steps, [r["score_incorrect"] for r in h], style, color="tab:red",
+                label=f"incorrect ({form})")  # fmt: skip
+    ax.set_xlabel("SPRM head updates")
+    ax.set_ylabel("mean trajectory score (geomean of step scores)")
+    ax.set_title("SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_compute(results: dict, path: str) -> None:
+    """Accuracy vs generated tokens per question, one line per selection method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    tokens = results["tokens_per_question"]
+    for key, label, _ in ROWS:
+        if key in ("sprm_last", "sprm_product"):
+            continue
+        ks = sorted(k for k in results["table"][key])
+        if not ks:
+            continue
+        x = [results["table"][key][k].get("tokens_per_question", tokens[k]) for k in ks]
+        y = [100 * results["table"][key][k]["mean"] for k in ks]
+        ax.plot(x, y, "o-", label=label)
+        for xi, yi, k in zip(x, y, ks, strict=True):
+            ax.annotate(f"k={k}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per question (log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Test-time scaling on held-out problems")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def write(results: dict, run: dict, workdir: str) -> dict[str, str]:
+    """results.json, table.txt, aha.png, compute.png in WORKDIR -> their paths."""
+    paths = {
+        "results": os.path.join(workdir, "results.json"),
+        "table": os.path.join(workdir, "table.txt"),
+        "aha": os.path.join(workdir, "aha.png"),
+        "compute": os.path.join(workdir, "compute.png"),
+    }
+    for key, text in (("results", json.dumps(results, indent=1)), ("table", format_table(results))):
+        tmp = f"{paths[key]}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, paths[key])
+    plot_aha(run["heads"], paths["aha"])
+    plot_compute(results, paths["compute"])
+    return paths

@@ -1,0 +1,77 @@
+"""`metastone-jax demo --quick`: the whole pipeline at toy sizes. Checks the artifacts exist and
+agree with each other and with the pools they come from (not the accuracy: that is the full
+demo's job, measured and reported in the README)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from metastone_jax.demo.report import ROWS
+from metastone_jax.evaluate.harness import read_pool
+from metastone_jax.main import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    main(["metastone-jax", "demo", "--quick", f"--workdir={workdir}", "--config.progress=False"])
+    return workdir
+
+
+def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
+    wd = quick_run
+    for name in ("results.json", "table.txt", "aha.png", "compute.png"):
+        assert os.path.getsize(os.path.join(wd, name)) > 0, name
+    for name in ("aha.png", "compute.png"):
+        with open(os.path.join(wd, name), "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    res = json.load(open(os.path.join(wd, "results.json")))
+    ks = [int(k) for k in res["config"]["eval"]["ks"]]
+    assert ks == [1, 2, 8, 32]
+    table = {key: {int(k): v for k, v in row.items()} for key, row in res["table"].items()}
+    assert set(table) == {key for key, _, _ in ROWS}
+
+    pool = read_pool(os.path.join(wd, "eval", "pool-filtered.jsonl"))
+    assert len(pool) == res["questions"] == 8
+    assert all(len(q["candidates"]) == res["samples"] == 32 for q in pool)
+    # Per-sample accuracy is the share of correct candidates in the pool.
+    share = np.mean([np.mean([c["correct"] for c in q["candidates"]]) for q in pool])
+    assert table["random"][1]["mean"] == pytest.approx(share)
+    for k in ks:
+        for key, _, _ in ROWS:
+            m = table[key].get(k)
+            if m is None:
+                continue
+            lo, hi = m["ci95"]
+            assert 0.0 <= lo <= m["mean"] <= hi <= 1.0, (key, k)
+            # Any selection picks within the group, so it can't beat "any of them is correct".
+            if key != "beam":
+                assert m["mean"] <= table["oracle"][k]["mean"] + 1e-12, (key, k)
+        # At k = 1 every selection is the single candidate.
+    for key in ("vote", "sprm_geomean", "weighted_vote", "sprm_last", "sprm_product", "oracle"):
+        assert table[key][1]["mean"] == pytest.approx(table["random"][1]["mean"])
+    for k in (2, 8):  # beam_ks of the quick preset
+        assert table["beam"][k]["n_groups"] == 8
+    # Compute grows linearly with k for the pool methods.
+    tpq = {int(k): v for k, v in res["tokens_per_question"].items()}
+    assert tpq[32] == pytest.approx(32 * tpq[1])
+    # The "aha" history and the table text.
+    hist = json.load(open(os.path.join(wd, "spr", "filtered", "history.json")))
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == res["config"]["spr"]["steps"]
+    text = open(os.path.join(wd, "table.txt")).read()
+    assert "SPRM best-of-k (geomean)" in text and "k=32 (high)" in text
+
+
+def test_quick_demo_resumes_without_redoing_stages(quick_run, capsys):
+    before = json.load(open(os.path.join(quick_run, "results.json")))
+    main(["metastone-jax", "demo", "--quick", f"--workdir={quick_run}",
+          "--config.progress=False"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "SFT policy: reusing" in out and "rollouts: reusing" in out
+    assert "SPRM head (filtered): reusing" in out and "SPRM head (bce): reusing" in out
+    after = json.load(open(os.path.join(quick_run, "results.json")))
+    assert after["table"] == before["table"]
