@@ -96,8 +96,9 @@ def _save_png(fig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_aha(heads: dict[str, dict], path: str) -> None:
-    """Mean held-out trajectory score of correct vs incorrect rollouts over head training."""
+def plot_aha(heads: dict[str, dict], path: str, warmup: int = 0) -> None:
+    """Mean held-out trajectory score of correct vs incorrect rollouts over head training;
+    a vertical line where the filtered form's BCE warm-up ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +113,10 @@ def plot_aha(heads: dict[str, dict], path: str) -> None:
                 label=f"correct ({form})")  # fmt: skip
         ax.plot(steps, [r["score_incorrect"] for r in h], style, color="tab:red",
                 label=f"incorrect ({form})")  # fmt: skip
+    if warmup:
+        ax.axvline(warmup, color="gray", lw=0.8, ls=":")
+        ax.annotate("filter on", (warmup, ax.get_ylim()[0]), fontsize=7, color="gray",
+                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("SPRM head updates")
     ax.set_ylabel("mean trajectory score (geomean of step scores)")
     ax.set_title("SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)")
@@ -164,6 +169,6 @@ def write(results: dict, run: dict, workdir: str) -> dict[str, str]:
         with open(tmp, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, paths[key])
-    plot_aha(run["heads"], paths["aha"])
+    plot_aha(run["heads"], paths["aha"], int(results["config"]["spr"]["warmup_bce_steps"]))
     plot_compute(results, paths["compute"])
     return paths
