@@ -299,16 +299,9 @@ def prepare_math_file(path: str, data_dir: str) -> Source:
     ``stem:row`` (0-based) for parquet.
     """
     path = os.path.abspath(os.fspath(path))
-    ext = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_records, ".parquet": _parquet_records}
-    if ext not in readers:
-        raise ValueError(f"{path}: unknown format {ext or '(no extension)'!r}; accepted: {FORMATS}")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+    reader = _reader(path)
     config = f"{_slug(_stem(path))}-{_file_digest(path)}"
-    builder = _build(
-        "metastone_math_file", config, ["train"], lambda _: readers[ext](path), data_dir
-    )
+    builder = _build("metastone_math_file", config, ["train"], lambda _: reader(path), data_dir)
     return Source(builder.as_data_source(split="train"), _stem(path), str(builder.data_dir))
 
 
@@ -317,13 +310,18 @@ def read_records(path: str) -> list[dict[str, str]]:
     ``FIELDS`` (``id``, ``prompt``, ``messages``, ``answer``, ``solution``), parsed exactly as
     :func:`prepare_math_file` parses them. Bad rows raise ValueError naming the file and line."""
     path = os.fspath(path)
+    return list(_reader(path)(path))
+
+
+def _reader(path: str) -> Callable[[str], Iterator[dict[str, str]]]:
+    """The record reader for the file's format; ValueError for an unknown format or no file."""
     ext = os.path.splitext(path)[1].lower()
     readers = {".jsonl": _jsonl_records, ".parquet": _parquet_records}
     if ext not in readers:
         raise ValueError(f"{path}: unknown format {ext or '(no extension)'!r}; accepted: {FORMATS}")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    return list(readers[ext](path))
+    return readers[ext]
 
 
 def _synthetic_record(rec: Any, name: str, split: str, i: int) -> dict[str, str]:

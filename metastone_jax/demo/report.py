@@ -90,10 +90,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _save_png(fig, path: str) -> None:
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, legend and grid, then the PNG under a temporary name and renamed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
+    plt.close(fig)
 
 
 def plot_aha(heads: dict[str, dict], path: str, warmup: int = 0) -> None:
@@ -117,13 +126,9 @@ def plot_aha(heads: dict[str, dict], path: str, warmup: int = 0) -> None:
         ax.axvline(warmup, color="gray", lw=0.8, ls=":")
         ax.annotate("filter on", (warmup, ax.get_ylim()[0]), fontsize=7, color="gray",
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("SPRM head updates")
-    ax.set_ylabel("mean trajectory score (geomean of step scores)")
-    ax.set_title("SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save_png(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, "SPRM head updates",
+            "mean trajectory score (geomean of step scores)",
+            "SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)")  # fmt: skip
 
 
 def plot_compute(results: dict, path: str) -> None:
@@ -147,13 +152,8 @@ def plot_compute(results: dict, path: str) -> None:
         for xi, yi, k in zip(x, y, ks, strict=True):
             ax.annotate(f"k={k}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per question (log)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Test-time scaling on held-out problems")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save_png(fig, path)
-    plt.close(fig)
+    _finish(fig, ax, path, "generated tokens per question (log)", "accuracy (%)",
+            "Test-time scaling on held-out problems")  # fmt: skip
 
 
 def write(results: dict, run: dict, workdir: str) -> dict[str, str]:
