@@ -205,7 +205,9 @@ def maybe_initialize_distributed() -> bool:
 
     Multi-process is detected from the coordinator environment (JAX_COORDINATOR_ADDRESS, set by
     our launch scripts and by xpk) or a multi-worker Cloud TPU VM (TPU_WORKER_HOSTNAMES lists
-    several hosts). Returns whether initialisation ran.
+    several hosts; there JAX finds the rest itself). Elsewhere (several processes on one
+    machine, a plain cluster) JAX_NUM_PROCESSES and JAX_PROCESS_ID give the process layout.
+    CPU processes exchange collectives through gloo. Returns whether initialisation ran.
     """
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     multi_tpu = len([h for h in hosts.split(",") if h]) > 1
@@ -213,5 +215,17 @@ def maybe_initialize_distributed() -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    kwargs = {}
+    for env, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = os.environ.get(env)
+        if value is not None:
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{env}={value!r}: expected an integer") from None
+    # Only read by the CPU client (no effect on TPU); must be set before any backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True
     jax.distributed.initialize()
     return True

@@ -65,6 +65,21 @@ class RunContext:
 
 
 def _source(config, workdir: str):
+    """The training records. With several processes, process 0 builds the dataset first and
+    the others then reuse it (on a shared disk) or build the same one (on their own disks):
+    two builders writing one directory at once would corrupt it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return _build_source(config, workdir)
+    from jax.experimental import multihost_utils
+
+    source = _build_source(config, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("metastone-jax: dataset built")
+    return source if source is not None else _build_source(config, workdir)
+
+
+def _build_source(config, workdir: str):
     data_dir = os.path.join(workdir, DATA_DIR)
     src = config.data.source
     if src == "synthetic":
