@@ -114,11 +114,52 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], n_devices: int) -> dict[st
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None):
-    """A ('data','fsdp','tensor') mesh with Auto axis types over `devices` (default: all)."""
+    """A ('data','fsdp','tensor') mesh with Auto axis types over `devices` (default: all).
+
+    Over several TPU slices (multislice: devices carry `slice_index`) the mesh is hybrid: see
+    `hybrid_device_grid`."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(mesh_shape, len(devices))
     sizes = tuple(shape[a] for a in MESH_AXES)
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    grid = hybrid_device_grid(devices, sizes)
+    if grid is not None:
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def hybrid_device_grid(devices: Sequence, sizes: tuple[int, int, int]) -> np.ndarray | None:
+    """Devices as a [data, fsdp, tensor] array for a multi-slice job, else None (one slice).
+
+    Only the data axis crosses slices: each slice holds data/S consecutive rows of the mesh, so
+    fsdp and tensor collectives stay on the fast intra-slice links (ICI) and only the gradient
+    all-reduce of data parallelism goes over the data-centre network (DCN). Within a slice the
+    layout is the topology-aware `mesh_utils.create_device_mesh` where the platform supports it.
+    """
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) == 1:
+        return None
+    n = len(slices)
+    data, fsdp, tensor = sizes
+    if data % n:
+        raise ValueError(
+            f"mesh data={data}: with {n} slices the data axis must be a multiple of {n} (data "
+            "parallelism is what runs across slices); move devices from fsdp to data"
+        )
+    per_slice = [sorted((d for d in devices if d.slice_index == s), key=lambda d: d.id)
+                 for s in slices]  # fmt: skip
+    if len({len(p) for p in per_slice}) != 1:
+        raise ValueError(f"slices of unequal sizes: {[len(p) for p in per_slice]} devices")
+    from jax.experimental import mesh_utils
+
+    blocks = []
+    for members in per_slice:
+        shape = (data // n, fsdp, tensor)
+        try:
+            blocks.append(mesh_utils.create_device_mesh(shape, devices=members))
+        except Exception:  # no topology information (CPU, test doubles): keep id order
+            blocks.append(np.array(members, dtype=object).reshape(shape))
+    return np.concatenate(blocks, axis=0)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

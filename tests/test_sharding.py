@@ -136,3 +136,27 @@ def test_distributed_initialize_is_noop_on_one_process(monkeypatch):
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     assert maybe_initialize_distributed() is False
     assert jax.process_count() == 1
+
+
+def test_hybrid_mesh_puts_only_the_data_axis_across_slices():
+    from dataclasses import dataclass
+
+    from metastone_jax.sharding import hybrid_device_grid
+
+    @dataclass(frozen=True)
+    class FakeDevice:  # what a multislice TPU device exposes: an id and its slice
+        id: int
+        slice_index: int
+
+    # 2 slices x 8 devices, listed interleaved as a runtime might return them.
+    devices = [FakeDevice(i, i % 2) for i in range(16)]
+    grid = hybrid_device_grid(devices, (4, 2, 2))
+    assert grid.shape == (4, 2, 2)
+    slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+    # Rows 0-1 of the data axis live on slice 0, rows 2-3 on slice 1: fsdp/tensor groups never
+    # cross a slice, the data axis does.
+    assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+    assert sorted(d.id for d in grid.ravel()) == list(range(16))
+    assert hybrid_device_grid(devices[::2], (4, 2, 1)) is None  # one slice: the plain mesh
+    with pytest.raises(ValueError, match="multiple of 2"):
+        hybrid_device_grid(devices, (1, 8, 2))
