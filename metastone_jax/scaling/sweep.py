@@ -216,6 +216,9 @@ def run_sweep(
             raise ValueError(f"--only={only}: not a point of this grid; e.g. {points[0].point_id}")
     import jax
 
+    from metastone_jax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()  # before any JAX call, or a multi-worker slice cannot join
     writer = jax.process_index() == 0  # only process 0 writes (multi-host runs)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, POINTS_FILE)
