@@ -2,7 +2,8 @@
 
 Commands: info (parameter counts and per-device memory, on this config file); train (configs/
 train.py); convert (HF <-> JAX checkpoints), sample (test-time scaling), evaluate (a benchmark
-file), sweep (scaling sweeps) and demo (the end-to-end demo, configs/demo.py), which take their
+file), sweep (scaling sweeps), plan (a training run's memory on a TPU slice: `metastone-jax plan
+--preset=grpo-1.5b-v5e-8`) and demo (the end-to-end demo, configs/demo.py), which take their
 own options (`metastone-jax demo -h`).
 """
 
@@ -12,7 +13,7 @@ import math
 import os
 import sys
 
-COMMANDS = ("info", "demo", "convert", "sample", "train", "sweep", "evaluate")
+COMMANDS = ("info", "demo", "convert", "sample", "train", "sweep", "evaluate", "plan")
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 REPO_CONFIG = os.path.join(CONFIGS, "model.py")
 TRAIN_CONFIG = os.path.join(CONFIGS, "train.py")
@@ -174,10 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"metastone-jax: unknown command {command!r}; expected one of {COMMANDS}\n{_usage()}"
         )
-    if command in ("convert", "sample", "sweep", "evaluate", "demo"):  # own options (argparse)
+    if command in ("convert", "sample", "sweep", "evaluate", "demo", "plan"):  # own options
         import importlib
 
-        package = {"sweep": "scaling"}.get(command, command)
+        package = {"sweep": "scaling", "plan": "planning"}.get(command, command)
         cli = importlib.import_module(f"metastone_jax.{package}.cli")
         try:
             return cli.main(argv[2:])

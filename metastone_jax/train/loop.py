@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from metastone_jax.planning.from_config import check_train_config
 from metastone_jax.sharding import (
     make_mesh,
     maybe_initialize_distributed,
@@ -131,8 +132,13 @@ def _check_resume(meta: dict, model_cfg_json: dict, where: str) -> None:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the configured training; returns the last step's metrics."""
+    """Runs (or resumes) the configured training; returns the last step's metrics.
+
+    With config.train.tpu set (e.g. "v5e-8"), the memory plan is checked first: a run that
+    cannot fit the chips' HBM is refused (ValueError naming the shortfall) before anything is
+    allocated or built."""
     maybe_initialize_distributed()
+    check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
     mesh = make_mesh(dict(config.mesh))
     ctx = setup.prepare(config, workdir, mesh)
     graphdef = ctx.graphdef

@@ -1,0 +1,145 @@
+"""A memory plan as a table, as JSON, and as the refusal message `train` raises."""
+
+from __future__ import annotations
+
+from metastone_jax.planning.memory import WARN_FRACTION, MemoryPlan, gib
+
+ROWS = "fewer rows per device (raise data.grad_accum)"
+REMAT = "model.remat='full'"
+SHORTER = "shorter rows (data.seq_len, or rl.max_new_tokens / data.max_prompt_len)"
+# What shrinks each component, per device (the first options first).
+REMEDIES = {
+    "params": ("more fsdp (shards the parameters)",),
+    "reference params": ("more fsdp", "rl.kl_coef=0 (no frozen reference)"),
+    "optimizer state": ("more fsdp (shards AdamW's mu and nu)",),
+    "gradients": ("more fsdp (shards the gradients)",),
+    "activations": (REMAT, ROWS, SHORTER),
+    "layer work": ("more tensor (shards heads and the MLP)", ROWS, SHORTER),
+    "logits": ("more tensor (shards the vocabulary)", ROWS, SHORTER),
+    "KV cache": (
+        "fewer candidates at once (data.batch_size, rl.k)", "a shorter rl.max_new_tokens",
+        "more data*fsdp",
+    ),
+    "sampler work": ("fewer prompts per step (data.batch_size)", "more data*fsdp"),
+}  # fmt: skip
+GENERIC = {"fsdp": "more fsdp", "remat": REMAT, "rows per device": ROWS}  # keyword -> option
+
+
+def _mesh(plan: MemoryPlan) -> str:
+    return ",".join(f"{a}:{n}" for a, n in plan.mesh_shape.items())
+
+
+def headline(plan: MemoryPlan) -> str:
+    return (
+        f"{plan.model} on {plan.tpu.name} ({plan.tpu.chips} chips x {plan.tpu.hbm_gib:.0f} GiB "
+        f"HBM), mesh {_mesh(plan)}"
+    )
+
+
+def advice(plan: MemoryPlan) -> str:
+    """The largest component of the peak and what would shrink it (options that the plan
+    already uses, such as remat='full' or one row per device, are left out)."""
+    big = plan.biggest
+    done = {REMAT} if plan.remat == "full" else set()
+    if plan.rows_per_device == 1:
+        done.add(ROWS)
+    fixes = [f for f in REMEDIES[big.name] if f not in done]
+    fixes += [
+        g for word, g in GENERIC.items() if g not in done and not any(word in f for f in fixes)
+    ]
+    return (
+        f"Largest: {big.name} {gib(big.bytes):.2f} GiB ({big.phase}). "
+        f"Try {'; '.join(fixes)}; or a bigger slice."
+    )
+
+
+def verdict(plan: MemoryPlan) -> str:
+    if not plan.fits:
+        return (
+            f"DOES NOT FIT: needs {gib(plan.total):.2f} GiB per device of "
+            f"{plan.tpu.hbm_gib:.2f}, short by {gib(plan.shortfall):.2f} GiB. {advice(plan)}"
+        )
+    spare = gib(plan.hbm - plan.total)
+    note = f" (tight: above {WARN_FRACTION:.0%} of HBM)" if plan.tight else ""
+    return f"FITS: {gib(plan.total):.2f} GiB per device, {spare:.2f} GiB spare{note}"
+
+
+def format_table(plan: MemoryPlan) -> str:
+    w = plan.workload
+    hbm = plan.hbm
+    lines = [f"plan: {headline(plan)}"]
+    lines.append(
+        f"  {w.kind} step: {plan.rows_per_device} row(s) x {w.seq_len} tokens per device per "
+        f"micro-batch ({w.train_rows} rows / {plan.mesh_shape['data'] * plan.mesh_shape['fsdp']}"
+        f" data*fsdp), grad_accum {w.grad_accum}, remat={plan.remat}"
+    )
+    if plan.rollout_rows_per_device:
+        lines.append(
+            f"  rollouts: {w.candidates} candidates ({w.prompts} prompts), "
+            f"{plan.rollout_rows_per_device} per device, {w.slots} KV slots"
+        )
+    lines.append("")
+    lines.append(f"  {'component':<18} {'phase':<9} {'GiB/device':>10} {'% HBM':>7}  detail")
+    for c in plan.components:
+        lines.append(
+            f"  {c.name:<18} {c.phase:<9} {gib(c.bytes):>10.2f} {100 * c.bytes / hbm:>6.1f}%  "
+            f"{c.detail}"
+        )
+    rows = [("resident", plan.resident), ("train step peak", plan.step_peak)]
+    if plan.rollout_rows_per_device:
+        rows.append(("rollout peak", plan.rollout_peak))
+    rows.append(("total (peak)", plan.total))
+    lines.append("  " + "-" * 48)
+    for name, n in rows:
+        lines.append(f"  {name:<28} {gib(n):>10.2f} {100 * n / hbm:>6.1f}%")
+    alts = ", ".join(f"{p} {gib(n):.2f}" for p, n in plan.activations_by_remat.items())
+    lines.append(f"  activations + layer work by remat policy (GiB): {alts}")
+    lines.append("  step*: only the larger counts (logits are freed before the layers' backward).")
+    lines.append("  State bytes are exact; the rest is estimated (+-25%; planning/memory.py).")
+    lines.append(verdict(plan))
+    return "\n".join(lines)
+
+
+def to_json(plan: MemoryPlan) -> dict:
+    w = plan.workload
+    return {
+        "preset": plan.model,
+        "tpu": plan.tpu.name,
+        "chips": plan.tpu.chips,
+        "hbm_bytes": plan.hbm,
+        "hbm_gib": round(plan.tpu.hbm_gib, 4),
+        "mesh": plan.mesh_shape,
+        "remat": plan.remat,
+        "workload": {
+            "kind": w.kind,
+            "train_rows_per_device": plan.rows_per_device,
+            "seq_len": w.seq_len,
+            "grad_accum": w.grad_accum,
+            "candidates": w.candidates,
+            "rollout_rows_per_device": plan.rollout_rows_per_device,
+            "kv_slots": w.slots if w.candidates else 0,
+        },
+        "components": {
+            c.name: {"phase": c.phase, "bytes": c.bytes, "gib": round(gib(c.bytes), 4)}
+            for c in plan.components
+        },
+        "activations_by_remat": dict(plan.activations_by_remat),
+        "resident_bytes": plan.resident,
+        "step_peak_bytes": plan.step_peak,
+        "rollout_peak_bytes": plan.rollout_peak,
+        "total_bytes": plan.total,
+        "total_gib": round(gib(plan.total), 4),
+        "fits": plan.fits,
+        "shortfall_bytes": plan.shortfall,
+        "shortfall_gib": round(gib(plan.shortfall), 4),
+    }
+
+
+def refusal_message(plan: MemoryPlan) -> str:
+    """One paragraph: the shortfall, the largest component, and what would shrink it."""
+    return (
+        f"memory plan: {headline(plan)} does not fit: it needs {gib(plan.total):.2f} GiB per "
+        f"device and the chip has {plan.tpu.hbm_gib:.2f} GiB, short by "
+        f"{gib(plan.shortfall):.2f} GiB. {advice(plan)} Details: metastone-jax plan with the "
+        "same --config (or unset config.train.tpu to skip this check)."
+    )
