@@ -14,6 +14,7 @@ https://cloud.google.com/tpu/docs/v5p and https://cloud.google.com/tpu/docs/v6e.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
@@ -88,3 +89,18 @@ def execute(commands: Sequence[Sequence[str]], *, dry_run: bool, prog: str) -> N
             sys.exit(f"{prog}: {cmd[0]} not found: install it (see launch/README.md)")
         except subprocess.CalledProcessError as e:
             sys.exit(f"{prog}: exit status {e.returncode} from: {shlex.join(cmd)}")
+
+
+def skeleton(prog: str, doc: str, target: str, target_help: str, zone_example: str):
+    """(parser, subparsers, common parent) shared by the launch CLIs: `--TARGET` (the resource
+    every action names), --zone, --project and --dry_run."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(f"--{target}", required=True, help=target_help)
+    common.add_argument("--zone", help=f"e.g. {zone_example} (default: gcloud config compute/zone)")
+    common.add_argument("--project", help="default: gcloud config core/project")
+    common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    return p, sub, common

@@ -40,7 +40,7 @@ import sys
 
 if not __package__:  # run as a script: python launch/tpu.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import execute, parse, zone_project  # noqa: E402
+from launch.common import execute, parse, skeleton, zone_project  # noqa: E402
 
 PROG = "launch/tpu.py"
 TPU = ["gcloud", "compute", "tpus"]
@@ -233,15 +233,9 @@ def _command(a) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p, sub, common = skeleton(
+        PROG, __doc__, "name", "TPU VM (and queued resource) name", "us-west4-a"
     )
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
-    common.add_argument("--zone", help="e.g. us-west4-a (default: gcloud config compute/zone)")
-    common.add_argument("--project", help="default: gcloud config core/project")
-    common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--job", default=DEFAULT_JOB, help="tmux session and log directory name")
     accel = argparse.ArgumentParser(add_help=False)

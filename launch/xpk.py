@@ -30,7 +30,7 @@ import sys
 
 if not __package__:  # run as a script: python launch/xpk.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import execute, parse, zone_project  # noqa: E402
+from launch.common import execute, parse, skeleton, zone_project  # noqa: E402
 
 PROG = "launch/xpk.py"
 BASE_IMAGE = "python:3.11"  # metastone-jax needs Python 3.11+
@@ -122,15 +122,7 @@ ACTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cluster", required=True, help="GKE cluster name")
-    common.add_argument("--zone", help="e.g. us-east5-a (default: gcloud config compute/zone)")
-    common.add_argument("--project", help="default: gcloud config core/project")
-    common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    p, sub, common = skeleton(PROG, __doc__, "cluster", "GKE cluster name", "us-east5-a")
     slices = argparse.ArgumentParser(add_help=False)
     slices.add_argument("--accelerator_type", required=True, help="v5e-8, v5p-64, v6e-256...")
     slices.add_argument("--num_slices", type=int, default=1, help="slices (DCN data parallel)")
