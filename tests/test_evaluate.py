@@ -9,17 +9,14 @@ from test_sample_cli import ckpt  # noqa: F401  (fixture: tiny Qwen2 checkpoint 
 from test_tokenizer import bpe_dir  # noqa: F401
 
 from metastone_jax.evaluate.grading import extract_final_answer
-from metastone_jax.evaluate.harness import (
+from metastone_jax.evaluate.harness import beam_split, question_seed, read_pool, sample_pool
+from metastone_jax.evaluate.metrics import (
     METHODS,
     Z95,
-    beam_split,
     candidate_score,
     method_accuracy,
     pool_metrics,
     question_accuracy,
-    question_seed,
-    read_pool,
-    sample_pool,
     summarize,
     tokens_per_question,
 )

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from metastone_jax.evaluate.harness import method_accuracy, summarize, tokens_per_question
+from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
 
 # (key, label, pool method); "beam" rows come from beam search, "ablation" from the BCE head.
 ROWS = (
