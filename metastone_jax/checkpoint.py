@@ -166,3 +166,44 @@ def load_params_checkpoint(
     restored = _restore(ckpt, target, restore_args, concurrent_gb)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state), meta
+
+
+def write_policy(
+    out: str,
+    state: nnx.State,
+    cfg: ModelConfig,
+    *,
+    tokenizer_dir: str,
+    meta: dict[str, Any] | None = None,
+    extra_json: dict[str, dict] | None = None,
+) -> str:
+    """A params checkpoint with its tokenizer in `out` (atomically, replacing what is there):
+    what `sample`, `evaluate` and `load_policy` read. `extra_json`: file name -> content."""
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_params_checkpoint(tmp, state, cfg, meta)
+        if os.path.isdir(tokenizer_dir):
+            shutil.copytree(tokenizer_dir, os.path.join(tmp, HF_FILES_DIR))
+        for name, content in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f)
+    return out
+
+
+def load_policy(ckpt: str, *, mesh: jax.sharding.Mesh | None = None, step_ids=None):
+    """(model, tokenizer, step tokens) of a params checkpoint with its tokenizer in CKPT/hf.
+    `step_ids`: the step token ids (default: the id(s) of ".\\n\\n" in the tokenizer)."""
+    from metastone_jax.data.tokenizer import load_tokenizer
+    from metastone_jax.sprm import StepTokens
+
+    hf_dir = os.path.join(ckpt, HF_FILES_DIR)
+    if not os.path.isdir(hf_dir):
+        raise ValueError(
+            f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
+        )
+    tokenizer = load_tokenizer(hf_dir)
+    model, _ = load_params_checkpoint(ckpt, mesh=mesh)
+    if step_ids:
+        step = StepTokens.from_tokenizer(tokenizer, step_text=[int(i) for i in step_ids])
+    else:
+        step = StepTokens.from_tokenizer(tokenizer)
+    return model, tokenizer, step

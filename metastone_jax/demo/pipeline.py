@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
+from metastone_jax.checkpoint import load_policy, write_policy
 from metastone_jax.data import synthetic
 
 SFT_DIR, SPR_DIR, EVAL_DIR = "sft", "spr", "eval"
@@ -80,16 +80,6 @@ def sampling_params(cfg, tokenizer):
         repetition_penalty=float(s.repetition_penalty), max_new_tokens=int(s.max_new_tokens),
         stop_ids=tuple(tokenizer.eos_ids),
     )  # fmt: skip
-
-
-def load_policy(ckpt: str):
-    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
-    from metastone_jax.data.tokenizer import load_tokenizer
-    from metastone_jax.sprm import StepTokens
-
-    tokenizer = load_tokenizer(os.path.join(ckpt, HF_FILES_DIR))
-    model, _ = load_params_checkpoint(ckpt)
-    return model, tokenizer, StepTokens.from_tokenizer(tokenizer)
 
 
 def train_records(cfg) -> list[dict]:
@@ -171,15 +161,10 @@ def save_policy(model, head, tokenizer_dir: str, out: str, meta: dict) -> str:
     """The policy with `head` as its SPRM head, as a params checkpoint + tokenizer at `out`."""
     from flax import nnx
 
-    from metastone_jax.checkpoint import HF_FILES_DIR, atomic_dir, write_params_checkpoint
-
     graphdef, state = nnx.split(model)
     policy = nnx.merge(graphdef, state)  # a copy: `model` keeps its own head
     policy.sprm = head
-    with atomic_dir(out, overwrite=True) as tmp:
-        write_params_checkpoint(tmp, nnx.state(policy), policy.cfg, meta)
-        shutil.copytree(tokenizer_dir, os.path.join(tmp, HF_FILES_DIR))
-    return out
+    return write_policy(out, nnx.state(policy), policy.cfg, tokenizer_dir=tokenizer_dir, meta=meta)
 
 
 def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) -> dict[str, dict]:

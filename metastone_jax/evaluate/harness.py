@@ -345,31 +345,23 @@ def evaluate(
             )
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected >= 1 questions, got {limit}")
-    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
+    from metastone_jax.checkpoint import HF_FILES_DIR, load_policy
     from metastone_jax.data.builders import read_records
-    from metastone_jax.data.tokenizer import load_tokenizer
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
 
-    hf_dir = os.path.join(ckpt, HF_FILES_DIR)
-    if not os.path.isdir(hf_dir):
+    if not os.path.isdir(os.path.join(ckpt, HF_FILES_DIR)):
         raise ValueError(
             f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
         )
     records = read_records(benchmark)[:limit]
     if not records:
         raise ValueError(f"{benchmark}: no questions")
-    tokenizer = load_tokenizer(hf_dir)
-    model, _ = load_params_checkpoint(ckpt, mesh=mesh)
+    model, tokenizer, step = load_policy(ckpt, mesh=mesh, step_ids=step_ids)
     if sampling is None:
         sampling = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
                                   max_new_tokens=32768)  # fmt: skip
     if not sampling.stop_ids:
         sampling = dataclasses.replace(sampling, stop_ids=tuple(tokenizer.eos_ids))
-    if step_ids:
-        step = StepTokens.from_tokenizer(tokenizer, step_text=[int(i) for i in step_ids])
-    else:
-        step = StepTokens.from_tokenizer(tokenizer)
     common = dict(sampling=sampling, step=step, batch_prompts=batch_prompts, seed=seed,
                   progress=progress, chat_template=chat_template, mesh=mesh)  # fmt: skip
     report = {

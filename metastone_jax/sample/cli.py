@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from metastone_jax.sample.search import MODES, SELECTIONS, STRATEGIES
@@ -50,14 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
-    from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
-    from metastone_jax.data.tokenizer import load_tokenizer
+    from metastone_jax.checkpoint import load_policy
     from metastone_jax.sample import search
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
 
-    tokenizer = load_tokenizer(os.path.join(args.ckpt, HF_FILES_DIR))
-    model, _ = load_params_checkpoint(args.ckpt)
+    ids = None
+    if args.step_ids:
+        try:
+            ids = [int(i) for i in args.step_ids.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--step_ids: expected comma-separated ints, got {args.step_ids!r}"
+            ) from None
+    model, tokenizer, step = load_policy(args.ckpt, step_ids=ids)
     overrides = dict(
         strategy=args.strategy, aggregation=args.aggregation, selection=args.selection,
         beam_width=args.beam_width, expansions=args.expansions,
@@ -73,16 +77,6 @@ def main(argv: list[str]) -> None:
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
         stop_ids=stop, think_budget=args.think_budget,
     )  # fmt: skip
-    if args.step_ids:
-        try:
-            ids = [int(i) for i in args.step_ids.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--step_ids: expected comma-separated ints, got {args.step_ids!r}"
-            ) from None
-        step = StepTokens.from_tokenizer(tokenizer, step_text=ids)
-    else:
-        step = StepTokens.from_tokenizer(tokenizer)
     prompts = []
     for i, text in enumerate(args.prompt):
         if not text.strip():

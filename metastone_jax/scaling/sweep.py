@@ -273,22 +273,15 @@ class _SizeRunner:
     """One checkpoint: its model, tokenizer and encoded questions; samples shared by points."""
 
     def __init__(self, config, ckpt: str):
-        from metastone_jax.checkpoint import HF_FILES_DIR, load_params_checkpoint
-        from metastone_jax.data.pipeline import encode_prompt
+        from metastone_jax.checkpoint import load_policy
         from metastone_jax.data.synthetic import make_examples
-        from metastone_jax.data.tokenizer import load_tokenizer
+        from metastone_jax.evaluate.harness import encode_question
         from metastone_jax.main import param_counts
-        from metastone_jax.sprm import StepTokens
 
         self.config, self.ckpt = config, ckpt
-        self.tok = load_tokenizer(os.path.join(ckpt, HF_FILES_DIR))
-        self.model, _ = load_params_checkpoint(ckpt)
-        self.step = StepTokens.from_tokenizer(self.tok)
+        self.model, self.tok, self.step = load_policy(ckpt)
         recs = list(make_examples("test", int(config.questions), int(config.seed), **config.task))
-        # The builders' messages for a synthetic record: one user turn (data/builders.py).
-        msgs = [{**r, "messages": json.dumps([{"role": "user", "content": r["prompt"]}])}
-                for r in recs]  # fmt: skip
-        self.prompts = [encode_prompt(r, self.tok) for r in msgs]
+        self.prompts = [encode_question(r, self.tok) for r in recs]
         self.gold = [r["answer"] for r in recs]
         cfg = self.model.cfg
         counts = param_counts(self.model)

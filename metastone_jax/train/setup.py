@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +21,10 @@ from flax import nnx
 
 from metastone_jax.checkpoint import (
     HF_FILES_DIR,
-    atomic_dir,
     config_to_json,
     load_params_checkpoint,
     read_checkpoint_meta,
-    write_params_checkpoint,
+    write_policy,
 )
 from metastone_jax.config import ModelConfig, model_config_from_dict
 from metastone_jax.data import builders, pipeline, synthetic
@@ -232,12 +229,9 @@ def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarr
 
 def export(state, ctx: RunContext, workdir: str) -> str:
     """WORKDIR/export: a params-only checkpoint + the tokenizer, for `metastone-jax sample`."""
-    out = os.path.join(workdir, EXPORT_DIR)
     model = nnx.merge(ctx.graphdef, state.params)
-    with atomic_dir(out, overwrite=True) as tmp:
-        write_params_checkpoint(tmp, nnx.state(model), ctx.model_cfg, {"source": workdir})
-        if os.path.isdir(ctx.tokenizer_dir):
-            shutil.copytree(ctx.tokenizer_dir, os.path.join(tmp, HF_FILES_DIR))
-        with open(os.path.join(tmp, "train_step.json"), "w") as f:
-            json.dump({"step": int(state.step)}, f)
-    return out
+    return write_policy(
+        os.path.join(workdir, EXPORT_DIR), nnx.state(model), ctx.model_cfg,
+        tokenizer_dir=ctx.tokenizer_dir, meta={"source": workdir},
+        extra_json={"train_step.json": {"step": int(state.step)}},
+    )  # fmt: skip
