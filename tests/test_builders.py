@@ -258,3 +258,15 @@ def test_reuse_and_rebuild_on_change(tmp_path):
     assert third.data_dir != first.data_dir
     assert len(third) == 3 and third[2]["prompt"] == "c" and third[2]["id"] == "probs:3"
     assert len(_array_record_files(data_dir)) == 2
+
+
+def test_synthetic_task_is_a_prefix_stream_and_checks_its_answers():
+    from metastone_jax.data.synthetic import make_examples
+
+    knobs = dict(min_ops=3, max_ops=4, max_operand=9, reflect=0.25)
+    short = list(make_examples("train", 20, 0, **knobs))
+    assert short == list(make_examples("train", 200, 0, **knobs))[:20]  # the demo relies on it
+    for rec in short:  # the written steps end at the answer, corrections included
+        steps = rec["solution"].split("<think>")[1].split("</think>")[0].split(".\n\n")[:-1]
+        assert steps[-1].rsplit("=", 1)[1] == rec["answer"]
+        assert rec["solution"].endswith(f"\\boxed{{{rec['answer']}}}.")

@@ -82,9 +82,10 @@ def sampling_params(cfg, tokenizer):
     )  # fmt: skip
 
 
-def train_records(cfg) -> list[dict]:
-    """The SFT training problems (the builder's "train" split is exactly these)."""
-    n = int(cfg.sft.synthetic_size)
+def train_records(cfg, n: int | None = None) -> list[dict]:
+    """The first `n` (default all) SFT training problems (the builder's "train" split is exactly
+    these; the generator yields the same prefix whatever the total)."""
+    n = int(cfg.sft.synthetic_size) if n is None else min(n, int(cfg.sft.synthetic_size))
     return list(synthetic.make_examples("train", n, int(cfg.seed), **dict(cfg.task)))
 
 
@@ -116,7 +117,7 @@ def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.
     from flax import nnx
     from tqdm import tqdm
 
-    records = train_records(cfg)[: int(cfg.spr.rollout_prompts)]
+    records = train_records(cfg, int(cfg.spr.rollout_prompts))
     width = int(cfg.sft.max_prompt_len)
     graphdef, params = nnx.split(model)
     sampling = sampling_params(cfg, tokenizer)
@@ -139,15 +140,8 @@ def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.
                              pad_id=pad_id(tokenizer))  # fmt: skip
         rows["group"] = np.repeat(np.arange(i, i + len(recs)), k)
         parts.append(rows)
-    gen = max(p["tokens"].shape[1] for p in parts)
-    rows = {}
-    for key in parts[0]:
-        if parts[0][key].ndim == 2:  # generation widths differ per chunk: right-pad
-            fill = pad_id(tokenizer) if key == "tokens" else False
-            rows[key] = np.concatenate([np.pad(p[key], [(0, 0), (0, gen - p[key].shape[1])],
-                                               constant_values=fill) for p in parts])  # fmt: skip
-        else:
-            rows[key] = np.concatenate([p[key] for p in parts])
+    # Every chunk has the same width: prompt_width + max_new_tokens.
+    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, **rows)
