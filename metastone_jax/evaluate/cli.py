@@ -13,6 +13,7 @@ import os
 import sys
 
 from metastone_jax.evaluate.harness import STRATEGIES, STRATEGY_METHOD
+from metastone_jax.sample.cli import add_sampling_args, sampling_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,18 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="best_of_k", help="|".join(STRATEGIES))
     p.add_argument("--out", default=None,
                    help="output directory (default: eval/<ckpt name>/<benchmark>)")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repetition_penalty", type=float, default=1.05)
-    p.add_argument("--max_new_tokens", type=int, default=32768)
-    p.add_argument("--think_budget", type=int, default=None)
+    add_sampling_args(p, max_new_tokens=32768)  # the released evaluation's budget
     p.add_argument("--batch_prompts", type=int, default=8, help="questions per sampler call")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--step_ids", default=None, help="comma-separated step token ids "
-                   "(default: the id of the step string '.\\n\\n')")  # fmt: skip
-    p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of a table")
     return p
@@ -54,22 +46,16 @@ def _ints(flag: str, text: str) -> list[int]:
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     from metastone_jax.evaluate.harness import evaluate
-    from metastone_jax.sample.processors import SamplingParams
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     ks = _ints("--ks", args.ks)
-    step_ids = _ints("--step_ids", args.step_ids) if args.step_ids else None
+    sampling, step_ids = sampling_from_args(args)
     if args.strategy not in STRATEGIES:
         raise ValueError(f"--strategy: expected one of {STRATEGIES}, got {args.strategy!r}")
     if not os.path.isdir(args.ckpt):
         raise ValueError(f"--ckpt: {args.ckpt}: no such directory")
     if not os.path.isfile(args.benchmark):
         raise ValueError(f"--benchmark: {args.benchmark}: no such file")
-    sampling = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        think_budget=args.think_budget,
-    )  # fmt: skip
     out = args.out or os.path.join(
         "eval",
         os.path.basename(os.path.normpath(args.ckpt)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -32,36 +33,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--beam_width", type=int, default=2)
     p.add_argument("--expansions", type=int, default=4)
+    add_sampling_args(p, max_new_tokens=1024)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--show_steps", action="store_true", help="print each step with its score")
+    return p
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """The sampling flags shared by `sample` and `evaluate` (defaults: the released
+    evaluation's temperature 0.6, top-p 0.95, repetition penalty 1.05)."""
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--repetition_penalty", type=float, default=1.05)
-    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
     p.add_argument("--think_budget", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step_ids", default=None, help="comma-separated step token ids "
                    "(default: the id of the step string '.\\n\\n')")  # fmt: skip
     p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--show_steps", action="store_true", help="print each step with its score")
-    return p
+
+
+def sampling_from_args(args):
+    """(SamplingParams, step ids or None) from the flags of `add_sampling_args`."""
+    from metastone_jax.sample.processors import SamplingParams
+
+    ids = None
+    if args.step_ids:
+        try:
+            ids = [int(i) for i in args.step_ids.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--step_ids: expected comma-separated integers, got {args.step_ids!r}"
+            ) from None
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        think_budget=args.think_budget,
+    )  # fmt: skip
+    return params, ids
 
 
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     from metastone_jax.checkpoint import load_policy
     from metastone_jax.sample import search
-    from metastone_jax.sample.processors import SamplingParams
 
-    ids = None
-    if args.step_ids:
-        try:
-            ids = [int(i) for i in args.step_ids.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--step_ids: expected comma-separated ints, got {args.step_ids!r}"
-            ) from None
+    params, ids = sampling_from_args(args)  # bad flags fail before the checkpoint is read
     model, tokenizer, step = load_policy(args.ckpt, step_ids=ids)
+    params = dataclasses.replace(params, stop_ids=tuple(tokenizer.eos_ids))
     overrides = dict(
         strategy=args.strategy, aggregation=args.aggregation, selection=args.selection,
         beam_width=args.beam_width, expansions=args.expansions,
@@ -71,12 +91,6 @@ def main(argv: list[str]) -> None:
         config = search.SearchConfig(k=args.k, **overrides)
     else:
         config = search.SearchConfig.for_mode(args.mode, **overrides)
-    stop = tuple(tokenizer.eos_ids)
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        stop_ids=stop, think_budget=args.think_budget,
-    )  # fmt: skip
     prompts = []
     for i, text in enumerate(args.prompt):
         if not text.strip():
