@@ -104,3 +104,16 @@ def skeleton(prog: str, doc: str, target: str, target_help: str, zone_example: s
     common.add_argument("--project", help="default: gcloud config core/project")
     common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     return p, sub, common
+
+
+def parse_with_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parsed flags, with everything after `--` (the command to run remotely, untouched) as
+    `.command` (a list, empty without `--`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1 :]
+    args = parser.parse_args(argv)
+    args.command = command
+    return args

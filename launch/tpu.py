@@ -40,7 +40,13 @@ import sys
 
 if not __package__:  # run as a script: python launch/tpu.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import execute, parse, skeleton, zone_project  # noqa: E402
+from launch.common import (  # noqa: E402
+    execute,
+    parse,
+    parse_with_command,
+    skeleton,
+    zone_project,
+)
 
 PROG = "launch/tpu.py"
 TPU = ["gcloud", "compute", "tpus"]
@@ -271,13 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = []
-    if "--" in argv:  # everything after -- is the worker command, untouched
-        i = argv.index("--")
-        argv, command = argv[:i], argv[i + 1 :]
-    a = build_parser().parse_args(argv)
-    a.command = command
+    a = parse_with_command(build_parser(), argv)
+    command = a.command
     if command and a.action not in ("create", "run", "ssh"):
         sys.exit(f"{PROG} {a.action}: takes nothing after --")
     try:

@@ -30,7 +30,13 @@ import sys
 
 if not __package__:  # run as a script: python launch/xpk.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import execute, parse, skeleton, zone_project  # noqa: E402
+from launch.common import (  # noqa: E402
+    execute,
+    parse,
+    parse_with_command,
+    skeleton,
+    zone_project,
+)
 
 PROG = "launch/xpk.py"
 BASE_IMAGE = "python:3.11"  # metastone-jax needs Python 3.11+
@@ -143,13 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = []
-    if "--" in argv:  # everything after -- is the workload command, untouched
-        i = argv.index("--")
-        argv, command = argv[:i], argv[i + 1 :]
-    a = build_parser().parse_args(argv)
-    a.command = command
+    a = parse_with_command(build_parser(), argv)
     for flag in ("cluster", "workload"):
         value = getattr(a, flag, None)
         if value is not None and not NAME_RE.match(value):
