@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
     wd = quick_run
-    for name in ("results.json", "table.txt", "aha.png", "compute.png"):
+    for name in ("results.json", "table.txt", "diagnosis.txt", "aha.png", "compute.png"):
         assert os.path.getsize(os.path.join(wd, name)) > 0, name
     for name in ("aha.png", "compute.png"):
         with open(os.path.join(wd, name), "rb") as f:
@@ -64,6 +64,14 @@ def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
     assert hist[0]["step"] == 0 and hist[-1]["step"] == res["config"]["spr"]["steps"]
     text = open(os.path.join(wd, "table.txt")).read()
     assert "SPRM best-of-k (geomean)" in text and "k=32 (high)" in text
+    # The diagnosis covers every pick the table's SPRM best-of-k rows make (equal groups per
+    # question, so the mean over groups is the mean over questions).
+    for form, row in (("filtered", "sprm_geomean"), ("bce", "ablation_bce")):
+        d = res["diagnosis"][form]
+        for k in ks:
+            assert d["pick_accuracy"][str(k)] == pytest.approx(table[row][k]["mean"])
+            assert sum(d["picks"][str(k)].values()) == pytest.approx(1.0)
+    assert "invisible to step scores" in open(os.path.join(wd, "diagnosis.txt")).read()
 
 
 def test_quick_demo_resumes_without_redoing_stages(quick_run, capsys):

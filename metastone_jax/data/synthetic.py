@@ -11,10 +11,13 @@ builder adds the chat messages).
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterator
 
 import numpy as np
+
+from metastone_jax.sprm import STEP_TEXT
 
 OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b),
        "*": ("multiply by", lambda a, b: a * b)}  # fmt: skip
@@ -82,3 +85,74 @@ def make_examples(
             "answer": answer,
             "solution": solution,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact step checking (the task's own process labels, for diagnosis; the SPRM never sees them)
+# ---------------------------------------------------------------------------------------------
+
+_STEP_RE = re.compile(r"^(-?\d+)([-+*])(-?\d+)=(-?\d+)$")
+_START_RE = re.compile(r"^Start at (-?\d+)\. (.*)\. What is the result\?$")
+_NAMES = {name: op for op, (name, _) in OPS.items()}
+
+
+def parse_prompt(prompt: str) -> tuple[int, list[tuple[str, int]]]:
+    """ "Start at 3. add 4, multiply by 2. What is the result?" -> (3, [("+", 4), ("*", 2)])."""
+    m = _START_RE.match(prompt.strip())
+    if m is None:
+        raise ValueError(f"not a synthetic-task prompt: {prompt!r}")
+    ops = []
+    for part in m[2].split(", "):
+        name, _, operand = part.rpartition(" ")
+        if name not in _NAMES:
+            raise ValueError(f"not a synthetic-task prompt: {prompt!r} (operation {name!r})")
+        ops.append((_NAMES[name], int(operand)))
+    return int(m[1]), ops
+
+
+def step_texts(text: str) -> tuple[list[str], str]:
+    """The think span's steps (each ended by ".\\n\\n") and what follows the last one in it."""
+    think = text.split("<think>", 1)[-1].split("</think>", 1)[0]
+    *steps, tail = think.split(STEP_TEXT)
+    return steps, tail
+
+
+def check_steps(prompt: str, text: str) -> list[bool]:
+    """Per written step: True while every step so far is right (the last attempt of a reflective
+    step counts; its left operand must be the previous result, its operation and operand the
+    prompt's) -> [n_steps] "correct so far" labels."""
+    value, ops = parse_prompt(prompt)
+    out, ok = [], True
+    for i, step in enumerate(step_texts(text)[0]):
+        m = _STEP_RE.match(step.split(", wait, ")[-1].strip())
+        if ok and (m is None or i >= len(ops)):
+            ok = False
+        elif ok:
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            right = OPS[ops[i][0]][1](value, ops[i][1])
+            ok = (a, op, b, c) == (value, ops[i][0], ops[i][1], right)
+            value = right
+        out.append(ok)
+    return out
+
+
+def first_error(prompt: str, text: str, answer: str | None = None) -> str:
+    """Where a solution first goes wrong: "ok", "step" (a written step is wrong), "unfinished"
+    (text after the last step token inside the think span, never scored), "steps" (too few or
+    too many steps, all right), or "answer" (right steps, wrong final answer: after `</think>`,
+    never scored). `answer`: the extracted final answer (default: the text's last \\boxed{})."""
+    value, ops = parse_prompt(prompt)
+    steps, tail = step_texts(text)
+    labels = check_steps(prompt, text)
+    if not all(labels):
+        return "step"
+    if tail.strip():
+        return "unfinished"
+    if len(steps) != len(ops):
+        return "steps"
+    for op, operand in ops:
+        value = OPS[op][1](value, operand)
+    if answer is None:
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+        answer = boxed[-1] if boxed else None
+    return "ok" if answer is not None and answer.strip() == str(value) else "answer"

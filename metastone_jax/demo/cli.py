@@ -51,5 +51,7 @@ def main(argv: list[str]) -> None:
     for form, last in results["heads"].items():
         print(f"SPRM head ({form}): held-out mean score correct {last['score_correct']:.3f}, "
               f"incorrect {last['score_incorrect']:.3f}, gap {last['score_gap']:+.3f}")  # fmt: skip
+    print()
+    print(report.format_diagnoses(results))
     print("wrote " + ", ".join(paths.values()))
     print(f"done in {results['wall_s'] / 60:.1f} min", file=sys.stderr)

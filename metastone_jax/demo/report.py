@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from metastone_jax.demo.diagnose import diagnose, format_diagnosis
 from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
 
 # (key, label, pool method); "beam" rows come from beam search, "ablation" from the BCE head.
@@ -61,6 +62,8 @@ def build_results(cfg, run: dict) -> dict:
         "tokens_per_question": {k: tokens_per_question(main_pool, k) for k in ks},
         "per_sample_accuracy": table["random"][ks[0]]["mean"],
         "heads": {form: h["history"][-1] for form, h in run["heads"].items()},
+        # What each head's best-of-k picks, by the task's exact step labels (demo/diagnose.py).
+        "diagnosis": {form: diagnose(pool, ks) for form, pool in ev["pools"].items()},
         "rollouts": {"n": int(len(rows["labels"])), "accuracy": float(rows["labels"].mean())},
         "questions": len(ev["records"]),
         "samples": int(cfg.eval.samples),
@@ -88,6 +91,11 @@ def format_table(results: dict) -> str:
     tokens = "".join(f"{results['tokens_per_question'][k]:>22.0f}" for k in ks)
     lines.append(f"{'generated tokens per question':<{width}}" + tokens)
     return "\n".join(lines)
+
+
+def format_diagnoses(results: dict) -> str:
+    return "\n\n".join(f"SPRM head trained with the {form} SPR loss\n{format_diagnosis(d)}"
+                       for form, d in results["diagnosis"].items())  # fmt: skip
 
 
 def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
@@ -157,14 +165,17 @@ def plot_compute(results: dict, path: str) -> None:
 
 
 def write(results: dict, run: dict, workdir: str) -> dict[str, str]:
-    """results.json, table.txt, aha.png, compute.png in WORKDIR -> their paths."""
+    """results.json, table.txt, diagnosis.txt, aha.png, compute.png in WORKDIR -> their paths."""
     paths = {
         "results": os.path.join(workdir, "results.json"),
         "table": os.path.join(workdir, "table.txt"),
+        "diagnosis": os.path.join(workdir, "diagnosis.txt"),
         "aha": os.path.join(workdir, "aha.png"),
         "compute": os.path.join(workdir, "compute.png"),
     }
-    for key, text in (("results", json.dumps(results, indent=1)), ("table", format_table(results))):
+    texts = (("results", json.dumps(results, indent=1)), ("table", format_table(results)),
+             ("diagnosis", format_diagnoses(results)))  # fmt: skip
+    for key, text in texts:
         tmp = f"{paths[key]}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text + "\n")
