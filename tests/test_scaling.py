@@ -178,9 +178,10 @@ class FakeTrainer:
     """A tiny random policy + SPRM head checkpoint per size (fast), counting its calls."""
 
     def __init__(self, tokenizer_dir):
-        self.tokenizer_dir, self.calls = tokenizer_dir, []
+        self.tokenizer_dir, self.calls, self.sampling = tokenizer_dir, [], []
 
-    def __call__(self, size, overrides, workdir):
+    def __call__(self, size, overrides, workdir, *, sampling):
+        self.sampling.append(sampling)
         from flax import nnx
 
         from metastone_jax.checkpoint import HF_FILES_DIR, atomic_dir, write_params_checkpoint

@@ -76,7 +76,7 @@ def sampling_params(cfg, tokenizer):
 
     s = cfg.sampling
     return SamplingParams(
-        temperature=float(s.temperature), top_p=float(s.top_p),
+        temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
         repetition_penalty=float(s.repetition_penalty), max_new_tokens=int(s.max_new_tokens),
         stop_ids=tuple(tokenizer.eos_ids),
     )  # fmt: skip
@@ -257,17 +257,24 @@ def run(cfg, workdir: str) -> dict:
 
 
 def train_for_sweep(
-    size_name: str, model_overrides: dict, workdir: str, *, form: str = "bce"
-) -> str:
+    size_name: str, model_overrides: dict, workdir: str, *, sampling: dict | None = None,
+    form: str = "bce",
+) -> str:  # fmt: skip
     """The sweep's trainer: the demo's SFT + one SPRM head for one model size -> the policy
-    checkpoint with its trained head (resumable). The head is the plain-BCE one by default:
-    in the demo at these sizes the filtered head's best-of-k falls as k grows (README)."""
+    checkpoint with its trained head (resumable). `sampling`: overrides of the demo's rollout
+    sampling (the sweep's own, so the head learns from the candidates it will score). The head
+    is the plain-BCE one by default: in the demo at these sizes the filtered head's best-of-k
+    falls as k grows (README)."""
     from metastone_jax.main import CONFIGS, _parse
 
     demo = os.path.join(CONFIGS, "demo.py")
     cfg = _parse(["sweep", f"--config={demo}:full"], "full", demo)
     cfg.model = dict(model_overrides)
     cfg.spr.form, cfg.spr.ablation_form = form, ""
+    for key, value in (sampling or {}).items():
+        if key not in cfg.sampling:
+            raise ValueError(f"sweep sampling: unknown key {key!r}; valid: {sorted(cfg.sampling)}")
+        cfg.sampling[key] = value
     _log(f"sweep size {size_name}: {model_overrides}")
     policy = train_policy(cfg, workdir)
     model, tokenizer, step = load_policy(policy)

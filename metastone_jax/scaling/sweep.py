@@ -121,6 +121,7 @@ def settings(config, point: Point) -> dict:
         "candidates": point.candidates,
         "temperature": float(config.sampling.temperature),
         "top_p": float(config.sampling.top_p),
+        "top_k": int(config.sampling.get("top_k", 0)),
         "max_new_tokens": int(config.sampling.max_new_tokens),
         "seed": int(config.seed),
         "task": dict(config.task),
@@ -195,8 +196,9 @@ def run_sweep(
 ) -> SweepResult:
     """Runs (or resumes) the sweep in `workdir`, then writes the report; see the module doc.
 
-    trainer(size_name, model_overrides, size_workdir) -> params checkpoint dir (with its
-    tokenizer in CKPT/hf); default metastone_jax.demo.pipeline.train_for_sweep. It is called
+    trainer(size_name, model_overrides, size_workdir, sampling=dict(config.sampling)) -> params
+    checkpoint dir (with its tokenizer in CKPT/hf; its SPRM head learns from rollouts sampled
+    as the sweep samples); default metastone_jax.demo.pipeline.train_for_sweep. It is called
     for each size that has unfinished points and must itself resume or reuse finished work.
     print_commands: print one launch command per point (config_arg and overrides are passed
     on) and return them; nothing runs. only: run just this point id.
@@ -242,7 +244,8 @@ def run_sweep(
         bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
         for size in dict.fromkeys(p.size for p in todo):
             size_dir = os.path.join(workdir, MODELS_DIR, size)
-            ckpt = trainer(size, dict(config.sizes[size]), size_dir)
+            ckpt = trainer(size, dict(config.sizes[size]), size_dir,
+                           sampling=dict(config.sampling))  # fmt: skip
             runner = _SizeRunner(config, ckpt)
             for p in (q for q in todo if q.size == size):
                 bar.set_postfix_str(p.point_id)
@@ -306,6 +309,7 @@ class _SizeRunner:
             raise ValueError(f"{self.ckpt}: a think budget needs '</think>' in the vocabulary")
         params = SamplingParams(
             temperature=float(c.sampling.temperature), top_p=float(c.sampling.top_p),
+            top_k=int(c.sampling.get("top_k", 0)),
             max_new_tokens=int(c.sampling.max_new_tokens), stop_ids=tuple(self.tok.eos_ids),
             think_budget=budget,
         )  # fmt: skip
