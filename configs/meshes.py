@@ -15,8 +15,9 @@ several copies: metastone_jax/planning/memory.py), so the small-HBM slices lay t
 over tensor=2, and every preset runs one row per device per micro-batch (grad_accum =
 rows per update / (data*fsdp)). Where the recipe does not fit, it is cut, as noted:
 
-  grpo-1.5b-v5e-8   8 chips x 16 GiB; fsdp 4 x tensor 2; responses cut to 4096 tokens
-                    (9216-token rows need ~21 GiB per chip here).
+  grpo-1.5b-v5e-8   8 chips x 16 GiB; fsdp 4 x tensor 2; responses cut to 3072 tokens
+                    (9216-token rows need ~24 GiB per chip here; 4096 would plan at 95% of HBM,
+                    inside the planner's +-25% error).
   grpo-1.5b-v6e-8   8 chips x 32 GiB; fsdp 4 x tensor 2; the full recipe.
   grpo-1.5b-v4-8    4 chips x 32 GiB (v4-8 counts TensorCores); fsdp 2 x tensor 2; 16 prompts per
                     step (2 updates of 8 prompts: the recipe's mini-batch), the rest in full.
@@ -39,7 +40,7 @@ PRESETS: dict[str, dict] = {
         "tpu": "v5e-8",
         "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
         "data": {"grad_accum": 16},
-        "rl": {"max_new_tokens": 4096},
+        "rl": {"max_new_tokens": 3072},
     },
     "grpo-1.5b-v6e-8": {
         "model": "metastone-s1-1.5b",
@@ -86,7 +87,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     preset = PRESETS[arg]
     c = _load("train").get_config(RECIPE)
     c.preset = arg
+    weights = c.model.param_dtype  # the recipe's fp32 master weights (configs/train.py)
     c.model = _load("model").get_config(preset["model"]).model
+    c.model.param_dtype = weights
     c.model.remat = "full"
     c.mesh = ConfigDict(preset["mesh"])
     c.train.tpu = preset["tpu"]

@@ -125,6 +125,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.remat = "dots"
     if not released:
         c.model.vocab_size = config_dict.placeholder(int)  # from the trained tokenizer
+    else:
+        # fp32 master weights, bf16 compute (MaxText's weight_dtype/dtype split): an AdamW
+        # update is about lr per entry, and at the recipe's 1e-6 that is far below bf16's
+        # spacing (2^-8 relative: 8e-5 at |w| = 0.02), so bf16 weights would never move. The
+        # bf16 init checkpoint is cast up on restore (train/setup.py RUNTIME_FIELDS).
+        c.model.param_dtype = "float32"
     if size == "tiny":
         c.data.update(batch_size=8, seq_len=96, synthetic_size=512)
         c.rl.update(k=4, max_new_tokens=48)

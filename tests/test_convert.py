@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -66,6 +67,23 @@ def test_hf_to_jax_to_hf_is_bitwise_and_loads_in_transformers(tmp_path, case):
     assert reloaded.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
     tokens = np.random.default_rng(1).integers(0, 96, (1, 17))
     assert np.array_equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
+
+
+def test_bf16_checkpoint_restores_exactly_into_fp32_master_weights(tmp_path):
+    """Training the released recipe restores the bf16 conversion with param_dtype=float32
+    (configs/train.py, train/setup.py RUNTIME_FIELDS): every value is the bf16 value, exactly."""
+    hf_model = tiny_hf_model("qwen2").to(torch.bfloat16)
+    hf_dir = str(tmp_path / "hf")
+    hf_model.save_pretrained(hf_dir)
+    hf_to_jax(hf_dir, str(tmp_path / "ckpt"), progress=False)
+    bf16, _ = load_params_checkpoint(str(tmp_path / "ckpt"))
+    fp32, _ = load_params_checkpoint(str(tmp_path / "ckpt"), param_dtype="float32")
+    assert bf16.embed[...].dtype == jnp.bfloat16 and fp32.cfg.param_dtype == "float32"
+    emb = hf_model.model.embed_tokens.weight.detach().float().numpy()
+    assert np.array_equal(np.asarray(fp32.embed[...]), emb)
+    for a, b in zip(jax.tree.leaves(nnx.state(bf16)), jax.tree.leaves(nnx.state(fp32)),
+                    strict=True):  # fmt: skip
+        assert b.dtype == jnp.float32 and np.array_equal(np.asarray(a, np.float32), np.asarray(b))
 
 
 def test_default_export_is_one_file_and_dtype_follows_the_source(tmp_path):

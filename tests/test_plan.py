@@ -47,8 +47,9 @@ def _plan(preset: str):
 
 
 def _hand(preset: str) -> dict[str, float]:
-    """Per-device bytes by hand: the architecture's parameter count, bf16 policy weights and an
-    fp32 SPRM head spread over all fsdp*tensor devices (norms, replicated, are noise)."""
+    """Per-device bytes by hand: the architecture's parameter count, fp32 master weights for the
+    policy and the SPRM head (configs/train.py) spread over all fsdp*tensor devices (norms,
+    replicated, are noise)."""
     v, d, n_layers, h, k, f = ARCH[RELEASED[preset]]
     hd = d // h
     attn = d * h * hd + h * hd + 2 * (d * k * hd + k * hd) + h * hd * d  # q,k,v (+bias), o
@@ -58,7 +59,7 @@ def _hand(preset: str) -> dict[str, float]:
     config = MESHES.get_config(preset)
     mesh = config.mesh
     shards = mesh.fsdp * mesh.tensor
-    params = (2 * policy + 4 * sprm) / shards
+    params = 4 * (policy + sprm) / shards
     # KV cache: k and v, L layers, candidates over data*fsdp, kv heads over tensor, bf16.
     rows = config.data.batch_size * config.rl.k / (mesh.data * mesh.fsdp)
     slots = config.data.max_prompt_len + config.rl.max_new_tokens  # prompt widths: powers of 2

@@ -236,3 +236,42 @@ def test_checkpoints_keep_the_last_n_plus_the_best(tmp_path):
     ckpt.wait()
     assert 8 in ckpt.all_steps() and 9 in ckpt.all_steps() and 7 not in ckpt.all_steps()
     ckpt.close()
+
+
+def _changed_fraction(cfg, lr):
+    """Share of the policy's weight-matrix entries (embedding aside) one SFT step at `lr`
+    changes."""
+    mesh = _mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    tx = make_optimizer(OptimConfig(lr=lr, train_sprm=False))
+    model = create_model(cfg, seed=0, mesh=mesh)
+    graphdef, params = nnx.graphdef(model), pure_params(model)
+    init = lambda p: init_train_state(p, tx, seed=1, with_ref=False)
+    shardings = state_shardings(jax.eval_shape(init, params), placement(nnx.state(model), mesh),
+                                mesh)  # fmt: skip
+    state = jax.jit(init, out_shardings=shardings)(params)
+    before = jax.device_get(state.params)
+    step = compile_step(graphdef, StepConfig(kind="sft"), tx, mesh, shardings)
+    state, _ = step(state, split_micro(_sft_batch(np.random.default_rng(0)), 1))
+    after = jax.device_get(state.params)
+    # The embedding's rows of tokens absent from the batch get no gradient; SFT leaves the head.
+    skip = {"embed", "sprm"}
+    flat = jax.tree_util.tree_flatten_with_path(before)[0]
+    pairs = [(b, a) for (path, b), a in zip(flat, jax.tree.leaves(after), strict=True)
+             if b.ndim >= 2 and getattr(path[0], "key", None) not in skip]  # fmt: skip
+    changed = sum(int(np.sum(np.asarray(b) != np.asarray(a))) for b, a in pairs)
+    return changed / sum(b.size for b, _ in pairs)
+
+
+def test_released_recipe_keeps_fp32_weights_that_move_at_its_lr():
+    """An AdamW update is about lr per entry; at the released LR (1e-6) that is far below bf16's
+    spacing (2^-8 relative), so bf16 weights stay put. The released presets train fp32 master
+    weights with bf16 compute, which move."""
+    from metastone_jax.main import TRAIN_CONFIG, _parse
+
+    for preset in ("sft-1.5b", "grpo-1.5b"):
+        c = _parse(["t", f"--config={TRAIN_CONFIG}:{preset}"], preset, TRAIN_CONFIG)
+        assert (c.model.param_dtype, c.model.compute_dtype) == ("float32", "bfloat16"), preset
+    moved = {d: _changed_fraction(CFG.replace(param_dtype=d, compute_dtype="bfloat16"), 1e-6)
+             for d in ("bfloat16", "float32")}  # fmt: skip
+    assert moved["bfloat16"] < 0.2, moved  # the failure the fp32 master weights avoid
+    assert moved["float32"] > 0.95, moved

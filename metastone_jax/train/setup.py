@@ -38,8 +38,9 @@ from metastone_jax.train.state import pure_params
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 EXPORT_DIR = "export"
-# Non-shape fields a run may change relative to its init checkpoint.
-RUNTIME_FIELDS = ("remat", "scan_layers", "compute_dtype")
+# Non-shape fields a run may change relative to its init checkpoint (param_dtype: a bf16
+# checkpoint is restored, cast exactly, into fp32 master weights).
+RUNTIME_FIELDS = ("remat", "scan_layers", "compute_dtype", "param_dtype")
 
 
 @dataclasses.dataclass
