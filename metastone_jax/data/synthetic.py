@@ -136,23 +136,28 @@ def check_steps(prompt: str, text: str) -> list[bool]:
     return out
 
 
-def first_error(prompt: str, text: str, answer: str | None = None) -> str:
-    """Where a solution first goes wrong: "ok", "step" (a written step is wrong), "unfinished"
-    (text after the last step token inside the think span, never scored), "steps" (too few or
-    too many steps, all right), or "answer" (right steps, wrong final answer: after `</think>`,
-    never scored). `answer`: the extracted final answer (default: the text's last \\boxed{})."""
+def check_solution(prompt: str, text: str, answer: str | None = None) -> tuple[list[bool], str]:
+    """(`check_steps` labels, `first_error` kind), checking the steps once."""
     value, ops = parse_prompt(prompt)
     steps, tail = step_texts(text)
     labels = check_steps(prompt, text)
     if not all(labels):
-        return "step"
+        return labels, "step"
     if tail.strip():
-        return "unfinished"
+        return labels, "unfinished"
     if len(steps) != len(ops):
-        return "steps"
+        return labels, "steps"
     for op, operand in ops:
         value = OPS[op][1](value, operand)
     if answer is None:
         boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
         answer = boxed[-1] if boxed else None
-    return "ok" if answer is not None and answer.strip() == str(value) else "answer"
+    return labels, "ok" if answer is not None and answer.strip() == str(value) else "answer"
+
+
+def first_error(prompt: str, text: str, answer: str | None = None) -> str:
+    """Where a solution first goes wrong: "ok", "step" (a written step is wrong), "unfinished"
+    (text after the last step token inside the think span, never scored), "steps" (too few or
+    too many steps, all right), or "answer" (right steps, wrong final answer: after `</think>`,
+    never scored). `answer`: the extracted final answer (default: the text's last \\boxed{})."""
+    return check_solution(prompt, text, answer)[1]

@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from metastone_jax.data.synthetic import check_steps, first_error
+from metastone_jax.data.synthetic import check_solution
 from metastone_jax.evaluate.metrics import select_candidate
 
 KINDS = ("ok", "step", "unfinished", "steps", "answer")
@@ -31,12 +31,9 @@ def auroc(labels, scores) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(len(s), np.float64)
-    ranks[order] = np.arange(1, len(s) + 1)
-    for v in np.unique(s):  # average ranks over ties
-        tie = s == v
-        ranks[tie] = ranks[tie].mean()
+    # 1-based ranks, ties sharing their average rank
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -45,40 +42,37 @@ def diagnose(questions: list[dict], ks=(1, 2, 8, 32), method: str = "sprm_geomea
     {"step_auroc", "aligned_fraction", "candidates": {kind: share}, "picks": {k: {kind: share}},
     "pick_accuracy": {k: float}}. Step scores are matched to written steps only where their
     counts agree (`aligned_fraction` of the candidates)."""
-    scores, labels, aligned, total = [], [], 0, 0
-    kinds: Counter = Counter()
+    scores, labels, aligned = [], [], 0
+    kinds: list[list[str]] = []  # per question, per candidate
     for q in questions:
+        kinds.append([])
         for c in q["candidates"]:
-            total += 1
-            c["_kind"] = first_error(q["prompt"], c["text"], c.get("answer"))
-            kinds[c["_kind"]] += 1
-            steps = check_steps(q["prompt"], c["text"])
+            steps, kind = check_solution(q["prompt"], c["text"], c.get("answer"))
+            kinds[-1].append(kind)
             if len(steps) == len(c["step_scores"]):
                 aligned += 1
                 scores += list(c["step_scores"])
                 labels += steps
+    total = sum(len(kq) for kq in kinds)
+    counts = Counter(kind for kq in kinds for kind in kq)
     picks, accuracy = {}, {}
     for k in ks:
         chosen: Counter = Counter()
         hits = n = 0
-        for q in questions:
+        for q, kq in zip(questions, kinds, strict=True):
             cands = q["candidates"]
             for g in range(len(cands) // k):
-                group = cands[g * k : (g + 1) * k]
-                pick = group[select_candidate(group, method)]
-                chosen[pick["_kind"]] += 1
-                hits += bool(pick["correct"])
+                i = g * k + select_candidate(cands[g * k : (g + 1) * k], method)
+                chosen[kq[i]] += 1
+                hits += bool(cands[i]["correct"])
                 n += 1
         picks[int(k)] = {kind: chosen[kind] / max(n, 1) for kind in KINDS}
         accuracy[int(k)] = hits / max(n, 1)
-    for q in questions:
-        for c in q["candidates"]:
-            del c["_kind"]
     return {
         "method": method,
         "step_auroc": auroc(labels, scores),
         "aligned_fraction": aligned / max(total, 1),
-        "candidates": {kind: kinds[kind] / max(total, 1) for kind in KINDS},
+        "candidates": {kind: counts[kind] / max(total, 1) for kind in KINDS},
         "picks": picks,
         "pick_accuracy": accuracy,
     }
