@@ -11,12 +11,15 @@ global-norm clipping at 1.0, AdamW (weight decay 0.01) update.
             `torch.optim.AdamW(lr, weight_decay=0.01).step()`, `zero_grad()`.
 Prints:
   - the losses of the first two steps on both sides (same weights, same batch, same update);
-  - tokens/s (all b*T positions per step) each side and the ratio ours/theirs for the default
-    ModelConfig (scan_layers=True, remat='none'), then every scan x remat variant (ours only);
+  - tokens/s (all b*T positions per step) each side and the ratio ours/theirs for --headline
+    (default: the ModelConfig default, scan_layers=True, remat='none'), then every scan x remat
+    variant (ours only); a third field sets StepConfig.logits_chunk (fused chunked LM-head
+    loss), e.g. scan:dots:64;
   - model FLOP/s against this machine's matmul roofline (large jnp.dot, same run) and the
     formula for TPU MFU.
 
     .venv/bin/python bench/train_bench.py [--batch 8 --seq 256] [--profile] [--what_if linear2d]
+        [--logits_chunk 64]
 
 --profile adds a breakdown of one step on both sides (forward, forward+backward, the
 cross-entropy over the vocabulary, clipping + AdamW alone). --what_if linear2d measures a
@@ -94,8 +97,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round and side")
     parser.add_argument("--rounds", type=int, default=2, help="alternating ours/theirs rounds")
     parser.add_argument("--variant_steps", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="scan|unroll:remat, ...")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS),
+        help="scan|unroll:remat[:logits_chunk], ... (logits_chunk default: --logits_chunk)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--headline", default="scan:none",
+        help="ours in the alternating rounds against theirs: scan|unroll:remat[:logits_chunk]",
+    )  # fmt: skip
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--logits_chunk", type=int, default=0,
+        help="ours: StepConfig.logits_chunk (the fused chunked LM-head loss; 0 = full logits)",
+    )  # fmt: skip
     parser.add_argument("--what_if", default="", help=f"comma list of {sorted(WHAT_IF)}")
     args = parser.parse_args()
     what_if = [w for w in args.what_if.split(",") if w]
@@ -142,9 +156,12 @@ def main() -> None:
     # --- ours ---------------------------------------------------------------------------------
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     tx = make_optimizer(OptimConfig(lr=args.lr, train_sprm=False))
-    step_cfg = StepConfig(kind="sft")
 
-    def build(scan: bool, remat: str):
+    def parse(name: str) -> tuple[bool, str, int]:
+        scan, remat, *chunk = name.split(":")
+        return scan == "scan", remat, int(chunk[0]) if chunk else args.logits_chunk
+
+    def build(scan: bool, remat: str, chunk: int):
         """(graphdef, compiled step, fresh train state) from the converted checkpoint."""
         model, _ = load_params_checkpoint(
             ckpt, mesh=mesh, compute_dtype="float32", scan_layers=scan, remat=remat
@@ -157,11 +174,12 @@ def main() -> None:
 
         shardings = state_shardings(jax.eval_shape(init, params), param_shardings, mesh)
         state = jax.jit(init, out_shardings=shardings)(params)
+        step_cfg = StepConfig(kind="sft", logits_chunk=chunk)
         return graphdef, compile_step(graphdef, step_cfg, tx, mesh, shardings), state
 
     class Ours:
-        def __init__(self, scan: bool, remat: str):
-            self.graphdef, self.step, self.state = build(scan, remat)
+        def __init__(self, scan: bool, remat: str, chunk: int):
+            self.graphdef, self.step, self.state = build(scan, remat, chunk)
             self.losses = []
 
         def __call__(self):
@@ -189,7 +207,8 @@ def main() -> None:
         hf_losses.append(loss.item())
 
     # --- two warm-up steps each (compile; loss check), then alternating rounds of N steps -----
-    default = Ours(scan=True, remat="none")
+    headline = parse(args.headline)
+    default = Ours(*headline)
     t0 = time.perf_counter()
     default()
     t_compile = time.perf_counter() - t0
@@ -205,14 +224,13 @@ def main() -> None:
     losses = default.losses[:2]
     default.state = None  # free ours before building the variants
 
-    # --- scan x remat variants (ours only; scan:none is the default measured above) ------------
+    # --- scan x remat variants (ours only; the headline's numbers are reused) ----------------
     variant_rows = []
     for name in [v for v in args.variants.split(",") if v]:
-        scan, remat = name.split(":")
-        if (scan, remat) == ("scan", "none"):
+        if parse(name) == headline:
             variant_rows.append((name, t_compile, t_ours))
             continue
-        v = Ours(scan=scan == "scan", remat=remat)
+        v = Ours(*parse(name))
         t0 = time.perf_counter()
         v()
         t_c = time.perf_counter() - t0
@@ -232,6 +250,7 @@ def main() -> None:
     d_attn = hf_cfg.num_attention_heads * (args.hidden // hf_cfg.num_attention_heads)
     flops = model_flops_per_step(n_matmul, args.layers, d_attn, t, n_tokens)
 
+    loss_kind = "fused LM-head loss" if args.logits_chunk else "full logits"
     label = f" [WHAT-IF: {'+'.join(what_if)} monkeypatched]" if what_if else ""
     print(f"model{label}: Qwen2 d={args.hidden} L={args.layers} V={args.vocab} "
           f"ff={hf_cfg.intermediate_size} heads={hf_cfg.num_attention_heads}/"
@@ -240,12 +259,13 @@ def main() -> None:
           f"masked per row); jax {jax.__version__}, torch {torch.__version__} eager (no "
           f"torch.compile, attn {hf_model.config._attn_implementation}), transformers "
           f"{transformers.__version__}; {threads} CPU threads each side "
-          f"(torch.set_num_threads({threads}); XLA:CPU's pool = cores)")  # fmt: skip
+          f"(torch.set_num_threads({threads}); XLA:CPU's pool = cores); ours: logits_chunk "
+          f"{args.logits_chunk} ({loss_kind})")  # fmt: skip
     rel = [abs(a - c) / abs(c) for a, c in zip(losses, hf_losses[:2], strict=True)]
     print(f"  loss step 1: ours {losses[0]:.6f}  theirs {hf_losses[0]:.6f}  rel diff "
           f"{rel[0]:.1e}; step 2: ours {losses[1]:.6f}  theirs {hf_losses[1]:.6f}  rel diff "
           f"{rel[1]:.1e}")  # fmt: skip
-    print(f"  ours (scan, remat none)  {n_tokens / t_ours:8.1f} tok/s  ({t_ours:.3f} s/step, "
+    print(f"  ours ({args.headline:15s})  {n_tokens / t_ours:8.1f} tok/s  ({t_ours:.3f} s/step, "
           f"median of {len(ours_times)}; min {min(ours_times):.3f})")  # fmt: skip
     print(f"  HF PyTorch eager         {n_tokens / t_hf:8.1f} tok/s  ({t_hf:.3f} s/step, "
           f"median of {len(their_times)}; min {min(their_times):.3f})")  # fmt: skip
@@ -270,9 +290,9 @@ def main() -> None:
         theirs_parts = profile_theirs(args, hf_model, opt, hf_params, input_ids, attention_mask,
                                       labels)  # fmt: skip
         ours_parts = {}
-        for name in dict.fromkeys(("scan:none", best[0])):
-            scan, remat = name.split(":")
-            ours_parts[name] = profile_ours(build(scan == "scan", remat), batch, tx, step_cfg)
+        for name in dict.fromkeys((args.headline, best[0])):
+            step_cfg = StepConfig(kind="sft", logits_chunk=parse(name)[2])
+            ours_parts[name] = profile_ours(build(*parse(name)), batch, tx, step_cfg)
         print("  profile (s per call, median of 3 after a warm-up call):")
         header = "".join(f"{'ours ' + n:>18s}" for n in ours_parts) + f"{'theirs':>12s}"
         print(f"    {'':28s}{header}")

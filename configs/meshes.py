@@ -10,14 +10,15 @@ reference, SPR loss) with the model, slice, mesh and batch layout below, `model.
 and `train.tpu` set, so `train` checks the memory plan before it allocates. Every preset fits
 by the planner (tests/test_plan.py); `metastone-jax plan --preset=NAME` prints its numbers.
 
-Per device, the largest piece of the update is the logits of one row ([T, V/tensor] in fp32,
-several copies: metastone_jax/planning/memory.py), so the small-HBM slices lay the vocabulary
-over tensor=2, and every preset runs one row per device per micro-batch (grad_accum =
-rows per update / (data*fsdp)). Where the recipe does not fit, it is cut, as noted:
+Per device, the largest piece is the rollouts' KV cache (every candidate's keys and values for
+the prompt and response slots); the update's logits are applied in chunks of
+train.logits_chunk = 1024 positions (metastone_jax/lm_loss.py), so they no longer set the limit.
+Every preset runs one row per device per micro-batch (grad_accum = rows per update /
+(data*fsdp)) and lays the small-HBM slices' kv heads and vocabulary over tensor=2. Where the
+recipe does not fit, it is cut, as noted:
 
-  grpo-1.5b-v5e-8   8 chips x 16 GiB; fsdp 4 x tensor 2; responses cut to 3072 tokens
-                    (9216-token rows need ~24 GiB per chip here; 4096 would plan at 95% of HBM,
-                    inside the planner's +-25% error).
+  grpo-1.5b-v5e-8   8 chips x 16 GiB; fsdp 4 x tensor 2; responses cut to 4096 tokens (plans
+                    at 73% of HBM; 8192 needs 16.4 GiB per chip, the KV cache alone 7.9).
   grpo-1.5b-v6e-8   8 chips x 32 GiB; fsdp 4 x tensor 2; the full recipe.
   grpo-1.5b-v4-8    4 chips x 32 GiB (v4-8 counts TensorCores); fsdp 2 x tensor 2; 16 prompts per
                     step (2 updates of 8 prompts: the recipe's mini-batch), the rest in full.
@@ -40,7 +41,7 @@ PRESETS: dict[str, dict] = {
         "tpu": "v5e-8",
         "mesh": {"data": 1, "fsdp": 4, "tensor": 2},
         "data": {"grad_accum": 16},
-        "rl": {"max_new_tokens": 3072},
+        "rl": {"max_new_tokens": 4096},
     },
     "grpo-1.5b-v6e-8": {
         "model": "metastone-s1-1.5b",

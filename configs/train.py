@@ -117,6 +117,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # Cloud TPU type of the slice (v5e-8, v5p-64, ...): train first checks the memory
                 # plan (metastone-jax plan) and refuses one that cannot fit. Empty: no check.
                 "tpu": "",
+                # Positions per LM-head chunk in the losses (metastone_jax/lm_loss.py): the
+                # [b, T, V] logits are never held whole. 0 = full logits (faster at small V).
+                "logits_chunk": 1024 if released else 0,
             },
         }
     )

@@ -37,11 +37,13 @@ REMAT = {
 
 @struct.dataclass
 class ModelOutput:
-    """logits [B,T,V] fp32; features [B,T,D] penultimate-layer output; cache or None."""
+    """logits [B,T,V] fp32 (None when the head was skipped); features [B,T,D] penultimate-layer
+    output; cache or None; hidden [B,T,D] the final-normed last layer (the LM head's input)."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     features: jax.Array
     cache: KVCache | None
+    hidden: jax.Array | None = None
 
 
 class Block(nnx.Module):
@@ -134,9 +136,11 @@ class Transformer(nnx.Module):
         *,
         valid: jax.Array | None = None,
         cache: KVCache | None = None,
+        with_logits: bool = True,
     ) -> ModelOutput:
         """tokens [B,T] int; valid [B,T] bool (False = padding); positions [B,T] (default: the
-        count of valid tokens before each one, so left padding is handled).
+        count of valid tokens before each one, so left padding is handled). with_logits=False
+        skips the LM head (losses that apply it in chunks read `hidden` and `head_kernel()`).
 
         With `cache`, the T tokens are written at slots [cache.index, cache.index + T) and attend
         to every valid earlier slot; the caller keeps cache.index + T <= cache.max_len.
@@ -165,17 +169,26 @@ class Transformer(nnx.Module):
         x, features, kv = self._run_blocks(x, cos, sin, mask, cache, write_index)
 
         h = self.final_norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", h, self.embed[...].astype(h.dtype))
-        else:
-            logits = self.lm_head(h)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = None
+        if with_logits:
+            if self.lm_head is None:
+                logits = jnp.einsum("btd,vd->btv", h, self.embed[...].astype(h.dtype))
+            else:
+                logits = self.lm_head(h)
+            logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
                 k=tuple(kv[0]), v=tuple(kv[1]), valid=slot_valid, index=cache.index + t
             )
-        return ModelOutput(logits=logits, features=features, cache=new_cache)
+        return ModelOutput(logits=logits, features=features, cache=new_cache, hidden=h)
+
+    def head_kernel(self) -> jax.Array:
+        """The LM head as a [D, V] kernel in the compute dtype (the tied embedding, transposed)."""
+        dtype = self.cfg.compute_jnp_dtype
+        if self.lm_head is None:
+            return self.embed[...].astype(dtype).T
+        return self.lm_head.kernel[...].astype(dtype)
 
     def _run_blocks(self, x, cos, sin, mask, cache, write_index):
         """Applies the L stacked blocks; returns (x, penultimate features, (k, v)): the updated

@@ -40,7 +40,13 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
     accum = int(data.grad_accum)
     if kind == "sft":
         rows = _divide(int(data.batch_size), accum, "data.batch_size / data.grad_accum")
-        w = Workload(kind=kind, train_rows=rows, seq_len=int(data.seq_len), grad_accum=accum)
+        w = Workload(
+            kind=kind,
+            train_rows=rows,
+            seq_len=int(data.seq_len),
+            grad_accum=accum,
+            logits_chunk=int(config.train.logits_chunk),
+        )
     else:
         k = int(rl.k)
         prompt = bucket_length(int(data.max_prompt_len))
@@ -59,6 +65,7 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             k=k,
             prompt_len=prompt,
             max_new=g,
+            logits_chunk=int(config.train.logits_chunk),
         )
     if sample_rows is not None or sample_len is not None:
         n = w.candidates if sample_rows is None else int(sample_rows)

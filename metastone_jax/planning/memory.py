@@ -41,6 +41,11 @@ else T; scores = H/tp * s_eff elements per token and layer):
                  (logits, log-softmax pieces, cotangent): sft n = 3; grpo n = 6 (temperature,
                  entropy's softmax, more pieces); an SPR-only step never reads the logits (XLA
                  drops them: 0).
+  chunked logits (train.logits_chunk = C > 0, metastone_jax/lm_loss.py): the head runs on C
+                 positions at a time, in fp32: b*min(T, C)*v*4*m + 4*(D/fsdp)*v (the head's
+                 fp32 gradient accumulator); sft m = 3 (the fused loss), grpo m = 4
+                 (rematerialised chunks). Calibrated on CPU (tiny model, V 32768, T 256, C 16
+                 to 64: the slope of XLA's temp bytes in C is exactly 3 and 4 chunk copies).
   The logits are freed before the layers' backward starts, so the step holds
       gradients + activations + max(layer work, logits).
   Calibration: compiled steps of a 4-layer d=512 model on 8 CPU devices (T 512 to 2048, every
@@ -76,6 +81,7 @@ from metastone_jax.planning.tpu import GIB, TpuType
 
 CAUSAL_BLOCK = 64  # layers.CAUSAL_BLOCK: queries per block of the causal attention
 LOGIT_COPIES = {"sft": 3, "grpo": 6, "spr": 0}
+CHUNK_COPIES = {"sft": 3, "grpo": 4, "spr": 0}
 WARN_FRACTION = 0.9
 
 
@@ -95,6 +101,7 @@ class Workload:
     prompt_len: int = 0
     max_new: int = 0
     cache_len: int = 0
+    logits_chunk: int = 0  # train.logits_chunk: LM-head positions per chunk (0 = full logits)
 
     @property
     def slots(self) -> int:
@@ -233,12 +240,25 @@ def layer_work_bytes(cfg: ModelConfig, tp: int, rows: int, t: int) -> int:
     return int(rows * t * layer_bytes_per_token(cfg, tp, t)["none"])
 
 
-def logits_bytes(cfg: ModelConfig, tp: int, rows: int, t: int, kind: str) -> int:
-    copies = LOGIT_COPIES[kind]
-    if copies == 0:
+def logits_bytes(
+    cfg: ModelConfig, tp: int, rows: int, t: int, kind: str, chunk: int = 0, fsdp: int = 1
+) -> int:
+    """The LM head's output and loss pieces: whole [rows, t, V/tp] arrays, or with `chunk` > 0
+    a chunk of them plus the head's fp32 gradient accumulator (module docstring)."""
+    v = _split(cfg.vocab_size, tp)
+    if LOGIT_COPIES[kind] == 0:
         return 0
-    c = cfg.compute_jnp_dtype.itemsize
-    return rows * t * _split(cfg.vocab_size, tp) * (c + 4 * copies)
+    if chunk > 0:
+        return rows * min(t, chunk) * v * 4 * CHUNK_COPIES[kind] + 4 * _split(cfg.d_model, fsdp) * v
+    return rows * t * v * (cfg.compute_jnp_dtype.itemsize + 4 * LOGIT_COPIES[kind])
+
+
+def _logits_note(cfg: ModelConfig, tp: int, rows: int, t: int, w: Workload) -> str:
+    v = _split(cfg.vocab_size, tp)
+    if w.logits_chunk > 0:
+        c = min(t, w.logits_chunk)
+        return f"chunks of [{rows}, {c}, {v}] fp32 x{CHUNK_COPIES[w.kind]} + head grad (fp32)"
+    return f"[{rows}, {t}, {v}] fp32 x{LOGIT_COPIES[w.kind]} + LM head out"
 
 
 def kv_cache_bytes(cfg: ModelConfig, tp: int, rows: int, slots: int) -> int:
@@ -307,8 +327,9 @@ def build_plan(
         ),
         Component("layer work", "step*", work, "the layer being differentiated"),
         Component(
-            "logits", "step*", logits_bytes(cfg, tp, b, t, w.kind),
-            f"[{b}, {t}, {_split(cfg.vocab_size, tp)}] fp32 x{LOGIT_COPIES[w.kind]} + LM head out",
+            "logits", "step*",
+            logits_bytes(cfg, tp, b, t, w.kind, w.logits_chunk, mesh_shape["fsdp"]),
+            _logits_note(cfg, tp, b, t, w),
         ),
     ]  # fmt: skip
     n = w.candidates // dp

@@ -108,6 +108,7 @@ def step_config(config, step_tokens) -> StepConfig:
         spr_grad_scale=float(config.spr.grad_scale),
         sprm_dropout=bool(config.spr.dropout),
         step=step_tokens,
+        logits_chunk=int(config.train.logits_chunk),
     )
 
 
@@ -171,7 +172,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     start = int(state.step)
     total = int(config.train.steps)
     step_fn = compile_step(graphdef, step_cfg, tx, mesh, shardings)
-    logprobs = rollout_logprobs_fn(graphdef, mesh, temperature=step_cfg.temperature)
+    logprobs = rollout_logprobs_fn(
+        graphdef, mesh, temperature=step_cfg.temperature, logits_chunk=step_cfg.logits_chunk
+    )
     if ctx.workdir != workdir and jax.process_index() == 0:
         print(f"metastone-jax train: checkpoints in {workdir}, other files in {ctx.workdir}")
     writer = MetricsWriter(

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from metastone_jax import rl, spr_loss
+from metastone_jax import lm_loss, rl, spr_loss
 from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
 from metastone_jax.train.state import TrainState
 
@@ -52,12 +52,17 @@ class StepConfig:
     spr_grad_scale: float = 1e-4
     sprm_dropout: bool = True
     step: StepTokens | None = None  # needed by grpo (with spr_coef > 0) and spr
+    # > 0: apply the LM head to this many positions at a time (metastone_jax/lm_loss.py), so the
+    # [b, T, V] logits are never held; 0: full logits.
+    logits_chunk: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"step kind {self.kind!r}; expected one of {KINDS}")
         if self.spr_form not in SPR_FORMS:
             raise ValueError(f"spr_form {self.spr_form!r}; expected one of {SPR_FORMS}")
+        if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 0):
+            raise ValueError(f"logits_chunk must be an integer >= 0, got {self.logits_chunk!r}")
         if self.uses_spr and self.step is None:
             raise ValueError(f"{self.kind} with the SPR loss needs the step tokens (step=...)")
 
@@ -73,11 +78,35 @@ def _model(graphdef, params):
 def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """Mean next-token NLL over batch['loss_mask'] positions. tokens/valid/loss_mask [b, T]."""
     del key
-    out = _model(graphdef, params)(batch["tokens"], valid=batch["valid"])
-    logp = rl.token_logprobs(out.logits[:, :-1], batch["tokens"][:, 1:])
+    model = _model(graphdef, params)
+    tokens = batch["tokens"]
     mask = batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]
-    loss = -rl.masked_mean(logp, mask)
+    chunked = cfg.logits_chunk > 0
+    out = model(tokens, valid=batch["valid"], with_logits=not chunked)
+    if chunked:
+        # Position t predicts tokens[t + 1]: targets rolled left, the last position weighs 0.
+        weights = jnp.pad(mask, ((0, 0), (0, 1))) / jnp.maximum(jnp.sum(mask), 1)
+        targets = jnp.roll(tokens, -1, axis=1)
+        loss = lm_loss.fused_nll(
+            out.hidden, model.head_kernel(), targets, weights, chunk=cfg.logits_chunk
+        )
+    else:
+        loss = -rl.masked_mean(rl.token_logprobs(out.logits[:, :-1], tokens[:, 1:]), mask)
     return loss, {"loss": loss, "tokens": jnp.sum(mask).astype(jnp.float32)}
+
+
+def _logprobs_entropy(model, out, tokens, cfg: StepConfig, *, with_entropy: bool):
+    """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at cfg.temperature, from the
+    full logits or in chunks of cfg.logits_chunk positions."""
+    if cfg.logits_chunk > 0:
+        logp, entropy = lm_loss.chunked_logprobs(
+            out.hidden, model.head_kernel(), jnp.roll(tokens, -1, axis=1),
+            chunk=cfg.logits_chunk, temperature=cfg.temperature, with_entropy=with_entropy,
+        )  # fmt: skip
+        return logp[:, :-1], (entropy[:, :-1] if with_entropy else None)
+    logits = out.logits[:, :-1]
+    logp = rl.token_logprobs(logits, tokens[:, 1:], cfg.temperature)
+    return logp, (rl.entropy_from_logits(logits, cfg.temperature) if with_entropy else None)
 
 
 def _spr_terms(model, features, batch, key, cfg: StepConfig):
@@ -101,10 +130,8 @@ def _spr_terms(model, features, batch, key, cfg: StepConfig):
 def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """Policy loss (+KL, -entropy) + spr_coef * SPR loss over rollouts [b, T]."""
     model = _model(graphdef, params)
-    out = model(batch["tokens"], valid=batch["valid"])
-    logits = out.logits[:, :-1]
-    logp = rl.token_logprobs(logits, batch["tokens"][:, 1:], cfg.temperature)
-    entropy = rl.entropy_from_logits(logits, cfg.temperature)
+    out = model(batch["tokens"], valid=batch["valid"], with_logits=cfg.logits_chunk == 0)
+    logp, entropy = _logprobs_entropy(model, out, batch["tokens"], cfg, with_entropy=True)
     mask = batch["response_mask"][:, 1:] & batch["valid"][:, 1:]
     ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
     loss, metrics = rl.grpo_loss(
@@ -122,7 +149,7 @@ def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
 def spr_only_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """The SPR loss alone (backbone gradient scaled by spr_grad_scale, as in grpo)."""
     model = _model(graphdef, params)
-    out = model(batch["tokens"], valid=batch["valid"])
+    out = model(batch["tokens"], valid=batch["valid"], with_logits=False)
     loss, metrics = _spr_terms(model, out.features, batch, key, cfg)
     tokens = jnp.sum(batch["valid"]).astype(jnp.float32)
     return loss, {**metrics, "loss": loss, "tokens": tokens}
@@ -227,14 +254,16 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
     }
 
 
-def rollout_logprobs_fn(graphdef, mesh, *, temperature: float):
+def rollout_logprobs_fn(graphdef, mesh, *, temperature: float, logits_chunk: int = 0):
     """Jitted (params, ref_params | None, batch [A, b, T]) -> (old_logp, ref_logp | None), each
     [A, b, T-1]: the log-probs the policy and the frozen reference gave the sampled tokens,
     computed once before the updates (the PPO ratio's denominator and the KL's reference)."""
+    cfg = StepConfig(kind="sft", temperature=temperature, logits_chunk=logits_chunk)
 
     def logp(params, mb):
-        out = _model(graphdef, params)(mb["tokens"], valid=mb["valid"])
-        return rl.token_logprobs(out.logits[:, :-1], mb["tokens"][:, 1:], temperature)
+        model = _model(graphdef, params)
+        out = model(mb["tokens"], valid=mb["valid"], with_logits=logits_chunk == 0)
+        return _logprobs_entropy(model, out, mb["tokens"], cfg, with_entropy=False)[0]
 
     @jax.jit
     def jitted(params, ref_params, batch):
