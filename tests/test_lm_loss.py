@@ -186,3 +186,19 @@ def test_chunking_bounds_the_compiled_step_memory():
     logits = 8 * 256 * 32768 * 4
     assert full > 2 * logits, full  # the logits and their cotangent, at least
     assert chunked < logits, chunked  # less than one copy of them
+
+
+def test_bf16_compute_chunks_match_full_logits_within_bf16_rounding():
+    """With bf16 compute the full path rounds the logits to bf16 before its fp32 loss; the
+    chunks accumulate them in fp32. The two SFT losses agree to bf16 precision."""
+    cfg = CFG.replace(compute_dtype="bfloat16")
+    model = create_model(cfg, seed=0)
+    graphdef, params = nnx.graphdef(model), pure_params(model)
+    batch = _batch("sft", np.random.default_rng(3))
+
+    def loss(chunk):
+        step_cfg = StepConfig(kind="sft", logits_chunk=chunk)
+        return jax.jit(lambda p: LOSSES["sft"](p, batch, None, graphdef=graphdef, cfg=step_cfg)[0])
+
+    full, chunked = float(loss(0)(params)), float(loss(4)(params))
+    assert abs(chunked - full) <= 2**-7 * abs(full), (full, chunked)
