@@ -47,6 +47,12 @@ def _logits(h: jax.Array, w: jax.Array) -> jax.Array:
     return constrain(z, ("batch", "length", "vocab"))
 
 
+def _like_kernel(x: jax.Array) -> jax.Array:
+    """The head's gradient accumulator [D, V], sharded like the kernel (embed over fsdp, vocab
+    over tensor), not replicated."""
+    return constrain(x, ("embed", "vocab"))
+
+
 def _check(h, w, targets, chunk):
     if h.ndim != 3 or w.ndim != 2 or h.shape[-1] != w.shape[0]:
         raise ValueError(f"h must be [N, T, D] and w [D, V]; got {h.shape} and {w.shape}")
@@ -116,9 +122,10 @@ def _nll_and_grads(chunk, h, w, targets, weights):
         dz = wc[..., None] * (jnp.exp(z - lse) - onehot)  # d loss / d logits [N, C, V]
         dh = jnp.einsum("ncv,dv->ncd", dz, w.astype(jnp.float32)).astype(h.dtype)
         dw = dw + jnp.einsum("ncd,ncv->dv", hc.astype(jnp.float32), dz)
-        return dw, (loss, dh)
+        return _like_kernel(dw), (loss, dh)
 
-    dw, (losses, dhs) = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), (hs, ts, ws))
+    dw0 = _like_kernel(jnp.zeros(w.shape, jnp.float32))
+    dw, (losses, dhs) = jax.lax.scan(one, dw0, (hs, ts, ws))
     dh = jnp.moveaxis(dhs, 0, 1).reshape(h.shape[0], -1, h.shape[2])[:, :t]
     return jnp.sum(losses), dh, dw.astype(w.dtype)
 
