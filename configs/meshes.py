@@ -18,7 +18,7 @@ Every preset runs one row per device per micro-batch (grad_accum = rows per upda
 recipe does not fit, it is cut, as noted:
 
   grpo-1.5b-v5e-8   8 chips x 16 GiB; fsdp 4 x tensor 2; responses cut to 4096 tokens (plans
-                    at 73% of HBM; 8192 needs 16.4 GiB per chip, the KV cache alone 7.9).
+                    at 66% of HBM; 8192 needs 16.4 GiB per chip, the KV cache alone 7.9).
   grpo-1.5b-v6e-8   8 chips x 32 GiB; fsdp 4 x tensor 2; the full recipe.
   grpo-1.5b-v4-8    4 chips x 32 GiB (v4-8 counts TensorCores); fsdp 2 x tensor 2; 16 prompts per
                     step (2 updates of 8 prompts: the recipe's mini-batch), the rest in full.

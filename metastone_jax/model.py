@@ -169,19 +169,21 @@ class Transformer(nnx.Module):
         x, features, kv = self._run_blocks(x, cos, sin, mask, cache, write_index)
 
         h = self.final_norm(x)
-        logits = None
-        if with_logits:
-            if self.lm_head is None:
-                logits = jnp.einsum("btd,vd->btv", h, self.embed[...].astype(h.dtype))
-            else:
-                logits = self.lm_head(h)
-            logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = self.lm_logits(h) if with_logits else None
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
                 k=tuple(kv[0]), v=tuple(kv[1]), valid=slot_valid, index=cache.index + t
             )
         return ModelOutput(logits=logits, features=features, cache=new_cache, hidden=h)
+
+    def lm_logits(self, h: jax.Array) -> jax.Array:
+        """The LM head on final-normed hidden states [B,T,D] -> fp32 logits [B,T,V]."""
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", h, self.embed[...].astype(h.dtype))
+        else:
+            logits = self.lm_head(h)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def head_kernel(self) -> jax.Array:
         """The LM head as a [D, V] kernel in the compute dtype (the tied embedding, transposed)."""

@@ -176,3 +176,23 @@ def test_batch_that_cannot_be_laid_on_the_mesh(model):
     params = SamplingParams(temperature=1.0, max_new_tokens=4)
     with pytest.raises(ValueError, match=r"3 prompts x k=2 = 6 candidates cannot be laid"):
         sampler.generate(model, PROMPTS, k=2, params=params, step=STEP, mesh=mesh)
+
+
+def test_prefill_never_holds_the_prompt_logits():
+    """Only the last prompt position predicts a token, so prefill applies the LM head to it
+    alone: XLA's temporaries stay under one [B, P, V] fp32 array (V 32768, P 512: 256 MiB)."""
+    cfg = ModelConfig(
+        vocab_size=32768, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+        max_len=1024, compute_dtype="float32",
+    )  # fmt: skip
+    model = create_model(cfg, seed=0)
+    graphdef, state = nnx.split(model)
+    opts = sampler.DecodeOptions(
+        params=SamplingParams(temperature=1.0, max_new_tokens=8),
+        step=StepTokens(step_ids=(5,), think_open=None, think_close=None),
+    )
+    tokens = jax.ShapeDtypeStruct((4, 512), np.int32)
+    valid = jax.ShapeDtypeStruct((4, 512), bool)
+    fn = jax.jit(lambda s, t, v: sampler.prefill(graphdef, s, t, v, k=2, cache_len=520, opts=opts))
+    temp = fn.lower(state, tokens, valid).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 4 * 512 * 32768 * 4, temp

@@ -59,9 +59,10 @@ bp = ceil(prompts / dp), P = padded prompt width, G = max new tokens, S = P + G 
   KV cache        2 * L * n * (K/tp) * S * hd * c   (k and v, [n, K, S, hd] per layer; rows over
                   dp, kv heads over tp when tp divides K)
   sampler work    the prompts' own cache before it is repeated k times (the KV formula with bp
-                  rows) + max(prefill: bp*P*max(H/tp*S*(8 + c), v*(c + 4)) (one layer's
-                  scores, or the prompt logits), decode: 2*n*(K/tp)*S*hd*4 + 2*n*v*4 (one
-                  layer's K and V upcast to fp32, logits and probabilities)) + decode state
+                  rows) + max(prefill: bp*P*H/tp*S*(8 + c) + bp*v*(c + 4) (one layer's
+                  scores; the LM head runs on the last prompt position only), decode:
+                  2*n*(K/tp)*S*hd*4 + 2*n*v*4 (one layer's K and V upcast to fp32, logits and
+                  probabilities)) + decode state
                   n*G*8 (tokens, step scores and their indices).
 
 Peak per device = resident (params + reference + optimizer) + max(train step, rollouts (KV
@@ -275,7 +276,7 @@ def sampler_work_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int, slots: i
     s = slots
     v = _split(cfg.vocab_size, tp)
     prompt_cache = kv_cache_bytes(cfg, tp, bp, s)
-    prefill = bp * w.prompt_len * max(_split(cfg.n_heads, tp) * s * (8 + c), v * (c + 4))
+    prefill = bp * w.prompt_len * _split(cfg.n_heads, tp) * s * (8 + c) + bp * v * (c + 4)
     decode = 2 * n * _split(cfg.n_kv_heads, tp) * s * cfg.head_dim * 4 + 2 * n * v * 4
     state = n * w.max_new * 8
     return int(prompt_cache + max(prefill, decode) + state)

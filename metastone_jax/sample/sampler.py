@@ -109,7 +109,8 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     cfg = model.cfg
     b, p = tokens.shape
     cache = KVCache.init(cfg, b, cache_len)
-    out = model(tokens, valid=valid, cache=cache)
+    # Only the last position's logits predict a token: the head runs on it alone, not on [B, P].
+    out = model(tokens, valid=valid, cache=cache, with_logits=False)
     step = opts.step
     positions = jnp.cumsum(valid, axis=1) - 1
     prompt_len = jnp.sum(valid, axis=1).astype(jnp.int32)
@@ -121,7 +122,7 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     seen = seen_from_tokens(tokens, cfg.vocab_size, valid)
     g, s_max = opts.params.max_new_tokens, _max_steps(opts.params)
     per_prompt = dict(
-        next_logits=out.logits[:, -1],
+        next_logits=model.lm_logits(out.hidden[:, -1:])[:, 0],
         next_feature=out.features[:, -1],
         prompt_len=prompt_len,
         prev=tokens[:, -1].astype(jnp.int32),
