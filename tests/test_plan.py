@@ -275,3 +275,29 @@ def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
     plan = build_plan(cfg, name="x", tpu=tpu, mesh_shape=shape, workload=work, state=state)
     estimate = plan.step_peak - plan.resident
     assert 0.75 * xla_temp <= estimate <= 1.4 * xla_temp, (estimate / xla_temp, plan.components)
+
+
+def test_full_logits_that_cannot_fit_point_to_logits_chunk():
+    """1.5B SFT rows of 9216 tokens on a v5e-8: the full [T, V] logits of one row (fp32 loss
+    pieces) do not fit; the refusal names train.logits_chunk, and with chunks the plan fits."""
+    spec = importlib.util.spec_from_file_location("train_cfg", os.path.join(CONFIGS, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("sft-1.5b")
+    config.train.tpu = "v5e-8"
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    config.model.remat = "full"
+    config.data.update(batch_size=8, grad_accum=1)
+    config.train.logits_chunk = 0
+    full = plan_config(config)
+    assert not full.fits and full.biggest.name == "logits"
+    with pytest.raises(ValueError, match=r"Largest: logits .* Try train\.logits_chunk=1024"):
+        check_train_config(config)
+    config.train.logits_chunk = 1024
+    chunked = plan_config(config)
+    assert chunked.fits
+    # One row per device, T 9216, V 151936 (vocab unsharded): full = T * V * (2 + 4 * 3) bytes;
+    # chunks = 1024 * V * 4 * 3 + the fp32 head gradient (D / fsdp) * V * 4.
+    v, d = 151936, 1536
+    assert chunked.component("logits").bytes == 1024 * v * 12 + (d // 8) * v * 4
+    assert full.component("logits").bytes == 9216 * v * 14

@@ -7,6 +7,7 @@ from metastone_jax.planning.memory import WARN_FRACTION, MemoryPlan, gib
 ROWS = "fewer rows per device (raise data.grad_accum)"
 REMAT = "model.remat='full'"
 SHORTER = "shorter rows (data.seq_len, or rl.max_new_tokens / data.max_prompt_len)"
+CHUNK = "train.logits_chunk=1024 (the LM head on 1024 positions at a time)"
 # What shrinks each component, per device (the first options first).
 REMEDIES = {
     "params": ("more fsdp (shards the parameters)",),
@@ -15,7 +16,7 @@ REMEDIES = {
     "gradients": ("more fsdp (shards the gradients)",),
     "activations": (REMAT, ROWS, SHORTER),
     "layer work": ("more tensor (shards heads and the MLP)", ROWS, SHORTER),
-    "logits": ("more tensor (shards the vocabulary)", ROWS, SHORTER),
+    "logits": (CHUNK, "more tensor (shards the vocabulary)", ROWS, SHORTER),
     "KV cache": (
         "fewer candidates at once (data.batch_size, rl.k)", "a shorter rl.max_new_tokens",
         "more data*fsdp",
@@ -43,6 +44,8 @@ def advice(plan: MemoryPlan) -> str:
     done = {REMAT} if plan.remat == "full" else set()
     if plan.rows_per_device == 1:
         done.add(ROWS)
+    if plan.workload.logits_chunk > 0:
+        done.add(CHUNK)
     fixes = [f for f in REMEDIES[big.name] if f not in done]
     fixes += [
         g for word, g in GENERIC.items() if g not in done and not any(word in f for f in fixes)
