@@ -1,9 +1,9 @@
 """LM-head losses that never hold the [N, T, V] logits: the head is applied to chunks of positions.
 
 With a vocabulary of 152k (Qwen2) the fp32 logits of one micro-batch are the largest array of a
-train step (4 x 4.6k x 152k x 4 B = 11 GiB before their log-softmax pieces and cotangent). Both
-functions here take the final hidden states h [N, T, D] and the head kernel w [D, V] instead, and
-walk T in chunks of C positions, so at most [N, C, V] logits are alive at a time:
+train step (4 x 4608 x 151936 x 4 B = 10.4 GiB, before their log-softmax pieces and cotangent).
+Both functions here take the final hidden states h [N, T, D] and the head kernel w [D, V]
+instead, and walk T in chunks of C positions, so at most [N, C, V] logits are alive at a time:
 
 - `chunked_logprobs`: log p(target) (and optionally the entropy) per position, for any loss
   built on them (GRPO). Each chunk is rematerialised in the backward pass: one extra [N, C, D] x
