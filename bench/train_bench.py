@@ -250,7 +250,8 @@ def main() -> None:
     d_attn = hf_cfg.num_attention_heads * (args.hidden // hf_cfg.num_attention_heads)
     flops = model_flops_per_step(n_matmul, args.layers, d_attn, t, n_tokens)
 
-    loss_kind = "fused LM-head loss" if args.logits_chunk else "full logits"
+    chunk = headline[2]
+    loss_kind = f"fused LM-head loss, chunks of {chunk}" if chunk else "full logits"
     label = f" [WHAT-IF: {'+'.join(what_if)} monkeypatched]" if what_if else ""
     print(f"model{label}: Qwen2 d={args.hidden} L={args.layers} V={args.vocab} "
           f"ff={hf_cfg.intermediate_size} heads={hf_cfg.num_attention_heads}/"
@@ -259,8 +260,8 @@ def main() -> None:
           f"masked per row); jax {jax.__version__}, torch {torch.__version__} eager (no "
           f"torch.compile, attn {hf_model.config._attn_implementation}), transformers "
           f"{transformers.__version__}; {threads} CPU threads each side "
-          f"(torch.set_num_threads({threads}); XLA:CPU's pool = cores); ours: logits_chunk "
-          f"{args.logits_chunk} ({loss_kind})")  # fmt: skip
+          f"(torch.set_num_threads({threads}); XLA:CPU's pool = cores); ours ({args.headline}):"
+          f" {loss_kind}")  # fmt: skip
     rel = [abs(a - c) / abs(c) for a, c in zip(losses, hf_losses[:2], strict=True)]
     print(f"  loss step 1: ours {losses[0]:.6f}  theirs {hf_losses[0]:.6f}  rel diff "
           f"{rel[0]:.1e}; step 2: ours {losses[1]:.6f}  theirs {hf_losses[1]:.6f}  rel diff "

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 from metastone_jax.sharding import constrain
 
 
-def _chunked(x: jax.Array, chunk: int, fill=0) -> jax.Array:
-    """[N, T, ...] -> [T/C, N, C, ...], padding T up to a multiple of C with `fill`."""
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+    """[N, T, ...] -> [T/C, N, C, ...], zero-padding T up to a multiple of C (padded targets
+    are id 0 and padded weights 0; their outputs are dropped)."""
     n, t = x.shape[:2]
     pad = -t % chunk
     if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(n, (t + pad) // chunk, chunk, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
@@ -84,9 +85,8 @@ def chunked_logprobs(
         z = _logits(hc, w) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse
-        if not with_entropy:
-            return logp, jnp.zeros_like(logp)
-        return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1) if with_entropy else None
+        return logp, ent
 
     hs, ts = _chunked(h, chunk), _chunked(targets.astype(jnp.int32), chunk)
     logp, ent = jax.lax.map(lambda xs: one(w, *xs), (hs, ts))

@@ -121,9 +121,12 @@ def check_steps(prompt: str, text: str) -> list[bool]:
     """Per written step: True while every step so far is right (the last attempt of a reflective
     step counts; its left operand must be the previous result, its operation and operand the
     prompt's) -> [n_steps] "correct so far" labels."""
-    value, ops = parse_prompt(prompt)
+    return _step_labels(*parse_prompt(prompt), step_texts(text)[0])
+
+
+def _step_labels(value: int, ops: list[tuple[str, int]], steps: list[str]) -> list[bool]:
     out, ok = [], True
-    for i, step in enumerate(step_texts(text)[0]):
+    for i, step in enumerate(steps):
         m = _STEP_RE.match(step.split(", wait, ")[-1].strip())
         if ok and (m is None or i >= len(ops)):
             ok = False
@@ -140,7 +143,7 @@ def check_solution(prompt: str, text: str, answer: str | None = None) -> tuple[l
     """(`check_steps` labels, `first_error` kind), checking the steps once."""
     value, ops = parse_prompt(prompt)
     steps, tail = step_texts(text)
-    labels = check_steps(prompt, text)
+    labels = _step_labels(value, ops, steps)
     if not all(labels):
         return labels, "step"
     if tail.strip():

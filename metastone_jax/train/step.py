@@ -95,18 +95,18 @@ def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     return loss, {"loss": loss, "tokens": jnp.sum(mask).astype(jnp.float32)}
 
 
-def _logprobs_entropy(model, out, tokens, cfg: StepConfig, *, with_entropy: bool):
-    """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at cfg.temperature, from the
-    full logits or in chunks of cfg.logits_chunk positions."""
-    if cfg.logits_chunk > 0:
+def _logprobs_entropy(model, out, tokens, *, temperature, chunk, with_entropy):
+    """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at `temperature`, from the
+    full logits (chunk 0) or in chunks of `chunk` positions."""
+    if chunk > 0:
         logp, entropy = lm_loss.chunked_logprobs(
             out.hidden, model.head_kernel(), jnp.roll(tokens, -1, axis=1),
-            chunk=cfg.logits_chunk, temperature=cfg.temperature, with_entropy=with_entropy,
+            chunk=chunk, temperature=temperature, with_entropy=with_entropy,
         )  # fmt: skip
         return logp[:, :-1], (entropy[:, :-1] if with_entropy else None)
     logits = out.logits[:, :-1]
-    logp = rl.token_logprobs(logits, tokens[:, 1:], cfg.temperature)
-    return logp, (rl.entropy_from_logits(logits, cfg.temperature) if with_entropy else None)
+    logp = rl.token_logprobs(logits, tokens[:, 1:], temperature)
+    return logp, (rl.entropy_from_logits(logits, temperature) if with_entropy else None)
 
 
 def _spr_terms(model, features, batch, key, cfg: StepConfig):
@@ -131,7 +131,10 @@ def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """Policy loss (+KL, -entropy) + spr_coef * SPR loss over rollouts [b, T]."""
     model = _model(graphdef, params)
     out = model(batch["tokens"], valid=batch["valid"], with_logits=cfg.logits_chunk == 0)
-    logp, entropy = _logprobs_entropy(model, out, batch["tokens"], cfg, with_entropy=True)
+    logp, entropy = _logprobs_entropy(
+        model, out, batch["tokens"], temperature=cfg.temperature, chunk=cfg.logits_chunk,
+        with_entropy=True,
+    )  # fmt: skip
     mask = batch["response_mask"][:, 1:] & batch["valid"][:, 1:]
     ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
     loss, metrics = rl.grpo_loss(
@@ -258,12 +261,14 @@ def rollout_logprobs_fn(graphdef, mesh, *, temperature: float, logits_chunk: int
     """Jitted (params, ref_params | None, batch [A, b, T]) -> (old_logp, ref_logp | None), each
     [A, b, T-1]: the log-probs the policy and the frozen reference gave the sampled tokens,
     computed once before the updates (the PPO ratio's denominator and the KL's reference)."""
-    cfg = StepConfig(kind="sft", temperature=temperature, logits_chunk=logits_chunk)
 
     def logp(params, mb):
         model = _model(graphdef, params)
         out = model(mb["tokens"], valid=mb["valid"], with_logits=logits_chunk == 0)
-        return _logprobs_entropy(model, out, mb["tokens"], cfg, with_entropy=False)[0]
+        return _logprobs_entropy(
+            model, out, mb["tokens"], temperature=temperature, chunk=logits_chunk,
+            with_entropy=False,
+        )[0]  # fmt: skip
 
     @jax.jit
     def jitted(params, ref_params, batch):
