@@ -146,6 +146,19 @@ def test_synthetic_builds_once_per_key(tmp_path):
     assert shifted["train"].data_dir != out["train"].data_dir
 
 
+def test_synthetic_knobs_that_leave_the_first_records_equal_still_rebuild(tmp_path):
+    def make_examples(split, n, seed, late=0):  # `late` changes records after the first only
+        for i in range(n):
+            yield {"prompt": f"{split} q{i}", "answer": str(i + (late if i else 0))}
+
+    kw = dict(name="toy", splits={"train": 4}, seed=0, data_dir=str(tmp_path))
+    base = prepare_synthetic(functools.partial(make_examples, late=0), **kw)["train"]
+    changed = prepare_synthetic(functools.partial(make_examples, late=7), **kw)["train"]
+    assert base[0] == changed[0]
+    assert (base[3]["answer"], changed[3]["answer"]) == ("3", "10")
+    assert changed.data_dir != base.data_dir
+
+
 def test_synthetic_concurrent_build_reuses_the_winner(tmp_path):
     # While this build runs, a second one of the same dataset finishes first (as another
     # process on the same file system would); the first build's rename then fails.

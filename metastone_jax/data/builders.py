@@ -362,15 +362,19 @@ def prepare_synthetic(
     required; ``messages`` may be a list; missing ``id``/``messages``/``solution`` get
     defaults). The dataset is keyed by ``name``, ``splits``, ``seed`` and the first record of
     each split (generated lazily: one example per split), since a generator's code cannot be
-    hashed reliably; change ``name`` when a task change could leave the first records equal.
+    hashed reliably, and by the keywords of a ``functools.partial`` (the task's knobs); change
+    ``name`` when another task change could leave the first records equal.
     """
     if not splits or any(not isinstance(n, int) or n <= 0 for n in splits.values()):
         raise ValueError(f"splits must map split names to positive sizes, got {dict(splits)}")
     # The first record of each split stands in for the generator's code and knobs, which cannot
     # be hashed reliably; it catches most task changes at the cost of one example per split.
     probe = {s: next(iter(make_examples(s, n, seed)), None) for s, n in sorted(splits.items())}
+    # A functools.partial's keyword knobs are known exactly: key on them too.
+    knobs = getattr(make_examples, "keywords", None)
     key = json.dumps(
-        {"name": name, "splits": dict(sorted(splits.items())), "seed": seed, "probe": probe},
+        {"name": name, "splits": dict(sorted(splits.items())), "seed": seed, "probe": probe}
+        | ({"knobs": knobs} if knobs else {}),
         sort_keys=True,
         default=repr,
     )
