@@ -24,7 +24,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # one step per operation; a quarter of the training steps are reflective (a wrong
             # result corrected within the step), so the policy learns to notice a wrong result
             # where a step ends: the feature the SPRM reads (README, "The demo").
-            "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-", "reflect": 0.25},
+            "task": {
+                "min_ops": 3,
+                "max_ops": 4,
+                "max_operand": 9,
+                "ops": "+-",
+                "reflect": 0.25,
+                "slips": "result",  # what a reflective step gets wrong first (SLIP_KINDS)
+            },
             # ModelConfig overrides on the demo preset (configs/model.py).
             "model": {},
             "sft": {

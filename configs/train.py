@@ -65,7 +65,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "source": "synthetic",
                 "synthetic_size": 4096,
                 # synthetic task knobs (metastone_jax.data.synthetic.make_examples)
-                "task": {"min_ops": 2, "max_ops": 3, "max_operand": 9, "ops": "+-", "reflect": 0.0},
+                "task": {
+                    "min_ops": 2,
+                    "max_ops": 3,
+                    "max_operand": 9,
+                    "ops": "+-",
+                    "reflect": 0.0,
+                    "slips": "result",
+                },
                 "batch_size": 16 if not released else 32,  # sequences (sft) / prompts (grpo)
                 "seq_len": 128 if not released else 9216,  # sft row length
                 "max_prompt_len": 48 if not released else 1024,

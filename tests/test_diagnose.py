@@ -1,11 +1,18 @@
 """The synthetic task's exact step checker and the SPRM pick diagnosis, on hand-made solutions."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 
-from metastone_jax.data.synthetic import check_steps, first_error, make_examples, parse_prompt
+from metastone_jax.data.synthetic import (
+    OPS,
+    check_steps,
+    first_error,
+    make_examples,
+    parse_prompt,
+)
 from metastone_jax.demo.diagnose import auroc, diagnose
 
 PROMPT = "Start at 2. add 4, subtract 7, subtract 9, add 5. What is the result?"
@@ -48,6 +55,34 @@ def test_generated_solutions_check_as_right():
     for rec in make_examples("train", 200, 3, min_ops=2, max_ops=4, reflect=0.5, ops="+-*"):
         assert first_error(rec["prompt"], rec["solution"]) == "ok", rec["solution"]
         assert all(check_steps(rec["prompt"], rec["solution"]))
+
+
+@pytest.mark.parametrize("kind", ["result", "operand", "op", "carry"])
+def test_each_slip_kind_gets_exactly_its_part_wrong(kind):
+    """A reflective step "a<op>b=c, wait, <right step>": the wrong attempt differs from the right
+    step in the named part only, with consistent arithmetic unless the result is the slip."""
+    seen = 0
+    for rec in make_examples("train", 300, 5, min_ops=3, max_ops=4, reflect=0.5, ops="+-*",
+                             slips=kind):  # fmt: skip
+        assert first_error(rec["prompt"], rec["solution"]) == "ok", rec["solution"]
+        for step in rec["solution"].split("<think>")[1].split("</think>")[0].split(".\n\n"):
+            if ", wait, " not in step:
+                continue
+            wrong, right = step.split(", wait, ")
+            (a, op, b, c), (ra, rop, rb, rc) = (
+                re.fullmatch(r"(-?\d+)([-+*])(-?\d+)=(-?\d+)", x).groups() for x in (wrong, right)
+            )
+            differs = {"carry": a != ra, "op": op != rop, "operand": b != rb, "result": c != rc}
+            assert differs[kind], step
+            assert [part for part, d in differs.items() if d and part != "result"] == (
+                [] if kind == "result" else [kind]
+            ), step
+            consistent = int(c) == OPS[op][1](int(a), int(b))
+            assert consistent == (kind != "result"), step
+            seen += 1
+    assert seen > 100
+    with pytest.raises(ValueError, match="slips="):
+        next(make_examples("train", 1, 0, slips="result,typo"))
 
 
 def test_auroc_against_pairwise_definition():

@@ -24,17 +24,29 @@ OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b),
 
 
 SLIPS = (-10, -2, -1, 1, 2, 10)  # how a reflective trace's wrong first attempt is off
+# What a reflective step's wrong first attempt gets wrong: the result of the right expression,
+# or (written with consistent arithmetic) the operand, the operation or the carried value.
+SLIP_KINDS = ("result", "operand", "op", "carry")
 
 
 def make_problem(
-    rng: np.random.Generator, *, n_ops: int, max_operand: int, ops: str, reflect: float = 0.0
+    rng: np.random.Generator,
+    *,
+    n_ops: int,
+    max_operand: int,
+    ops: str,
+    reflect: float = 0.0,
+    slips: tuple[str, ...] = ("result",),
 ):
     """(prompt, solution, answer) for one random chain of `n_ops` operations.
 
-    With probability `reflect` a step first writes a wrong result and corrects itself within
+    With probability `reflect` a step first writes a wrong attempt and corrects itself within
     the step ("7+5=13, wait, 7+5=12.\n\n"), as long-CoT traces do: a policy trained on such
-    traces must notice a wrong result where the step would end, which is the very position
-    whose feature the SPRM scores (SPRM.md section 2)."""
+    traces must notice a wrong step where it would end, which is the very position whose
+    feature the SPRM scores (SPRM.md section 2). `slips` (among SLIP_KINDS, drawn uniformly)
+    says what the attempt gets wrong: the result, or with consistent arithmetic the operand
+    ("7+6=13, wait, 7+5=12"), the operation ("7-5=2, wait, ...") or the carried value
+    ("8+5=13, wait, ...")."""
     value = int(rng.integers(1, max_operand + 1))
     words, steps = [], []
     start = value
@@ -46,14 +58,37 @@ def make_problem(
         words.append(f"{name} {operand}")
         expr = f"{value}{op}{operand}"
         if reflect and rng.random() < reflect:
-            slip = int(SLIPS[int(rng.integers(len(SLIPS)))])
-            steps.append(f"{expr}={new + slip}, wait, {expr}={new}.\n\n")
+            wrong = _wrong_attempt(rng, value, op, operand, max_operand, ops, slips)
+            steps.append(f"{wrong}, wait, {expr}={new}.\n\n")
         else:
             steps.append(f"{expr}={new}.\n\n")
         value = new
     prompt = f"Start at {start}. {', '.join(words)}. What is the result?"
     solution = "<think>" + "".join(steps) + f"</think>The answer is \\boxed{{{value}}}."
     return prompt, solution, str(value)
+
+
+def _wrong_attempt(rng, value: int, op: str, operand: int, max_operand: int, ops: str, slips):
+    """A reflective step's wrong first attempt, "a<op>b=c", of a kind drawn from `slips`."""
+    kind = slips[int(rng.integers(len(slips)))] if len(slips) > 1 else slips[0]
+    if kind == "op" and len(ops) == 1:
+        kind = "result"  # no other operation to confuse it with
+    if kind == "result":
+        slip = int(SLIPS[int(rng.integers(len(SLIPS)))])  # the original draw: same data as before
+        return f"{value}{op}{operand}={OPS[op][1](value, operand) + slip}"
+    if kind == "operand":
+        b = operand + int(rng.choice((-2, -1, 1, 2)))
+        if not 1 <= b <= max_operand:
+            b = operand - (b - operand)  # reflect into the operand range
+        if not 1 <= b <= max_operand:
+            return _wrong_attempt(rng, value, op, operand, max_operand, ops, ("result",))
+        return f"{value}{op}{b}={OPS[op][1](value, b)}"
+    if kind == "op":
+        other = [o for o in ops if o != op]
+        o = other[int(rng.integers(len(other)))]
+        return f"{value}{o}{operand}={OPS[o][1](value, operand)}"
+    a = value + int(rng.choice(SLIPS))  # carry
+    return f"{a}{op}{operand}={OPS[op][1](a, operand)}"
 
 
 def make_examples(
@@ -66,8 +101,13 @@ def make_examples(
     max_operand: int = 9,
     ops: str = "+-",
     reflect: float = 0.0,
+    slips: str = "result",
 ) -> Iterator[dict[str, str]]:
-    """`n` records for `split`, a pure function of (split, n, seed, knobs)."""
+    """`n` records for `split`, a pure function of (split, n, seed, knobs). `slips`: the kinds
+    of a reflective step's wrong attempt, comma-separated among SLIP_KINDS (`make_problem`)."""
+    kinds = tuple(k.strip() for k in slips.split(","))
+    if not kinds or set(kinds) - set(SLIP_KINDS):
+        raise ValueError(f"synthetic task: slips={slips!r}; expected kinds among {SLIP_KINDS}")
     if min_ops < 1 or max_ops < min_ops:
         raise ValueError(f"synthetic task: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
     unknown = set(ops) - set(OPS)
@@ -77,7 +117,7 @@ def make_examples(
     for i in range(n):
         n_ops = int(rng.integers(min_ops, max_ops + 1))
         prompt, solution, answer = make_problem(
-            rng, n_ops=n_ops, max_operand=max_operand, ops=ops, reflect=reflect
+            rng, n_ops=n_ops, max_operand=max_operand, ops=ops, reflect=reflect, slips=kinds
         )
         yield {
             "id": f"{split}-{i}",
