@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "max_prompt_len": 64,
                 "synthetic_size": 30000,
                 "lr": 1e-3,
+                # Leave each reflective step's slip out of the loss (synthetic.slip_spans).
+                "unlearned_slips": False,
             },
             "spr": {
                 "rollout_prompts": 1024,  # training prompts rolled out by the SFT policy

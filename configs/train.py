@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                     "reflect": 0.0,
                     "slips": "result",
                 },
+                # synthetic: leave each reflective step's slip (the first wrong character of its
+                # wrong attempt, synthetic.slip_spans) out of the SFT loss
+                "unlearned_slips": False,
                 "batch_size": 16 if not released else 32,  # sequences (sft) / prompts (grpo)
                 "seq_len": 128 if not released else 9216,  # sft row length
                 "max_prompt_len": 48 if not released else 1024,

@@ -12,6 +12,7 @@ from metastone_jax.data.synthetic import (
     first_error,
     make_examples,
     parse_prompt,
+    slip_spans,
 )
 from metastone_jax.demo.diagnose import auroc, diagnose
 
@@ -83,6 +84,27 @@ def test_each_slip_kind_gets_exactly_its_part_wrong(kind):
     assert seen > 100
     with pytest.raises(ValueError, match="slips="):
         next(make_examples("train", 1, 0, slips="result,typo"))
+
+
+def test_slip_spans_mark_the_first_wrong_character_of_each_attempt():
+    sol = "<think>7+5=13, wait, 7+5=12.\n\n12-3=9.\n\n9-3=7, wait, 9-3=6.\n\n</think>x"
+    assert [sol[a:b] for a, b in slip_spans(sol)] == ["3", "7"]
+    assert slip_spans(RIGHT) == [] and slip_spans("no think span") == []
+    # Every kind: the text before the span equals the correction's, the span's character does
+    # not, and a step with no slip has no span.
+    for rec in make_examples("train", 200, 1, min_ops=3, max_ops=4, reflect=0.5, ops="+-*",
+                             slips="result,operand,op,carry"):  # fmt: skip
+        text, spans = rec["solution"], slip_spans(rec["solution"])
+        assert len(spans) == text.count(", wait, ")
+        for a, b in spans:
+            assert b == a + 1
+            step_start = max(text.rfind(".\n\n", 0, a) + 3, text.find("<think>") + 7)
+            wrong, right = (
+                text[step_start:].split(", wait, ")[0],
+                text[step_start:].split(", wait, ")[1],
+            )
+            i = a - step_start
+            assert wrong[:i] == right[:i] and wrong[i] != right[i : i + 1]
 
 
 def test_auroc_against_pairwise_definition():

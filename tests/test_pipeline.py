@@ -1,6 +1,7 @@
 """Batching (determinism, epochs, per-process slices, resume) and SFT/prompt token batches."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,51 @@ def test_sft_batch_without_template_or_pad():
     assert out["tokens"][0].tolist() == [ord("q"), ord("?"), ord("a"), EOS, EOS, EOS]
     assert out["loss_mask"][0].tolist() == [False, False, True, True, False, False]
     assert out["valid"][0].tolist() == [True] * 4 + [False] * 2
+
+
+class PairTokenizer(CharTokenizer):
+    """CharTokenizer that also has one token for "=-" (id 300), as SentencePiece pieces do."""
+
+    def encode(self, text, *, add_special_tokens=False):
+        return [300 if p == "=-" else ord(p) for p in re.findall(r"=-|.", text, re.S)]
+
+    def decode(self, ids, *, skip_special_tokens=False):
+        return "".join("=-" if i == 300 else chr(i) for i in ids)
+
+
+def test_sft_batch_leaves_unlearned_spans_out_of_the_loss():
+    sol = "5+4=13, wait, 5+4=9."
+    recs = [record("r0", "q", sol), record("r1", "q", "no slip")]
+    spans = {sol: [(5, 6)], "no slip": []}  # the "3" of "13"
+    tok = CharTokenizer(TEMPLATE)
+    plain = sft_batch(recs, tok, seq_len=40)
+    out = sft_batch(recs, tok, seq_len=40, unlearned=spans.__getitem__)
+    np.testing.assert_array_equal(out["tokens"], plain["tokens"])
+    dropped = np.argwhere(plain["loss_mask"] & ~out["loss_mask"]).tolist()
+    assert dropped == [[0, 7 + 5]]  # the prompt "<u>q<a>" is 7 characters
+    assert [chr(out["tokens"][0, 7 + 5])] == ["3"] and not (
+        out["loss_mask"] & ~plain["loss_mask"]
+    ).any()
+
+    # A span inside a longer token leaves that whole token out: "=-" of "5+4=-1".
+    sol = "5+4=-1, wait, 5+4=9."
+    pair = PairTokenizer(TEMPLATE)
+    out = sft_batch([record("r2", "q", sol)], pair, seq_len=40, unlearned=lambda t: [(4, 5)])
+    response = out["tokens"][0, 7:].tolist()
+    learned = out["loss_mask"][0, 7:].tolist()
+    assert response[:5] == [ord("5"), ord("+"), ord("4"), 300, ord("1")]
+    assert learned[:5] == [True, True, True, False, True]
+    assert sum(not x for x in learned[: len(sol) - 1]) == 1
+
+
+def test_sft_batch_unlearned_spans_need_a_tokenizer_that_decodes_back():
+    class Lossy(CharTokenizer):
+        def decode(self, ids, *, skip_special_tokens=False):
+            return super().decode(ids).upper()
+
+    with pytest.raises(ValueError, match=r"'r9'.*does not decode back.*\(1, 2\)"):
+        sft_batch([record("r9", "q", "abc")], Lossy(TEMPLATE), seq_len=20,
+                  unlearned=lambda t: [(1, 2)])  # fmt: skip
 
 
 def test_prompt_batch():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,8 +133,35 @@ def pad_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
 
+def _encode_solution(
+    rec: Mapping[str, str], tokenizer: Tokenizer, spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[bool]]:
+    """``encode(solution)`` and, per token, whether it is learned: a token is left out when its
+    text overlaps one of the [start, end) character spans. Token offsets come from decoding
+    growing prefixes (only for records with spans)."""
+    text = rec["solution"]
+    ids = tokenizer.encode(text)
+    if not spans:
+        return ids, [True] * len(ids)
+    if tokenizer.decode(ids) != text:
+        raise ValueError(
+            f"record {rec['id']!r}: its solution does not decode back to itself, so unlearned "
+            f"spans {list(spans)} cannot be mapped to tokens"
+        )
+    learn, begin = [], 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(ids[: i + 1]))
+        learn.append(not any(s < end and begin < e for s, e in spans))
+        begin = end
+    return ids, learn
+
+
 def sft_batch(
-    records: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *, seq_len: int
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    unlearned: Callable[[str], Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Token batch for supervised fine-tuning; b = len(records), T = seq_len.
 
@@ -146,7 +173,9 @@ def sft_batch(
     Loss at position t means "predict tokens[t] from the prefix tokens[:t]", i.e. it uses the
     logits computed at position t-1 (shift the logits, not the mask). A response longer than
     the room left after the prompt is cut (dropping the EOS); a prompt that leaves no room for
-    one response token raises ValueError.
+    one response token raises ValueError. ``unlearned(solution)``, if given, returns [start,
+    end) character spans of the solution left out of ``loss_mask`` (e.g. a deliberate slip in a
+    reflective trace: ``synthetic.slip_spans``): every token that overlaps one is left out.
     """
     eos = tokenizer.eos_id
     if eos is None:
@@ -164,11 +193,13 @@ def sft_batch(
                 f"record {rec['id']!r}: prompt is {len(prompt)} tokens, seq_len={seq_len} leaves "
                 "no room for a response token"
             )
-        response = (tokenizer.encode(rec["solution"]) + [eos])[:room]
+        spans = unlearned(rec["solution"]) if unlearned is not None else ()
+        ids, learn = _encode_solution(rec, tokenizer, spans)
+        response, learn = (ids + [eos])[:room], (learn + [True])[:room]
         n = len(prompt) + len(response)
         tokens[r, :n] = prompt + response
         valid[r, :n] = True
-        loss_mask[r, len(prompt) : n] = True
+        loss_mask[r, len(prompt) : n] = learn
     return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}
 
 

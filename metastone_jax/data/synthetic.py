@@ -91,6 +91,30 @@ def _wrong_attempt(rng, value: int, op: str, operand: int, max_operand: int, ops
     return f"{a}{op}{operand}={OPS[op][1](a, operand)}"
 
 
+def slip_spans(solution: str) -> list[tuple[int, int]]:
+    """Where each reflective step's wrong attempt first departs from its correction: [start,
+    end) character spans of `solution`, one character each, in order.
+
+    "7+5=13, wait, 7+5=12.\n\n" -> the span of "3". Everything else is right to learn: the
+    text before the slip, the arithmetic that follows from it, and the ", wait, " correction.
+    SFT can leave these spans out of its loss (`config.data.unlearned_slips`), so that the
+    policy learns to notice and correct a slip without learning to make one. A wrong attempt
+    that is a prefix of its correction has no such character and gets no span."""
+    spans, start = [], solution.find("<think>")
+    if start < 0:
+        return spans
+    pos = start + len("<think>")
+    for step in solution[pos:].split("</think>", 1)[0].split(STEP_TEXT):
+        if ", wait, " in step:
+            wrong, right = step.split(", wait, ")[0], step.split(", wait, ")[-1]
+            i = next((j for j, (a, b) in enumerate(zip(wrong, right, strict=False)) if a != b),
+                     len(right))  # fmt: skip
+            if i < len(wrong):
+                spans.append((pos + i, pos + i + 1))
+        pos += len(step) + len(STEP_TEXT)
+    return spans
+
+
 def make_examples(
     split: str,
     n: int,

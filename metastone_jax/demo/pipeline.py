@@ -49,7 +49,8 @@ def sft_config(cfg):
     s = cfg.sft
     config.data.update(batch_size=int(s.batch_size), seq_len=int(s.seq_len),
                        max_prompt_len=int(s.max_prompt_len),
-                       synthetic_size=int(s.synthetic_size))  # fmt: skip
+                       synthetic_size=int(s.synthetic_size),
+                       unlearned_slips=bool(s.unlearned_slips))  # fmt: skip
     config.optim.lr = float(s.lr)
     config.train.update(steps=int(s.steps), save_every=max(int(s.steps) // 4, 1),
                         progress=bool(cfg.progress))  # fmt: skip

@@ -224,7 +224,12 @@ def prepare(config, workdir: str, mesh) -> RunContext:
 
 def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
     """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
-    batch = pipeline.sft_batch(records, ctx.tokenizer, seq_len=int(config.data.seq_len))
+    # Reflective traces of the synthetic task: learn the correction, not the deliberate slip.
+    synthetic_slips = config.data.source == "synthetic" and config.data.get("unlearned_slips")
+    unlearned = synthetic.slip_spans if synthetic_slips else None
+    batch = pipeline.sft_batch(
+        records, ctx.tokenizer, seq_len=int(config.data.seq_len), unlearned=unlearned
+    )
     return split_micro(batch, int(config.data.grad_accum))
 
 
