@@ -99,10 +99,7 @@ def test_slip_spans_mark_the_first_wrong_character_of_each_attempt():
         for a, b in spans:
             assert b == a + 1
             step_start = max(text.rfind(".\n\n", 0, a) + 3, text.find("<think>") + 7)
-            wrong, right = (
-                text[step_start:].split(", wait, ")[0],
-                text[step_start:].split(", wait, ")[1],
-            )
+            wrong, right = text[step_start:].split(", wait, ")[:2]
             i = a - step_start
             assert wrong[:i] == right[:i] and wrong[i] != right[i : i + 1]
 

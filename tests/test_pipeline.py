@@ -217,9 +217,8 @@ def test_sft_batch_leaves_unlearned_spans_out_of_the_loss():
     np.testing.assert_array_equal(out["tokens"], plain["tokens"])
     dropped = np.argwhere(plain["loss_mask"] & ~out["loss_mask"]).tolist()
     assert dropped == [[0, 7 + 5]]  # the prompt "<u>q<a>" is 7 characters
-    assert [chr(out["tokens"][0, 7 + 5])] == ["3"] and not (
-        out["loss_mask"] & ~plain["loss_mask"]
-    ).any()
+    assert chr(out["tokens"][0, 7 + 5]) == "3"
+    assert not (out["loss_mask"] & ~plain["loss_mask"]).any()  # nothing else changes
 
     # A span inside a longer token leaves that whole token out: "=-" of "5+4=-1".
     sol = "5+4=-1, wait, 5+4=9."

@@ -148,10 +148,12 @@ def _encode_solution(
             f"record {rec['id']!r}: its solution does not decode back to itself, so unlearned "
             f"spans {list(spans)} cannot be mapped to tokens"
         )
-    learn, begin = [], 0
+    learn, begin, last = [True] * len(ids), 0, max(e for _, e in spans)
     for i in range(len(ids)):
+        if begin >= last:  # past the last span: the rest is learned
+            break
         end = len(tokenizer.decode(ids[: i + 1]))
-        learn.append(not any(s < end and begin < e for s, e in spans))
+        learn[i] = not any(s < end and begin < e for s, e in spans)
         begin = end
     return ids, learn
 

@@ -27,6 +27,7 @@ SLIPS = (-10, -2, -1, 1, 2, 10)  # how a reflective trace's wrong first attempt 
 # What a reflective step's wrong first attempt gets wrong: the result of the right expression,
 # or (written with consistent arithmetic) the operand, the operation or the carried value.
 SLIP_KINDS = ("result", "operand", "op", "carry")
+WAIT = ", wait, "  # between a reflective step's wrong attempt and its correction
 
 
 def make_problem(
@@ -59,7 +60,7 @@ def make_problem(
         expr = f"{value}{op}{operand}"
         if reflect and rng.random() < reflect:
             wrong = _wrong_attempt(rng, value, op, operand, max_operand, ops, slips)
-            steps.append(f"{wrong}, wait, {expr}={new}.\n\n")
+            steps.append(f"{wrong}{WAIT}{expr}={new}.\n\n")
         else:
             steps.append(f"{expr}={new}.\n\n")
         value = new
@@ -69,26 +70,24 @@ def make_problem(
 
 
 def _wrong_attempt(rng, value: int, op: str, operand: int, max_operand: int, ops: str, slips):
-    """A reflective step's wrong first attempt, "a<op>b=c", of a kind drawn from `slips`."""
+    """A reflective step's wrong first attempt, "a<op>b=c", of a kind drawn from `slips`; a
+    result slip where the kind has no wrong value to offer (one operation, no operand nearby)."""
     kind = slips[int(rng.integers(len(slips)))] if len(slips) > 1 else slips[0]
-    if kind == "op" and len(ops) == 1:
-        kind = "result"  # no other operation to confuse it with
-    if kind == "result":
-        slip = int(SLIPS[int(rng.integers(len(SLIPS)))])  # the original draw: same data as before
-        return f"{value}{op}{operand}={OPS[op][1](value, operand) + slip}"
     if kind == "operand":
         b = operand + int(rng.choice((-2, -1, 1, 2)))
         if not 1 <= b <= max_operand:
             b = operand - (b - operand)  # reflect into the operand range
-        if not 1 <= b <= max_operand:
-            return _wrong_attempt(rng, value, op, operand, max_operand, ops, ("result",))
-        return f"{value}{op}{b}={OPS[op][1](value, b)}"
-    if kind == "op":
+        if 1 <= b <= max_operand:
+            return f"{value}{op}{b}={OPS[op][1](value, b)}"
+    if kind == "op" and len(ops) > 1:
         other = [o for o in ops if o != op]
         o = other[int(rng.integers(len(other)))]
         return f"{value}{o}{operand}={OPS[o][1](value, operand)}"
-    a = value + int(rng.choice(SLIPS))  # carry
-    return f"{a}{op}{operand}={OPS[op][1](a, operand)}"
+    if kind == "carry":
+        a = value + int(rng.choice(SLIPS))
+        return f"{a}{op}{operand}={OPS[op][1](a, operand)}"
+    slip = int(SLIPS[int(rng.integers(len(SLIPS)))])  # the original draw: same data as before
+    return f"{value}{op}{operand}={OPS[op][1](value, operand) + slip}"
 
 
 def slip_spans(solution: str) -> list[tuple[int, int]]:
@@ -100,13 +99,14 @@ def slip_spans(solution: str) -> list[tuple[int, int]]:
     SFT can leave these spans out of its loss (`config.data.unlearned_slips`), so that the
     policy learns to notice and correct a slip without learning to make one. A wrong attempt
     that is a prefix of its correction has no such character and gets no span."""
-    spans, start = [], solution.find("<think>")
+    start = solution.find("<think>")
     if start < 0:
-        return spans
-    pos = start + len("<think>")
-    for step in solution[pos:].split("</think>", 1)[0].split(STEP_TEXT):
-        if ", wait, " in step:
-            wrong, right = step.split(", wait, ")[0], step.split(", wait, ")[-1]
+        return []
+    spans, pos = [], start + len("<think>")
+    for step in step_texts(solution)[0]:
+        if WAIT in step:
+            attempts = step.split(WAIT)
+            wrong, right = attempts[0], attempts[-1]
             i = next((j for j, (a, b) in enumerate(zip(wrong, right, strict=False)) if a != b),
                      len(right))  # fmt: skip
             if i < len(wrong):
@@ -191,7 +191,7 @@ def check_steps(prompt: str, text: str) -> list[bool]:
 def _step_labels(value: int, ops: list[tuple[str, int]], steps: list[str]) -> list[bool]:
     out, ok = [], True
     for i, step in enumerate(steps):
-        m = _STEP_RE.match(step.split(", wait, ")[-1].strip())
+        m = _STEP_RE.match(step.split(WAIT)[-1].strip())
         if ok and (m is None or i >= len(ops)):
             ok = False
         elif ok:
