@@ -92,6 +92,11 @@ def _build_source(config, workdir: str):
         return splits["train"]
     if not os.path.isfile(src):
         raise ValueError(f"config.data.source: {src!r} is neither 'synthetic' nor a file")
+    if config.data.get("unlearned_slips"):
+        raise ValueError(
+            "config.data.unlearned_slips marks the synthetic task's reflective slips; "
+            f"config.data.source is {src!r}, not 'synthetic'"
+        )
     return builders.prepare_math_file(src, data_dir)
 
 
@@ -225,8 +230,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
 def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
     """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
     # Reflective traces of the synthetic task: learn the correction, not the deliberate slip.
-    synthetic_slips = config.data.source == "synthetic" and config.data.get("unlearned_slips")
-    unlearned = synthetic.slip_spans if synthetic_slips else None
+    unlearned = synthetic.slip_spans if config.data.get("unlearned_slips") else None
     batch = pipeline.sft_batch(
         records, ctx.tokenizer, seq_len=int(config.data.seq_len), unlearned=unlearned
     )
