@@ -35,7 +35,7 @@ def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
     table = {key: {int(k): v for k, v in row.items()} for key, row in res["table"].items()}
     assert set(table) == {key for key, _, _ in ROWS}
 
-    pool = read_pool(os.path.join(wd, "eval", "pool-filtered.jsonl"))
+    pool = read_pool(os.path.join(wd, "eval", f"pool-{res['config']['spr']['form']}.jsonl"))
     assert len(pool) == res["questions"] == 8
     assert all(len(q["candidates"]) == res["samples"] == 32 for q in pool)
     # Per-sample accuracy is the share of correct candidates in the pool.
@@ -66,7 +66,11 @@ def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
     assert "SPRM best-of-k (geomean)" in text and "k=32 (high)" in text
     # The diagnosis covers every pick the table's SPRM best-of-k rows make (equal groups per
     # question, so the mean over groups is the mean over questions).
-    for form, row in (("filtered", "sprm_geomean"), ("bce", "ablation_bce")):
+    forms = res["forms"]
+    spr = res["config"]["spr"]
+    assert forms == {"main": spr["form"], "ablation": spr["ablation_form"]}
+    assert f"SPRM best-of-k, {forms['ablation']} head (ablation)" in text
+    for form, row in ((forms["main"], "sprm_geomean"), (forms["ablation"], "ablation")):
         d = res["diagnosis"][form]
         for k in ks:
             assert d["pick_accuracy"][str(k)] == pytest.approx(table[row][k]["mean"])

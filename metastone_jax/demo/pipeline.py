@@ -7,6 +7,7 @@ ablation) -> test-time scaling on held-out problems. Every stage is resumable in
     WORKDIR/spr/<form>/          the policy with the head trained by that SPR loss form, and
                                  history.json (the "aha" curve)
     WORKDIR/eval/                candidate pools (JSONL, resumable) and beam-search results
+                                 (beam-<form>-k<k>.json, with the main head)
 
 Why SFT then SPR on the policy's own rollouts (not GRPO + SPR): see README, "The demo".
 """
@@ -225,7 +226,7 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
         if form != cfg.spr.form:
             continue
         for k in e.beam_ks:
-            path = os.path.join(workdir, EVAL_DIR, f"beam-k{k}.json")
+            path = os.path.join(workdir, EVAL_DIR, f"beam-{form}-k{k}.json")
             if os.path.exists(path):
                 beams[int(k)] = json.load(open(path))
                 continue

@@ -12,7 +12,8 @@ import numpy as np
 from metastone_jax.demo.diagnose import diagnose, format_diagnosis
 from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
 
-# (key, label, pool method); "beam" rows come from beam search, "ablation" from the BCE head.
+# (key, label, pool method); "beam" rows come from beam search with the main head, "ablation"
+# from the head trained with `spr.ablation_form` (its label names the form).
 ROWS = (
     ("random", "random single candidate", "random"),
     ("vote", "majority vote", "vote"),
@@ -21,7 +22,7 @@ ROWS = (
     ("sprm_last", "SPRM last step only", "sprm_last"),
     ("sprm_product", "SPRM product", "sprm_product"),
     ("beam", "SPRM beam search", None),
-    ("ablation_bce", "SPRM best-of-k, BCE head (ablation)", "sprm_geomean"),
+    ("ablation", "SPRM best-of-k, {form} head (ablation)", "sprm_geomean"),
     ("oracle", "oracle pass@k", "oracle"),
 )
 MODE_OF_K = {2: "low", 8: "medium", 32: "high"}
@@ -51,7 +52,7 @@ def build_results(cfg, run: dict) -> dict:
                     table[key][k] = method_accuracy(main_pool, 1, "sprm_geomean")
                 elif k in ev["beam"]:
                     table[key][k] = _beam_metric(ev["beam"][k], k)
-            elif key == "ablation_bce":
+            elif key == "ablation":
                 if ablation is not None:
                     table[key][k] = method_accuracy(ablation, k, method)
             else:
@@ -60,6 +61,7 @@ def build_results(cfg, run: dict) -> dict:
     return {
         "table": table,
         "tokens_per_question": {k: tokens_per_question(main_pool, k) for k in ks},
+        "forms": {"main": cfg.spr.form, "ablation": cfg.spr.ablation_form or None},
         "per_sample_accuracy": table["random"][ks[0]]["mean"],
         "heads": {form: h["history"][-1] for form, h in run["heads"].items()},
         # What each head's best-of-k picks, by the task's exact step labels (demo/diagnose.py).
@@ -79,6 +81,7 @@ def format_table(results: dict) -> str:
     lines = [f"{'method':<{width}}" + "".join(f"{h:>22}" for h in head)]
     lines.append("-" * len(lines[0]))
     for key, label, _ in ROWS:
+        label = row_label(results, key, label)
         cells = []
         for k in ks:
             m = results["table"][key].get(k)
@@ -91,6 +94,11 @@ def format_table(results: dict) -> str:
     tokens = "".join(f"{results['tokens_per_question'][k]:>22.0f}" for k in ks)
     lines.append(f"{'generated tokens per question':<{width}}" + tokens)
     return "\n".join(lines)
+
+
+def row_label(results: dict, key: str, label: str) -> str:
+    """The table label of row `key`: the ablation row names its SPR loss form."""
+    return label.format(form=results["forms"]["ablation"] or "-") if key == "ablation" else label
 
 
 def format_diagnoses(results: dict) -> str:
@@ -156,7 +164,7 @@ def plot_compute(results: dict, path: str) -> None:
             continue
         x = [results["table"][key][k].get("tokens_per_question", tokens[k]) for k in ks]
         y = [100 * results["table"][key][k]["mean"] for k in ks]
-        ax.plot(x, y, "o-", label=label)
+        ax.plot(x, y, "o-", label=row_label(results, key, label))
         for xi, yi, k in zip(x, y, ks, strict=True):
             ax.annotate(f"k={k}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
