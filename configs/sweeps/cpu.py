@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "chunk_questions": 10,  # questions per sampler call (x candidates rows)
             # The task is the demo's (configs/demo.py: the trainer trains on that task); the
             # sampling (also the SPRM heads' rollouts) is the demo's earlier default, with which
-            # docs/sweep was measured (the demo now samples at T 2.0, top-k 3: README).
+            # docs/sweep was measured (the demo now samples at T 3.0, top-k 3, top-p 0.85: README).
             "sampling": {"temperature": 1.4, "top_p": 1.0, "top_k": 0, "max_new_tokens": 128},
             "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-"},
             "seed": 0,

@@ -77,7 +77,7 @@ def format_table(results: dict) -> str:
     """The table as text: one row per method, one column per k (mode names for 2/8/32)."""
     ks = sorted(results["tokens_per_question"], key=int)
     head = [f"k={k}" + (f" ({MODE_OF_K[int(k)]})" if int(k) in MODE_OF_K else "") for k in ks]
-    width = 38
+    width = 42
     lines = [f"{'method':<{width}}" + "".join(f"{h:>22}" for h in head)]
     lines.append("-" * len(lines[0]))
     for key, label, _ in ROWS:
