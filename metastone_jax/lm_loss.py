@@ -10,7 +10,8 @@ instead, and walk T in chunks of C positions, so at most [N, C, V] logits are al
   [D, V] matmul per chunk buys the memory.
 - `fused_nll`: the SFT loss sum(weight * -log p(target)) as one scalar whose gradient is computed
   in the forward pass, chunk by chunk (the weights are known there), so the backward pass only
-  scales it: no rematerialisation and no [N, T, V] array in either pass.
+  scales it: no rematerialisation and no [N, T, V] array in either pass. Chunks whose weights
+  are all zero (prompt or padding positions in every row) skip the head entirely.
 
 Logits are accumulated in fp32 (`preferred_element_type`) whatever the compute dtype.
 """
@@ -112,8 +113,7 @@ def _nll_and_grads(chunk, h, w, targets, weights):
     t = h.shape[1]
     hs, ts, ws = _chunked(h, chunk), _chunked(targets, chunk), _chunked(weights, chunk)
 
-    def one(dw, xs):
-        hc, tc, wc = xs
+    def compute(dw, hc, tc, wc):
         z = _logits(hc, w)
         lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
         picked = jnp.take_along_axis(z, tc[..., None], axis=-1)
@@ -123,6 +123,14 @@ def _nll_and_grads(chunk, h, w, targets, weights):
         dh = jnp.einsum("ncv,dv->ncd", dz, w.astype(jnp.float32)).astype(h.dtype)
         dw = dw + jnp.einsum("ncd,ncv->dv", hc.astype(jnp.float32), dz)
         return _like_kernel(dw), (loss, dh)
+
+    def skip(dw, hc, tc, wc):
+        return dw, (jnp.zeros((), jnp.float32), jnp.zeros_like(hc))
+
+    def one(dw, xs):
+        # A chunk where every weight is 0 (prompt or padding positions of all rows) adds
+        # nothing to the loss or either gradient: skip its three [N, C, D] x [D, V] matmuls.
+        return jax.lax.cond(jnp.any(xs[2] != 0), compute, skip, dw, *xs)
 
     dw0 = _like_kernel(jnp.zeros(w.shape, jnp.float32))
     dw, (losses, dhs) = jax.lax.scan(one, dw0, (hs, ts, ws))
