@@ -38,10 +38,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "questions": 100,  # held-out synthetic "test" questions
             "candidates_per_point": 32,  # floor(32 / k) groups of k per question
             "chunk_questions": 10,  # questions per sampler call (x candidates rows)
-            # The task is the demo's (configs/demo.py: the trainer trains on that task); the
-            # sampling (also the SPRM heads' rollouts) is the demo's earlier default, with which
-            # docs/sweep was measured (the demo now samples at T 3.0, top-k 3, top-p 0.85: README).
-            "sampling": {"temperature": 1.4, "top_p": 1.0, "top_k": 0, "max_new_tokens": 128},
+            # The task and the sampling (also the SPRM heads' rollouts) are the demo's
+            # (configs/demo.py: T 3.0, then top-k 3 and top-p 0.85; README, "The demo").
+            "sampling": {"temperature": 3.0, "top_p": 0.85, "top_k": 3, "max_new_tokens": 128},
             "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-"},
             "seed": 0,
             # --print_commands: one command per point from `command` (fields: name, zone,
