@@ -85,17 +85,17 @@ def test_fused_nll_skips_chunks_without_weight():
     the rest equals the full-logits reference."""
     weights = WEIGHTS.copy()
     weights[:, :10] = 0  # chunks 0 and 1 of 5 positions: prompt-like
-    weights[:, 35:] = 0  # the tail of chunk 7: padding-like, chunk still computed
+    weights[:, 35:] = 0  # chunk 7 (positions 35-36 and the T-padding): padding-like, skipped
     weights[1, 20:25] = 0  # zero in one row only: chunk 4 still computed
     h = H.copy()
     h[:, :10] = np.nan
-    logq = _np_log_softmax(np.where(np.isnan(h), 0, h), W)
+    h0 = np.where(np.isnan(h), 0, h)
+    logq = _np_log_softmax(h0, W)
     want = -(weights * np.take_along_axis(logq, TARGETS[..., None], -1)[..., 0]).sum()
     fused = lambda h, w: lm_loss.fused_nll(h, w, TARGETS, weights, chunk=5)
     np.testing.assert_allclose(jax.jit(fused)(h, W), want, rtol=1e-5)
     dh, dw = jax.jit(jax.grad(fused, argnums=(0, 1)))(h, W)
     assert np.all(np.asarray(dh)[:, :10] == 0) and np.isfinite(dw).all()
-    h0 = np.where(np.isnan(h), 0, h)
     ref = jax.grad(lambda h, w: -jnp.sum(weights * _jnp_full(h, w)[0]), argnums=(0, 1))(h0, W)
     for g, r in zip((dh, dw), ref, strict=True):
         np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max())
