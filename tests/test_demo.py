@@ -38,6 +38,16 @@ def test_quick_demo_writes_consistent_artifacts(quick_run, capsys):
     pool = read_pool(os.path.join(wd, "eval", f"pool-{res['config']['spr']['form']}.jsonl"))
     assert len(pool) == res["questions"] == 8
     assert all(len(q["candidates"]) == res["samples"] == 32 for q in pool)
+    # The ablation head scores the same candidates (sampled once, its scores from the kept step
+    # features): same texts and step counts, other scores.
+    ablation = read_pool(os.path.join(wd, "eval", f"pool-{res['config']['spr']['ablation_form']}"
+                                      ".jsonl"))  # fmt: skip
+    assert [c["text"] for q in ablation for c in q["candidates"]] == [
+        c["text"] for q in pool for c in q["candidates"]
+    ]
+    a_scores = [c["step_scores"] for q in ablation for c in q["candidates"]]
+    m_scores = [c["step_scores"] for q in pool for c in q["candidates"]]
+    assert [len(s) for s in a_scores] == [len(s) for s in m_scores] and a_scores != m_scores
     # Per-sample accuracy is the share of correct candidates in the pool.
     share = np.mean([np.mean([c["correct"] for c in q["candidates"]]) for q in pool])
     assert table["random"][1]["mean"] == pytest.approx(share)

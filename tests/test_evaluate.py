@@ -201,6 +201,49 @@ def test_pool_resume_reproduces_an_uninterrupted_run(loaded, bench, tmp_path, mo
         pool(loaded, records, c, samples=4)
 
 
+def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path):
+    """Another head on the same backbone scores the same candidates from the kept features: the
+    same pool as sampling again with that head in the loop (the released-code shape)."""
+    from flax import nnx
+
+    from metastone_jax.model import SPRMHead
+
+    model, tok, step, params, read_records = loaded
+    records = read_records(bench)
+    other = SPRMHead(model.cfg.d_model, rngs=nnx.Rngs(123))
+    graphdef, state = nnx.split(model)
+    with_other = nnx.merge(graphdef, state)
+    with_other.sprm = other
+    ref = sample_pool(with_other, tok, records, samples=3, sampling=params, step=step,
+                      out_path=str(tmp_path / "ref.jsonl"), batch_prompts=2, seed=7,
+                      progress=False)  # fmt: skip
+    main_path, extra_path = tmp_path / "main.jsonl", tmp_path / "other.jsonl"
+    main = sample_pool(model, tok, records, samples=3, sampling=params, step=step,
+                       out_path=str(main_path), batch_prompts=2, seed=7, progress=False,
+                       extra_heads={str(extra_path): other})  # fmt: skip
+    assert main == pool(loaded, records, tmp_path / "alone.jsonl")  # the main pool unchanged
+    extra = read_pool(str(extra_path))
+    n_scores = 0
+    for e, r in zip(extra, ref, strict=True):
+        for c, cr in zip(e["candidates"], r["candidates"], strict=True):
+            assert {**c, "step_scores": None} == {**cr, "step_scores": None}
+            np.testing.assert_allclose(c["step_scores"], cr["step_scores"], atol=1e-5)
+            n_scores += len(c["step_scores"])
+    assert n_scores > 10
+    # The heads differ, so the scores do too (the extra pool is not the main one copied).
+    assert [c["step_scores"] for e in extra for c in e["candidates"]] != [
+        c["step_scores"] for e in main for c in e["candidates"]
+    ]
+    # The extra pool lost (or cut short) resumes alone; the main pool is not rewritten.
+    main_bytes = main_path.read_bytes()
+    lines = extra_path.read_bytes().splitlines(keepends=True)
+    extra_path.write_bytes(b"".join(lines[:2]))
+    sample_pool(model, tok, records, samples=3, sampling=params, step=step,
+                out_path=str(main_path), batch_prompts=2, seed=7, progress=False,
+                extra_heads={str(extra_path): other})  # fmt: skip
+    assert read_pool(str(extra_path)) == extra and main_path.read_bytes() == main_bytes
+
+
 def test_pool_errors(loaded, tmp_path):
     records = [{"id": "long", "prompt": "word " * 600, "answer": "1"}]
     with pytest.raises(ValueError, match="question 'long' .*exceeds the model's max_len=512"):

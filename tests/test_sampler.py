@@ -104,6 +104,35 @@ def test_in_loop_step_scores_equal_full_forward_rescoring(model):
     assert all(v > 0 for v in seen.values()), seen
 
 
+def test_kept_step_features_are_the_full_forward_features_the_head_scored(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=48)
+    plain = sampler.generate(model, PROMPTS, k=8, params=params, step=STEP, seeds=[4, 5, 6])
+    kept = sampler.generate(model, PROMPTS, k=8, params=params, step=STEP, seeds=[4, 5, 6],
+                            keep_features=True)  # fmt: skip
+    assert plain.step_features is None
+    np.testing.assert_array_equal(kept.tokens, plain.tokens)  # keeping them changes no sample
+    np.testing.assert_array_equal(kept.step_scores, plain.step_scores)
+    compared = 0
+    for i, prompt in enumerate(PROMPTS):
+        for j in range(8):
+            gen = kept.tokens[i, j, : kept.length[i, j]].tolist()
+            n = int(min((kept.step_index[i, j] >= 0).sum(), kept.step_index.shape[-1]))
+            if n == 0:
+                continue
+            # The feature that scores the step token at generated index t is the full forward's
+            # at the token before it (sequence position len(prompt) + t - 1).
+            _, feats = full_forward(model, prompt + gen)
+            at = len(prompt) + kept.step_index[i, j, :n] - 1
+            np.testing.assert_allclose(kept.step_features[i, j, :n], feats[at], atol=1e-4)
+            compared += n
+    assert compared > 30
+    # The head on the kept features gives the in-loop scores (how other heads rescore).
+    rescored = jax.nn.sigmoid(model.sprm_logits(kept.step_features))
+    recorded = kept.step_index >= 0
+    np.testing.assert_allclose(np.asarray(rescored)[recorded], kept.step_scores[recorded],
+                               atol=1e-6)  # fmt: skip
+
+
 def test_thinking_budget_forces_think_close(model):
     params = SamplingParams(temperature=1.0, max_new_tokens=30, think_budget=5)
     cands = sampler.generate(model, PROMPTS, k=4, params=params, step=STEP, seeds=[4, 5, 6])

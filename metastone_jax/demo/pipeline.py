@@ -205,38 +205,63 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
 
 
 def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
-    """Stage 4: a pool of `eval.samples` candidates per held-out question for each head (the
-    same seeds, so the same texts: only the step scores differ), and beam search with the main
-    head. -> {"pools": {form: [...]}, "beam": {k: [...]}, "records": [...]}."""
-    from metastone_jax.evaluate.harness import beam_eval, sample_pool
+    """Stage 4: a pool of `eval.samples` candidates per held-out question, sampled once with
+    the main head and scored by every head (the other heads read the step features the sampler
+    kept), and beam search with the main head.
+    -> {"pools": {form: [...]}, "beam": {k: [...]}, "records": [...]}."""
+    from metastone_jax.evaluate.harness import beam_eval, read_pool, sample_pool
 
     records = held_out_records(cfg)
     e = cfg.eval
     os.makedirs(os.path.join(workdir, EVAL_DIR), exist_ok=True)
-    pools, beams = {}, {}
-    for form, head in heads.items():
-        model, tokenizer, step = load_policy(head["ckpt"])
-        path = os.path.join(workdir, EVAL_DIR, f"pool-{form}.jsonl")
-        _log(f"evaluation ({form} head): {len(records)} questions x {e.samples} candidates")
-        pools[form] = sample_pool(
-            model, tokenizer, records, samples=int(e.samples),
-            sampling=sampling_params(cfg, tokenizer), step=step, out_path=path,
-            batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
-        )  # fmt: skip
-        if form != cfg.spr.form:
+    main = cfg.spr.form
+    model, tokenizer, step = load_policy(heads[main]["ckpt"])
+    paths = {form: os.path.join(workdir, EVAL_DIR, f"pool-{form}.jsonl") for form in heads}
+    extra = {paths[form]: _same_backbone_head(model, head["ckpt"])
+             for form, head in heads.items() if form != main}  # fmt: skip
+    _log(f"evaluation ({', '.join(heads)} heads): {len(records)} questions x {e.samples} "
+         "candidates")  # fmt: skip
+    sample_pool(
+        model, tokenizer, records, samples=int(e.samples),
+        sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
+        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
+        extra_heads=extra,
+    )  # fmt: skip
+    order = [str(r["id"]) for r in records]
+    pools = {}
+    for form, path in paths.items():
+        by_id = {q["id"]: q for q in read_pool(path)}
+        pools[form] = [by_id[i] for i in order]
+    beams = {}
+    for k in e.beam_ks:
+        path = os.path.join(workdir, EVAL_DIR, f"beam-{main}-k{k}.json")
+        if os.path.exists(path):
+            beams[int(k)] = json.load(open(path))
             continue
-        for k in e.beam_ks:
-            path = os.path.join(workdir, EVAL_DIR, f"beam-{form}-k{k}.json")
-            if os.path.exists(path):
-                beams[int(k)] = json.load(open(path))
-                continue
-            beams[int(k)] = beam_eval(
-                model, tokenizer, records, k=int(k), sampling=sampling_params(cfg, tokenizer),
-                step=step, batch_prompts=int(e.batch_prompts), seed=int(cfg.seed),
-                progress=bool(cfg.progress),
-            )  # fmt: skip
-            _write_json(path, beams[int(k)])
+        beams[int(k)] = beam_eval(
+            model, tokenizer, records, k=int(k), sampling=sampling_params(cfg, tokenizer),
+            step=step, batch_prompts=int(e.batch_prompts), seed=int(cfg.seed),
+            progress=bool(cfg.progress),
+        )  # fmt: skip
+        _write_json(path, beams[int(k)])
     return {"pools": pools, "beam": beams, "records": records}
+
+
+def _same_backbone_head(model, ckpt: str):
+    """The SPRM head of the policy at `ckpt`, checked to sit on `model`'s backbone (the heads
+    are trained on the same frozen SFT policy; a stale workdir could hold another)."""
+    import jax
+    from flax import nnx
+
+    other, _, _ = load_policy(ckpt)
+    ours = nnx.to_pure_dict(nnx.state(model))
+    theirs = nnx.to_pure_dict(nnx.state(other))
+    ours.pop("sprm"), theirs.pop("sprm")
+    same = jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), ours, theirs))
+    if not same:
+        raise ValueError(f"{ckpt}: its backbone differs from the main head's policy; the "
+                         "evaluation scores both heads on one set of candidates")  # fmt: skip
+    return other.sprm
 
 
 def spr_forms(cfg) -> list[str]:

@@ -147,9 +147,14 @@ def sample_pool(
     progress: bool = True,
     chat_template: bool = True,
     mesh=None,
+    extra_heads: dict | None = None,
 ) -> list[dict]:
     """Samples ``samples`` candidates per question into ``out_path`` (resumable) and returns the
     pool entries of ``records``, in order.
+
+    ``extra_heads`` ({pool path: SPRM head}): other heads on the same backbone (an ablation) get
+    pools of the same candidates, scored on the step features the sampler kept (no second
+    sampling, no second forward); each pool file resumes on its own.
 
     Questions go to the sampler in fixed chunks of ``batch_prompts`` consecutive records, each
     call padded to ``batch_prompts`` rows; a chunk whose questions are partly in the file is
@@ -172,48 +177,88 @@ def sample_pool(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"question id {dup!r} occurs more than once in the benchmark")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    _check_meta(out_path, {
+    heads = {out_path: None, **(extra_heads or {})}
+    meta = {
         "samples": samples, "seed": seed, "chat_template": chat_template,
         "sampling": dataclasses.asdict(sampling), "step": dataclasses.asdict(step),
-    })  # fmt: skip
-    done = {e["id"]: e for e in read_pool(out_path, repair=True)}
-    for i, rec in enumerate(records):
-        e = done.get(ids[i])
-        if e is not None and (e["answer"] != rec["answer"] or len(e["candidates"]) != samples):
-            raise ValueError(
-                f"{out_path}: question {ids[i]!r} holds {len(e['candidates'])} candidates for "
-                f"answer {e['answer']!r}, expected {samples} for {rec['answer']!r} (another "
-                "benchmark or sample count): use another output directory"
-            )
+    }  # fmt: skip
+    done = {}  # pool path -> {question id: entry}
+    for path in heads:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _check_meta(path, meta)
+        done[path] = {e["id"]: e for e in read_pool(path, repair=True)}
+        _check_resumed(path, done[path], records, ids, samples)
     prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
                        sampling.max_new_tokens)  # fmt: skip
-    bar = tqdm(total=len(records), initial=sum(i in done for i in ids), unit="question",
-               desc="sampling", disable=not progress)  # fmt: skip
+    initial = sum(all(i in d for d in done.values()) for i in ids)
+    bar = tqdm(total=len(records), initial=initial, unit="question", desc="sampling",
+               disable=not progress)  # fmt: skip
     for chunk in _chunks(len(records), batch_prompts):
-        todo = [i for i in chunk if ids[i] not in done]
-        if not todo:
+        todo = {path: [i for i in chunk if ids[i] not in done[path]] for path in heads}
+        if not any(todo.values()):
             continue
         rows = _batch(chunk, batch_prompts)
         cands = sampler.generate(
             model, [prompts[i] for i in rows], k=samples, params=sampling, step=step,
             seeds=[question_seed(seed, i) for i in rows], mesh=mesh,
+            keep_features=len(heads) > 1,
         )  # fmt: skip
-        lines = []
-        for i in todo:
-            entry = _entry(records[i], i, question_seed(seed, i), cands, chunk.index(i), tokenizer)
-            done[ids[i]] = entry
-            lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
-        with open(out_path, "ab") as f:
-            f.write("".join(lines).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        bar.update(len(todo))
+        # Decoded and graded once; each head's pool differs only in the step scores.
+        base = {i: _entry(records[i], i, question_seed(seed, i), cands, chunk.index(i),
+                          tokenizer) for i in set().union(*todo.values())}  # fmt: skip
+        for path, head in heads.items():
+            scores = None if head is None else _head_scores(head, cands)
+            lines = []
+            for i in todo[path]:
+                entry = base[i] if head is None else _rescored(base[i], cands, chunk.index(i),
+                                                               scores)  # fmt: skip
+                done[path][ids[i]] = entry
+                lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            _append(path, lines)
+        bar.update(len(set().union(*todo.values())))
     bar.close()
-    return [done[i] for i in ids]
+    return [done[out_path][i] for i in ids]
+
+
+def _check_resumed(path, done, records, ids, samples) -> None:
+    for i, rec in enumerate(records):
+        e = done.get(ids[i])
+        if e is not None and (e["answer"] != rec["answer"] or len(e["candidates"]) != samples):
+            raise ValueError(
+                f"{path}: question {ids[i]!r} holds {len(e['candidates'])} candidates for "
+                f"answer {e['answer']!r}, expected {samples} for {rec['answer']!r} (another "
+                "benchmark or sample count): use another output directory"
+            )
+
+
+def _append(path: str, lines: list[str]) -> None:
+    """One chunk's entries appended and flushed together (a kill tears at most the last)."""
+    if not lines:
+        return
+    with open(path, "ab") as f:
+        f.write("".join(lines).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _head_scores(head, cands) -> np.ndarray:
+    """sigmoid(head(feature)) at every recorded step slot: [B, k, S] (as the sampler's own)."""
+    import jax
+
+    return np.asarray(jax.nn.sigmoid(head(cands.step_features)))
+
+
+def _rescored(entry: dict, cands, row: int, step_scores: np.ndarray) -> dict:
+    """A copy of a pool line with each candidate's step scores taken from ``step_scores``."""
+    candidates = [
+        {**c, "step_scores": [float(x) for x in step_scores[row, j][cands.step_mask[row, j]]]}
+        for j, c in enumerate(entry["candidates"])
+    ]
+    return {**entry, "candidates": candidates}
 
 
 def _entry(record, index, seed, cands, row, tokenizer) -> dict:
+    """One question's pool line, row ``row`` of the sampler's output."""
     from metastone_jax.sample.sampler import FINISH_REASONS
 
     out = []

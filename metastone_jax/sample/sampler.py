@@ -62,6 +62,7 @@ class DecodeState:
     think_tokens: jax.Array  # [N] int32 generated tokens inside the think span
     step_scores: jax.Array  # [N, S] f32 sigmoid(SPRM) at each recorded step token
     step_index: jax.Array  # [N, S] int32 generated-token index of each recorded step
+    step_features: jax.Array  # [N, S, D] the feature each step was scored on ([N, 0, D]: off)
     n_steps: jax.Array  # [N] int32
     running: RunningScore  # aggregate over steps inside the think span so far
     keys: jax.Array  # [N, 2] uint32, one PRNG key per candidate
@@ -77,6 +78,9 @@ class DecodeOptions:
     pad_id: int = 0
     until_step: bool = False  # pause each candidate after its next scored step
     score_steps: bool = True  # False: the same loop without the SPRM head (benchmarks)
+    # Keep each recorded step's penultimate feature, so that other SPRM heads on the same
+    # backbone can score the same candidates afterwards without sampling them again.
+    keep_features: bool = False
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -145,6 +149,9 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
         think_tokens=jnp.zeros((n,), jnp.int32),
         step_scores=jnp.zeros((n, s_max), jnp.float32),
         step_index=jnp.full((n, s_max), -1, jnp.int32),
+        step_features=jnp.zeros(
+            (n, s_max if opts.keep_features else 0, cfg.d_model), out.features.dtype
+        ),
         n_steps=jnp.zeros((n,), jnp.int32),
         running=RunningScore.init((n,)),
         keys=jnp.zeros((n, 2), jnp.uint32),
@@ -207,6 +214,12 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         step_index = s.step_index.at[rows, slot].set(
             jnp.where(is_step, s.length, s.step_index[rows, slot])
         )
+        step_features = s.step_features
+        if opts.keep_features:
+            old = s.step_features[rows, slot]
+            step_features = s.step_features.at[rows, slot].set(
+                jnp.where(is_step[:, None], s.next_feature, old)
+            )
         # The running aggregate (for search) counts steps inside the think span so far, or all
         # with no <think>; the final mask (final_step_mask) is decided on the whole sequence.
         in_span = (s.n_open == 0) | inside
@@ -241,6 +254,7 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
             think_tokens=s.think_tokens + (active & inside & ~is_close),
             step_scores=step_scores,
             step_index=step_index,
+            step_features=step_features,
             n_steps=s.n_steps + is_step,
             running=running,
             clock=s.clock + 1,
@@ -319,6 +333,8 @@ class Candidates:
     step_scores: np.ndarray  # [B, k, S]
     step_index: np.ndarray  # [B, k, S] generated-token index of each step (-1: none)
     step_mask: np.ndarray  # [B, k, S] bool: the steps the inference scorer counts
+    # [B, k, S, D] each step's penultimate feature (generate(keep_features=True)), else None
+    step_features: np.ndarray | None = None
 
     def texts(self, tokenizer) -> list[list[str]]:
         return [
@@ -329,13 +345,14 @@ class Candidates:
 
 def to_candidates(state: DecodeState, b: int, k: int) -> Candidates:
     mask = final_step_mask(state)
+    features = state.step_features if state.step_features.shape[1] else None
     host = jax.device_get(
         (state.tokens, state.length, state.finish, state.logprob, state.step_scores,
-         state.step_index, mask)
+         state.step_index, mask, features)
     )  # fmt: skip
 
     def shape(x):
-        return np.asarray(x).reshape(b, k, *np.shape(x)[1:])
+        return None if x is None else np.asarray(x).reshape(b, k, *np.shape(x)[1:])
 
     return Candidates(*[shape(x) for x in host])
 
@@ -351,11 +368,13 @@ def generate(
     pad_id: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     score_steps: bool = True,
+    keep_features: bool = False,
 ) -> Candidates:
-    """Samples k candidates for each prompt (token id lists), with in-loop step scores."""
+    """Samples k candidates for each prompt (token id lists), with in-loop step scores.
+    keep_features: also return each step's penultimate feature (`Candidates.step_features`)."""
     state, opts, graphdef, model_state = start(
         model, prompts, k=k, params=params, step=step, seeds=seeds, pad_id=pad_id, mesh=mesh,
-        score_steps=score_steps,
+        score_steps=score_steps, keep_features=keep_features,
     )  # fmt: skip
     state = run_decode(graphdef, model_state, state, opts, mesh)
     return to_candidates(state, len(prompts), k)
@@ -380,6 +399,7 @@ def start(
     score_steps: bool = True,
     until_step: bool = False,
     cache_extra: int = 0,
+    keep_features: bool = False,
 ) -> tuple[DecodeState, DecodeOptions, Any, Any]:
     """Validates, pads, prefills: -> (state, opts, graphdef, params) ready for `decode`."""
     cfg = model.cfg
@@ -403,7 +423,12 @@ def start(
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
     opts = DecodeOptions(
-        params=params, step=step, pad_id=pad_id, until_step=until_step, score_steps=score_steps
+        params=params,
+        step=step,
+        pad_id=pad_id,
+        until_step=until_step,
+        score_steps=score_steps,
+        keep_features=keep_features,
     )
     graphdef, model_state = nnx.split(model)
     with _mesh_context(mesh):
