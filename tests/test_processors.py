@@ -151,6 +151,22 @@ def test_top_k_ties_keep_all_equal():
     assert np.isfinite(np.asarray(ours)).sum(axis=1).tolist() == [4, 6]
 
 
+def test_small_top_k_passes_equal_lax_top_k():
+    """The max-and-count passes (k <= SMALL_TOP_K) find lax.top_k's k-th value, repeats and
+    -inf entries included."""
+    from metastone_jax.sample.processors import SMALL_TOP_K, _kth_largest
+
+    rng = np.random.default_rng(3)
+    rows = [rng.normal(size=(16, 50)), rng.integers(0, 4, (16, 50)), rng.integers(0, 30, (16, 50))]
+    x = np.concatenate(rows).astype(np.float32)
+    x[::5, rng.integers(0, 50, 45)] = -np.inf  # rows with many -inf entries
+    x[3, :] = -np.inf
+    x[4, 1:] = -np.inf
+    for k in range(1, SMALL_TOP_K + 1):
+        ref = jax.lax.top_k(jnp.asarray(x), k)[0][:, -1:]
+        np.testing.assert_array_equal(jax.jit(_kth_largest, static_argnums=1)(x, k), ref)
+
+
 @pytest.mark.parametrize(
     "top_p, v", [(0.95, 300), (0.3, 300), (0.01, 300), (1.0, 300), (0.7, 7), (0.5, 7)]
 )
