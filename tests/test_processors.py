@@ -134,12 +134,14 @@ def test_seen_from_tokens_matches_update_seen():
 
 
 @pytest.mark.parametrize(
-    "temperature, top_k", [(0.7, 5), (1.3, 1), (1.0, 1000), (0.5, 40), (2.0, 39), (1.0, 0)]
-)
-def test_temperature_top_k_matches_hf(temperature, top_k):
-    logits, ids = _rand(2, 6, 40)
+    "temperature, top_k, v",
+    [(0.7, 5, 40), (1.3, 1, 40), (1.0, 1000, 40), (0.5, 40, 40), (2.0, 39, 40), (1.0, 0, 40),
+     (1.0, 70, 100)],  # k > SMALL_TOP_K: lax.top_k
+)  # fmt: skip
+def test_temperature_top_k_matches_hf(temperature, top_k, v):
+    logits, ids = _rand(2, 6, v)
     params = SamplingParams(temperature=temperature, top_k=top_k)
-    seen = jnp.zeros((6, 40), bool)
+    seen = jnp.zeros((6, v), bool)
     _assert_same(_process(jnp.asarray(logits), seen, params), _hf(logits, ids, params))
 
 
@@ -157,9 +159,10 @@ def test_small_top_k_passes_equal_lax_top_k():
     from metastone_jax.sample.processors import SMALL_TOP_K, _kth_largest
 
     rng = np.random.default_rng(3)
-    rows = [rng.normal(size=(16, 50)), rng.integers(0, 4, (16, 50)), rng.integers(0, 30, (16, 50))]
+    v = SMALL_TOP_K + 20
+    rows = [rng.normal(size=(16, v)), rng.integers(0, 4, (16, v)), rng.integers(0, 30, (16, v))]
     x = np.concatenate(rows).astype(np.float32)
-    x[::5, rng.integers(0, 50, 45)] = -np.inf  # rows with many -inf entries
+    x[::5, rng.integers(0, v, v - 5)] = -np.inf  # rows with many -inf entries
     x[3, :] = -np.inf
     x[4, 1:] = -np.inf
     for k in range(1, SMALL_TOP_K + 1):

@@ -155,9 +155,10 @@ def top_k_mask(logits: jax.Array, top_k: int) -> jax.Array:
 
 
 # Up to this k, the k-th largest logit comes from k max-and-count passes over the row instead of
-# `lax.top_k`, which XLA:CPU lowers to a full sort: 11 ms per decode step for the demo's top-k 3
-# on [256, 512] logits, about half of the whole step (bench/RESULTS.md).
-SMALL_TOP_K = 16
+# `lax.top_k`, which XLA:CPU lowers to a full sort for k > 1: 13 ms on the demo's [256, 512]
+# logits (half of its decode step), 340 ms on [128, 16000], against 0.2 and 1.5 ms for k = 3
+# (bench/top_k_bench.py, bench/RESULTS.md). A pass costs about V/100 us per 128 rows here.
+SMALL_TOP_K = 64
 
 
 def _kth_largest(x: jax.Array, k: int) -> jax.Array:
