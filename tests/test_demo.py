@@ -97,3 +97,23 @@ def test_quick_demo_resumes_without_redoing_stages(quick_run, capsys):
     assert "SPRM head (filtered): reusing" in out and "SPRM head (bce): reusing" in out
     after = json.load(open(os.path.join(quick_run, "results.json")))
     assert after["table"] == before["table"]
+
+
+def test_ablation_head_on_another_backbone_is_refused(quick_run, tmp_path):
+    """The evaluation scores every head on the main policy's candidates: a head checkpoint on
+    another backbone (a stale workdir) is an error, not silently mixed."""
+    from flax import nnx
+
+    from metastone_jax.checkpoint import HF_FILES_DIR
+    from metastone_jax.demo.pipeline import _same_backbone_head, load_policy, save_policy
+
+    main_ckpt = os.path.join(quick_run, "spr", "bce")
+    model, _, _ = load_policy(main_ckpt)
+    head = _same_backbone_head(model, os.path.join(quick_run, "spr", "filtered"))
+    assert head.fc1.kernel.shape == model.sprm.fc1.kernel.shape
+    other, _, _ = load_policy(main_ckpt)
+    other.embed[...] = other.embed[...] + 1e-3
+    out = str(tmp_path / "other")
+    save_policy(other, nnx.clone(other.sprm), os.path.join(main_ckpt, HF_FILES_DIR), out, {})
+    with pytest.raises(ValueError, match="its backbone differs from the main head's policy"):
+        _same_backbone_head(model, out)

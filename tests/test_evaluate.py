@@ -242,6 +242,12 @@ def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path)
                 out_path=str(main_path), batch_prompts=2, seed=7, progress=False,
                 extra_heads={str(extra_path): other})  # fmt: skip
     assert read_pool(str(extra_path)) == extra and main_path.read_bytes() == main_bytes
+    # A head over another feature width is refused before anything is sampled.
+    wrong = SPRMHead(model.cfg.d_model + 1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"other.jsonl: expected an SPRM head over d_model="):
+        sample_pool(model, tok, records, samples=3, sampling=params, step=step,
+                    out_path=str(tmp_path / "x.jsonl"), batch_prompts=2, seed=7, progress=False,
+                    extra_heads={str(extra_path): wrong})  # fmt: skip
 
 
 def test_pool_errors(loaded, tmp_path):

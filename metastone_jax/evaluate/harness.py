@@ -178,6 +178,14 @@ def sample_pool(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"question id {dup!r} occurs more than once in the benchmark")
     heads = {out_path: None, **(extra_heads or {})}
+    for path, head in (extra_heads or {}).items():
+        width = getattr(getattr(head, "fc1", None), "kernel", None)
+        if width is None or width.shape[0] != model.cfg.d_model:
+            raise ValueError(
+                f"extra head for {path}: expected an SPRM head over d_model={model.cfg.d_model} "
+                f"features, got {type(head).__name__}"
+                + (f" with fc1 kernel {tuple(width.shape)}" if width is not None else "")
+            )
     meta = {
         "samples": samples, "seed": seed, "chat_template": chat_template,
         "sampling": dataclasses.asdict(sampling), "step": dataclasses.asdict(step),
