@@ -197,6 +197,20 @@ def test_top_p_ties_match_hf(row, top_p):
     _assert_same(_top_p(jnp.asarray(logits), top_p), ref)
 
 
+def test_top_p_logits_that_round_to_one_probability_keep_their_order():
+    # Distinct logits whose probabilities round to the same float: the cut must still follow
+    # the logits' order (HF sorts the logits), not the token ids.
+    logits = np.array([[1e-8, 0.0, 1e-8, 0.0], [0.0, 1e-8, 0.0, -3.0]], np.float32)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    assert probs[0, 0] == probs[0, 1] and probs[1, 0] == probs[1, 1]  # the premise
+    for top_p in (0.5, 0.3):
+        ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)).numpy()
+        _assert_same(_top_p(jnp.asarray(logits), top_p), ref)
+    assert np.isfinite(np.asarray(_top_p(jnp.asarray(logits), 0.5)))[0].tolist() == [
+        True, False, True, False
+    ]  # fmt: skip
+
+
 def test_top_p_after_neg_inf_and_min_keep():
     # A tiny top_p still keeps the most likely token; -inf inputs (e.g. from top-k) stay -inf.
     logits = np.array([[0.1, -np.inf, 0.3, 0.2], [-np.inf, -np.inf, 4.0, 4.0]], np.float32)
