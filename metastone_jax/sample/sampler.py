@@ -62,7 +62,7 @@ class DecodeState:
     think_tokens: jax.Array  # [N] int32 generated tokens inside the think span
     step_scores: jax.Array  # [N, S] f32 sigmoid(SPRM) at each recorded step token
     step_index: jax.Array  # [N, S] int32 generated-token index of each recorded step
-    step_features: jax.Array  # [N, S, D] the feature each step was scored on ([N, 0, D]: off)
+    step_features: jax.Array | None  # [N, S, D] the feature each step was scored on, or None
     n_steps: jax.Array  # [N] int32
     running: RunningScore  # aggregate over steps inside the think span so far
     keys: jax.Array  # [N, 2] uint32, one PRNG key per candidate
@@ -149,8 +149,8 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
         think_tokens=jnp.zeros((n,), jnp.int32),
         step_scores=jnp.zeros((n, s_max), jnp.float32),
         step_index=jnp.full((n, s_max), -1, jnp.int32),
-        step_features=jnp.zeros(
-            (n, s_max if opts.keep_features else 0, cfg.d_model), out.features.dtype
+        step_features=(
+            jnp.zeros((n, s_max, cfg.d_model), out.features.dtype) if opts.keep_features else None
         ),
         n_steps=jnp.zeros((n,), jnp.int32),
         running=RunningScore.init((n,)),
@@ -345,7 +345,7 @@ class Candidates:
 
 def to_candidates(state: DecodeState, b: int, k: int) -> Candidates:
     mask = final_step_mask(state)
-    features = state.step_features if state.step_features.shape[1] else None
+    features = state.step_features
     host = jax.device_get(
         (state.tokens, state.length, state.finish, state.logprob, state.step_scores,
          state.step_index, mask, features)
