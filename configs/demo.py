@@ -1,6 +1,6 @@
 """The end-to-end demo: `metastone-jax demo [--workdir=DIR] [--quick] [--config.KEY=VALUE]`.
 
-Presets: full (what `make demo` runs, ~16 min on a 2-core CPU), quick (the same pipeline at toy
+Presets: full (what `make demo` runs, 16-18 min on a 2-core CPU), quick (the same pipeline at toy
 sizes, ~2 min; a test runs it and checks the artifacts, not the accuracy).
 
 Stages (each resumable in WORKDIR): SFT of the policy on the synthetic task (tfds builder,
