@@ -221,17 +221,17 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
              for form, head in heads.items() if form != main}  # fmt: skip
     _log(f"evaluation ({', '.join(heads)} heads): {len(records)} questions x {e.samples} "
          "candidates")  # fmt: skip
-    sample_pool(
+    pools = {main: sample_pool(
         model, tokenizer, records, samples=int(e.samples),
         sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
         batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
         extra_heads=extra,
-    )  # fmt: skip
+    )}  # fmt: skip
     order = [str(r["id"]) for r in records]
-    pools = {}
-    for form, path in paths.items():
-        by_id = {q["id"]: q for q in read_pool(path)}
-        pools[form] = [by_id[i] for i in order]
+    for form in heads:
+        if form != main:  # the other heads' pools, in the records' order
+            by_id = {q["id"]: q for q in read_pool(paths[form])}
+            pools[form] = [by_id[i] for i in order]
     beams = {}
     for k in e.beam_ks:
         path = os.path.join(workdir, EVAL_DIR, f"beam-{main}-k{k}.json")

@@ -212,9 +212,12 @@ def sample_pool(
             keep_features=len(heads) > 1,
         )  # fmt: skip
         # Decoded and graded once; each head's pool differs only in the step scores.
+        needed = set().union(*todo.values())
         base = {i: _entry(records[i], i, question_seed(seed, i), cands, chunk.index(i),
-                          tokenizer) for i in set().union(*todo.values())}  # fmt: skip
+                          tokenizer) for i in needed}  # fmt: skip
         for path, head in heads.items():
+            if not todo[path]:
+                continue
             scores = None if head is None else _head_scores(head, cands)
             lines = []
             for i in todo[path]:
@@ -223,7 +226,7 @@ def sample_pool(
                 done[path][ids[i]] = entry
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
             _append(path, lines)
-        bar.update(len(set().union(*todo.values())))
+        bar.update(len(needed))
     bar.close()
     return [done[out_path][i] for i in ids]
 

@@ -423,13 +423,9 @@ def start(
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
     opts = DecodeOptions(
-        params=params,
-        step=step,
-        pad_id=pad_id,
-        until_step=until_step,
-        score_steps=score_steps,
+        params=params, step=step, pad_id=pad_id, until_step=until_step, score_steps=score_steps,
         keep_features=keep_features,
-    )
+    )  # fmt: skip
     graphdef, model_state = nnx.split(model)
     with _mesh_context(mesh):
         state = _jitted(graphdef, "prefill", opts, k=k, cache_len=cache_len)(
