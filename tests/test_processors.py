@@ -14,8 +14,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from metastone_jax.sample import processors
 from metastone_jax.sample.processors import (
+    TOP_P_BLOCK_ELEMENTS,
     SamplingParams,
+    _block_rows,
     apply_repetition_penalty,
     process_logits,
     sample,
@@ -179,6 +182,50 @@ def test_top_p_matches_hf(top_p, v):
     _assert_same(
         _process(jnp.asarray(logits), jnp.zeros((8, v), bool), params), _hf(logits, ids, params)
     )
+
+
+@pytest.mark.parametrize("n, rows", [(64, 32), (72, 24)])
+def test_top_p_over_row_blocks_matches_hf(n, rows, monkeypatch):
+    # Large batches run top-p over row blocks in a loop; each block must still be HF's filter,
+    # ties (resolved only in the blocks that hold them) included.
+    monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 32 * 300)
+    assert _block_rows(n, processors.TOP_P_BLOCK_ELEMENTS // 300) == rows
+    logits, _ = _rand(11, n, 300, scale=3.0)
+    logits[5] = -5.0
+    logits[5, :40] = 2.5  # the cut falls inside a tie: in the first block only
+    logits[n - 1] = 0.0
+    logits[n - 1, ::3] = 1.0  # and in the last block (in either group of ties)
+    jaxpr = str(jax.make_jaxpr(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9))
+    assert "while" in jaxpr or "scan" in jaxpr  # the blocked path is the one tested
+    blocked = jax.jit(top_p_mask, static_argnums=1)  # traced under the patched block size
+    for top_p in (0.9, 0.5):
+        ours = blocked(jnp.asarray(logits), top_p)
+        _assert_same(ours, _hf_top_p_stable(logits, top_p))
+        plain = [r for r in range(n) if r not in (5, n - 1)]  # HF's own warper where no ties
+        ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits[plain])).numpy()
+        _assert_same(np.asarray(ours)[plain], ref)
+
+
+def _hf_top_p_stable(logits, top_p):
+    """TopPLogitsWarper's steps with a stable sort: torch's default sort leaves the order of
+    ties in rows this long unspecified."""
+    scores = torch.from_numpy(logits)
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False, stable=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    remove = remove.scatter(1, sorted_idx, remove)
+    return scores.masked_fill(remove, -float("inf")).numpy()
+
+
+def test_top_p_block_rows():
+    assert [_block_rows(n, 32) for n in (8, 32, 33, 37, 64, 96, 128)] == [8, 32, 11, 37, 32, 32, 32]
+    assert _block_rows(128, 0) == 128
+    assert _block_rows(128, 1) == 8  # rows of a huge vocabulary: blocks of at least 8
+    # The sampler bench's [128, 16000] logits run in blocks of 32 rows; the demo's [256, 512]
+    # fit in one.
+    assert _block_rows(128, TOP_P_BLOCK_ELEMENTS // 16000) == 32
+    assert _block_rows(256, TOP_P_BLOCK_ELEMENTS // 512) == 256
 
 
 @pytest.mark.parametrize(

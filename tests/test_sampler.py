@@ -7,7 +7,7 @@ from flax import nnx
 
 from metastone_jax.config import ModelConfig
 from metastone_jax.model import create_model
-from metastone_jax.sample import sampler
+from metastone_jax.sample import processors, sampler
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import make_mesh
 from metastone_jax.sprm import StepTokens, step_mask
@@ -168,13 +168,18 @@ def test_logprob_is_sum_of_sampled_token_logprobs_greedy(model):
     assert abs(total - cands.logprob[0, 0]) < 1e-4
 
 
-def test_sharded_sampling_equals_single_device():
+# k=32 with top-p: 64 rows, which one device filters in row blocks (blocks made small here)
+# and the mesh does not.
+@pytest.mark.parametrize("k, top_p", [(4, 1.0), (32, 0.9)])
+def test_sharded_sampling_equals_single_device(k, top_p, monkeypatch):
+    monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 16 * CFG.vocab_size)
+    sampler._jitted.cache_clear()  # the block size is read at trace time
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    params = SamplingParams(temperature=1.0, max_new_tokens=12)
-    single = sampler.generate(create_model(CFG, seed=0), PROMPTS[:2], k=4, params=params,
+    params = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=12)
+    single = sampler.generate(create_model(CFG, seed=0), PROMPTS[:2], k=k, params=params,
                               step=STEP, seeds=[7, 8])  # fmt: skip
     sharded_model = create_model(CFG, seed=0, mesh=mesh)
-    sharded = sampler.generate(sharded_model, PROMPTS[:2], k=4, params=params, step=STEP,
+    sharded = sampler.generate(sharded_model, PROMPTS[:2], k=k, params=params, step=STEP,
                                seeds=[7, 8], mesh=mesh)  # fmt: skip
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.step_scores, sharded.step_scores, atol=1e-5)
