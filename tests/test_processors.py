@@ -218,6 +218,15 @@ def _hf_top_p_stable(logits, top_p):
     return scores.masked_fill(remove, -float("inf")).numpy()
 
 
+def test_top_p_rows_longer_than_a_block_still_run_in_blocks_of_8(monkeypatch):
+    monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 100)  # < one row of 300
+    logits, _ = _rand(12, 64, 300, scale=3.0)
+    jaxpr = jax.make_jaxpr(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9)
+    assert "f32[8,8,300] = scan" in str(jaxpr)  # 8 blocks of 8 rows
+    ours = jax.jit(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9)
+    _assert_same(ours, TopPLogitsWarper(0.9)(None, torch.from_numpy(logits)).numpy())
+
+
 def test_top_p_block_rows():
     assert [_block_rows(n, 32) for n in (8, 32, 33, 37, 64, 96, 128)] == [8, 32, 11, 37, 32, 32, 32]
     assert _block_rows(128, 0) == 128

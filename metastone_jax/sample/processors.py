@@ -205,12 +205,13 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
 
     No sort (slow on CPU and in a decode loop): the cut value is found by bisection over the
     32-bit order-preserving integer image of the logits (32 masked sums, exact), then ties at
-    the cut are resolved in id order as the stable sort would.
+    the cut are resolved in id order as the stable sort would. Large batches run in blocks of
+    rows that stay in cache across those passes (`TOP_P_BLOCK_ELEMENTS`).
     """
     if top_p >= 1.0:
         return logits
     n, v = logits.shape[0], logits.shape[-1]
-    rows = _block_rows(n, TOP_P_BLOCK_ELEMENTS // v if TOP_P_BLOCK_ELEMENTS else 0)
+    rows = _block_rows(n, max(1, TOP_P_BLOCK_ELEMENTS // v) if TOP_P_BLOCK_ELEMENTS else 0)
     # Not under a mesh: mapping over row blocks would serialise the sharded batch axis.
     if logits.ndim == 2 and rows < n and jax.sharding.get_abstract_mesh().empty:
         blocks = logits.reshape(n // rows, rows, logits.shape[1])
