@@ -195,11 +195,11 @@ def test_top_p_over_row_blocks_matches_hf(n, rows, monkeypatch):
     logits[5, :40] = 2.5  # the cut falls inside a tie: in the first block only
     logits[n - 1] = 0.0
     logits[n - 1, ::3] = 1.0  # and in the last block (in either group of ties)
-    jaxpr = str(jax.make_jaxpr(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9))
-    assert "while" in jaxpr or "scan" in jaxpr  # the blocked path is the one tested
-    blocked = jax.jit(top_p_mask, static_argnums=1)  # traced under the patched block size
+    # Fresh functions: jax caches traces per function, and the block size is read at trace time.
+    jaxpr = str(jax.make_jaxpr(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits)))
+    assert f"f32[{n // rows},{rows},300] = scan" in jaxpr  # the blocked path is the one tested
     for top_p in (0.9, 0.5):
-        ours = blocked(jnp.asarray(logits), top_p)
+        ours = jax.jit(lambda x, p=top_p: top_p_mask(x, p))(jnp.asarray(logits))
         _assert_same(ours, _hf_top_p_stable(logits, top_p))
         plain = [r for r in range(n) if r not in (5, n - 1)]  # HF's own warper where no ties
         ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits[plain])).numpy()
@@ -221,9 +221,9 @@ def _hf_top_p_stable(logits, top_p):
 def test_top_p_rows_longer_than_a_block_still_run_in_blocks_of_8(monkeypatch):
     monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 100)  # < one row of 300
     logits, _ = _rand(12, 64, 300, scale=3.0)
-    jaxpr = jax.make_jaxpr(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9)
+    jaxpr = jax.make_jaxpr(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits))  # fresh trace
     assert "f32[8,8,300] = scan" in str(jaxpr)  # 8 blocks of 8 rows
-    ours = jax.jit(top_p_mask, static_argnums=1)(jnp.asarray(logits), 0.9)
+    ours = jax.jit(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits))
     _assert_same(ours, TopPLogitsWarper(0.9)(None, torch.from_numpy(logits)).numpy())
 
 
