@@ -16,7 +16,6 @@ from transformers.generation.logits_process import (
 
 from metastone_jax.sample import processors
 from metastone_jax.sample.processors import (
-    TOP_P_BLOCK_ELEMENTS,
     SamplingParams,
     _block_rows,
     apply_repetition_penalty,
@@ -189,7 +188,7 @@ def test_top_p_over_row_blocks_matches_hf(n, rows, monkeypatch):
     # Large batches run top-p over row blocks in a loop; each block must still be HF's filter,
     # ties (resolved only in the blocks that hold them) included.
     monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 32 * 300)
-    assert _block_rows(n, processors.TOP_P_BLOCK_ELEMENTS // 300) == rows
+    assert _block_rows(n, 300) == rows
     logits, _ = _rand(11, n, 300, scale=3.0)
     logits[5] = -5.0
     logits[5, :40] = 2.5  # the cut falls inside a tie: in the first block only
@@ -227,14 +226,15 @@ def test_top_p_rows_longer_than_a_block_still_run_in_blocks_of_8(monkeypatch):
     _assert_same(ours, TopPLogitsWarper(0.9)(None, torch.from_numpy(logits)).numpy())
 
 
-def test_top_p_block_rows():
-    assert [_block_rows(n, 32) for n in (8, 32, 33, 37, 64, 96, 128)] == [8, 32, 11, 37, 32, 32, 32]
-    assert _block_rows(128, 0) == 128
-    assert _block_rows(128, 1) == 8  # rows of a huge vocabulary: blocks of at least 8
+def test_top_p_block_rows(monkeypatch):
     # The sampler bench's [128, 16000] logits run in blocks of 32 rows; the demo's [256, 512]
-    # fit in one.
-    assert _block_rows(128, TOP_P_BLOCK_ELEMENTS // 16000) == 32
-    assert _block_rows(256, TOP_P_BLOCK_ELEMENTS // 512) == 256
+    # fit in one; rows of a huge vocabulary go in blocks of at least 8.
+    assert [_block_rows(n, v) for n, v in ((128, 16000), (256, 512), (64, 10**6))] == [32, 256, 8]
+    monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 32 * 300)
+    rows = [_block_rows(n, 300) for n in (8, 32, 33, 37, 64, 96, 128)]
+    assert rows == [8, 32, 11, 37, 32, 32, 32]  # 37 is prime: one block
+    monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 0)
+    assert _block_rows(128, 16000) == 128
 
 
 @pytest.mark.parametrize(

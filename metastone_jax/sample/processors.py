@@ -211,23 +211,25 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
     if top_p >= 1.0:
         return logits
     n, v = logits.shape[0], logits.shape[-1]
-    rows = _block_rows(n, max(1, TOP_P_BLOCK_ELEMENTS // v) if TOP_P_BLOCK_ELEMENTS else 0)
+    rows = _block_rows(n, v) if logits.ndim == 2 else n
     # Not under a mesh: mapping over row blocks would serialise the sharded batch axis.
-    if logits.ndim == 2 and rows < n and jax.sharding.get_abstract_mesh().empty:
-        blocks = logits.reshape(n // rows, rows, logits.shape[1])
+    if rows < n and jax.sharding.get_abstract_mesh().empty:
+        blocks = logits.reshape(n // rows, rows, v)
         out = jax.lax.map(functools.partial(_top_p_rows, top_p=top_p), blocks)
         return out.reshape(logits.shape)
     return _top_p_rows(logits, top_p)
 
 
-def _block_rows(n: int, target: int) -> int:
-    """Rows per top-p block: the largest divisor of n that is <= max(target, 8), or n (one
-    block) when target is 0, n fits, or that divisor is under 8 (tiny blocks loop too long)."""
-    target = max(target, 8) if target > 0 else 0
-    if target == 0 or target >= n:
+def _block_rows(n: int, v: int) -> int:
+    """Rows per top-p block for n rows of v logits: the largest divisor of n holding at most
+    TOP_P_BLOCK_ELEMENTS logits, but at least 8 rows (tiny blocks loop too long); n (one
+    block) when n rows fit, blocking is off, or no such divisor exists."""
+    if not TOP_P_BLOCK_ELEMENTS:
         return n
-    rows = max(d for d in range(1, target + 1) if n % d == 0)
-    return rows if rows >= 8 else n
+    target = max(8, TOP_P_BLOCK_ELEMENTS // v)
+    if target >= n:
+        return n
+    return max((d for d in range(8, target + 1) if n % d == 0), default=n)
 
 
 def _top_p_rows(logits: jax.Array, top_p: float) -> jax.Array:
