@@ -230,3 +230,38 @@ def test_prefill_never_holds_the_prompt_logits():
     fn = jax.jit(lambda s, t, v: sampler.prefill(graphdef, s, t, v, k=2, cache_len=520, opts=opts))
     temp = fn.lower(state, tokens, valid).compile().memory_analysis().temp_size_in_bytes
     assert temp < 4 * 512 * 32768 * 4, temp
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (loop bodies, conds, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def test_decode_loop_never_slices_the_stacked_weights(model):
+    """On CPU the per-layer weights are cut out of the stacked [L, ...] ones before the decode
+    loop: a slice inside the body copies every weight matrix each step (Transformer.layer_params).
+    So no equation inside the while loop may read an array shaped like a stacked weight."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=4)
+    state, opts, graphdef, model_state = sampler.start(
+        model, PROMPTS[:1], k=4, params=params, step=STEP
+    )
+    stacked = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(model.blocks))}
+    assert all(s[0] == CFG.n_layers for s in stacked)
+    jaxpr = jax.make_jaxpr(lambda p, s: sampler.decode(graphdef, p, s, opts))(model_state, state)
+    loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    assert len(loops) == 1
+    body = loops[0].params["body_jaxpr"].jaxpr
+    read = [
+        (e.primitive.name, tuple(v.aval.shape))
+        for e in _eqns(body)
+        for v in e.invars
+        if hasattr(v, "aval") and tuple(getattr(v.aval, "shape", ())) in stacked
+    ]
+    assert not read, read

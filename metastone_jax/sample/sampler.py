@@ -174,6 +174,12 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
     """
     params, step = opts.params, opts.step
     limit = state.clock + (state.cache.max_len - state.cache.index)  # the cache's free slots
+    # The per-layer weights are sliced out of the stacked ones once, here: on XLA:CPU a slice in
+    # the loop body copies every weight matrix each step (Transformer.layer_params). Elsewhere
+    # the slice feeds the matmul in place, and the copy would double the weights' memory.
+    layers = None
+    if jax.default_backend() == "cpu":
+        layers = nnx.merge(graphdef, model_state).layer_params()
 
     def cond(s: DecodeState):
         active = ~s.done & ~s.paused
@@ -234,7 +240,7 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         full = active & ~stop & (length >= params.max_new_tokens)
         finish = jnp.where(stop, STOPPED, jnp.where(full, LENGTH, s.finish))
 
-        out = model(token[:, None], valid=active[:, None], cache=s.cache)
+        out = model(token[:, None], valid=active[:, None], cache=s.cache, layers=layers)
         new = s.replace(
             cache=out.cache,
             next_logits=jnp.where(active[:, None], out.logits[:, 0], s.next_logits),
