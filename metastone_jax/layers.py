@@ -180,16 +180,23 @@ class Attention(nnx.Module):
         k = k.transpose(0, 2, 1, 3)  # [B,K,T,hd]
         v = v.transpose(0, 2, 1, 3)
         if k_cache is not None:
-            at = (0, 0, write_index, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+            # Keys are cached transposed, [B,K,hd,S] (see sample/cache.py), values [B,K,S,hd].
+            k_t = k.transpose(0, 1, 3, 2).astype(k_cache.dtype)
+            k = jax.lax.dynamic_update_slice(k_cache, k_t, (0, 0, 0, write_index))
+            v = jax.lax.dynamic_update_slice(
+                v_cache, v.astype(v_cache.dtype), (0, 0, write_index, 0)
+            )
         if t == 1:  # decode: multiply-reduce over the cache (one pass over it, no transposes)
             qf, kf, vf = q[:, :, :, 0].astype(jnp.float32), k.astype(jnp.float32), v
-            scores = jnp.sum(qf[:, :, :, None, :] * kf[:, :, None, :, :], axis=-1)[:, :, :, None]
+            # Both reductions run over a non-minor axis (hd, then S): vectorised along the
+            # minor one, 1.5-2x faster on CPU than reducing over a minor hd of 64.
+            scores = jnp.sum(qf[:, :, :, :, None] * kf[:, :, None], axis=3)[:, :, :, None]
             scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
             out = jnp.sum(probs[:, :, :, 0, :, None] * vf[:, :, None].astype(q.dtype), axis=3)
             out = out[:, None].reshape(b, 1, h, hd)  # [B,K,G,hd] -> [B,1,H,hd]
+        elif k_cache is not None:
+            out = self._attend(q, k.transpose(0, 1, 3, 2), v, mask)
         elif k_cache is None and t > CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:
             # Without a cache the mask is causal: query block i never sees keys past its end, so
             # each block attends to keys [0, end) only (~(n+1)/2n of the full T x T work).

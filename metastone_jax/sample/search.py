@@ -98,9 +98,9 @@ def _compact_cache(state: sampler.DecodeState) -> sampler.DecodeState:
     slots changes nothing."""
     cache = state.cache
     order = jnp.argsort(~cache.valid, axis=1, stable=True)  # [N, S]: valid slots first
-    gather = order[:, None, :, None]  # slots are axis 2 of [B, K, S, hd]
+    gather = order[:, None, :, None]  # slots are axis 2 of values [B, K, S, hd]
     cache = cache.replace(
-        k=tuple(jnp.take_along_axis(x, gather, axis=2) for x in cache.k),
+        k=tuple(jnp.take_along_axis(x, order[:, None, None, :], axis=3) for x in cache.k),
         v=tuple(jnp.take_along_axis(x, gather, axis=2) for x in cache.v),
         valid=jnp.take_along_axis(cache.valid, order, axis=1),
         index=jnp.max(jnp.sum(cache.valid, axis=1)).astype(cache.index.dtype),
