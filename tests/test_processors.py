@@ -196,7 +196,8 @@ def test_top_p_over_row_blocks_matches_hf(n, rows, monkeypatch):
     logits[n - 1, ::3] = 1.0  # and in the last block (in either group of ties)
     # Fresh functions: jax caches traces per function, and the block size is read at trace time.
     jaxpr = str(jax.make_jaxpr(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits)))
-    assert f"f32[{n // rows},{rows},300] = scan" in jaxpr  # the blocked path is the one tested
+    # The blocked path is the one tested: a scan over the blocks yields each row's cut.
+    assert f"i32[{n // rows},{rows},1] = scan" in jaxpr
     for top_p in (0.9, 0.5):
         ours = jax.jit(lambda x, p=top_p: top_p_mask(x, p))(jnp.asarray(logits))
         _assert_same(ours, _hf_top_p_stable(logits, top_p))
@@ -221,7 +222,7 @@ def test_top_p_rows_longer_than_a_block_still_run_in_blocks_of_8(monkeypatch):
     monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 100)  # < one row of 300
     logits, _ = _rand(12, 64, 300, scale=3.0)
     jaxpr = jax.make_jaxpr(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits))  # fresh trace
-    assert "f32[8,8,300] = scan" in str(jaxpr)  # 8 blocks of 8 rows
+    assert "i32[8,8,1] = scan" in str(jaxpr)  # 8 blocks of 8 rows
     ours = jax.jit(lambda x: top_p_mask(x, 0.9))(jnp.asarray(logits))
     _assert_same(ours, TopPLogitsWarper(0.9)(None, torch.from_numpy(logits)).numpy())
 
@@ -407,3 +408,21 @@ def test_odd_shapes(n, v):
     tok, lp = _sample(out, _keys(0, n), params)
     assert tok.shape == (n,) and lp.shape == (n,)
     assert np.isfinite(np.asarray(out))[np.arange(n), np.asarray(tok)].all()
+
+
+def test_top_p_treats_signed_zeros_as_ties():
+    # A sort compares -0.0 == +0.0, so HF orders them by id like any tie; an integer image of
+    # the float bits would put -0.0 first.
+    logits = np.full((2, 300), -3.0, np.float32)
+    logits[:, 10:90] = np.where(np.arange(80) % 2, 0.0, -0.0)  # alternating signs, cut inside
+    logits[1, 200] = 1.0
+    assert np.signbit(logits[0, 10]) and not np.signbit(logits[0, 11])
+    for top_p in (0.3, 0.5, 0.9):
+        ours = jax.jit(lambda x, p=top_p: top_p_mask(x, p))(jnp.asarray(logits))
+        ref = _hf_top_p_stable(logits, top_p)
+        _assert_same(ours, ref)
+        kept = np.isfinite(ref[0])
+        if top_p < 0.9:
+            assert 0 < kept[10:90].sum() < 80  # the cut is inside the zeros
+        else:  # inside the ties at -3.0, below the maximum (ids 10..89)
+            assert kept[10:90].all() and 0 < kept[90:].sum() < 210

@@ -182,8 +182,9 @@ def _kth_largest(x: jax.Array, k: int) -> jax.Array:
 
 
 def _sortable_key(x: jax.Array) -> jax.Array:
-    """f32 -> int32 with the same order (flip the magnitude bits of negatives)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    """f32 -> int32 with the same order (flip the magnitude bits of negatives). -0.0 maps to
+    the key of +0.0: they compare equal, as in a sort (and the key of max(x) is max(key))."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
@@ -205,8 +206,9 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
 
     No sort (slow on CPU and in a decode loop): the cut value is found by bisection over the
     32-bit order-preserving integer image of the logits (32 masked sums, exact), then ties at
-    the cut are resolved in id order as the stable sort would. Large batches run in blocks of
-    rows that stay in cache across those passes (`TOP_P_BLOCK_ELEMENTS`).
+    the cut are resolved in id order as the stable sort would. Large batches find the cut over
+    blocks of rows that stay in cache across those passes (`TOP_P_BLOCK_ELEMENTS`); the mask is
+    then applied to the whole batch at once.
     """
     if top_p >= 1.0:
         return logits
@@ -215,9 +217,14 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
     # Not under a mesh: mapping over row blocks would serialise the sharded batch axis.
     if rows < n and jax.sharding.get_abstract_mesh().empty:
         blocks = logits.reshape(n // rows, rows, v)
-        out = jax.lax.map(functools.partial(_top_p_rows, top_p=top_p), blocks)
-        return out.reshape(logits.shape)
-    return _top_p_rows(logits, top_p)
+        cut, first = jax.lax.map(functools.partial(_top_p_cut, top_p=top_p), blocks)
+        cut, first = cut.reshape(n, 1), first.reshape(n, 1)
+    else:
+        cut, first = _top_p_cut(logits, top_p)
+    keys = _sortable_key(logits)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    keep = (keys > cut) | ((keys == cut) & (iota >= first))
+    return jnp.where(keep, logits, NEG_INF)
 
 
 def _block_rows(n: int, v: int) -> int:
@@ -232,9 +239,14 @@ def _block_rows(n: int, v: int) -> int:
     return max((d for d in range(8, target + 1) if n % d == 0), default=n)
 
 
-def _top_p_rows(logits: jax.Array, top_p: float) -> jax.Array:
-    """`top_p_mask` on one block of rows [R, V]."""
-    probs = jax.nn.softmax(logits, axis=-1)
+def _top_p_cut(logits: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """Where the nucleus of each row of a block [R, V] starts: (cut, first) [R, 1] int32.
+
+    The filter keeps key > cut, and key == cut from token id `first` on (ties at the cut go
+    in id order; first = 0 without ties)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = jnp.exp(logits - top)
+    probs = shifted / jnp.sum(shifted, axis=-1, keepdims=True)  # = jax.nn.softmax
     keys = _sortable_key(logits)
     drop_mass = 1.0 - top_p
 
@@ -243,8 +255,10 @@ def _top_p_rows(logits: jax.Array, top_p: float) -> jax.Array:
         return jnp.sum(probs * (keys <= k), axis=-1, keepdims=True)
 
     # Smallest key whose mass at-or-below exceeds 1 - top_p: the value of the cut token.
-    lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # mass(lo) = 0 <= drop_mass
-    hi = jnp.max(keys, axis=-1, keepdims=True)  # mass(hi) = 1 > drop_mass
+    # Bounds from float reductions (integer ones are slow on CPU): no key is below INT32_MIN
+    # (only a NaN's), and the key of the largest logit is the largest key (mass 1).
+    hi = _sortable_key(top)
+    lo = jnp.full_like(hi, jnp.iinfo(jnp.int32).min)
 
     def bisect(_, bounds):
         lo, hi = bounds
@@ -258,19 +272,21 @@ def _top_p_rows(logits: jax.Array, top_p: float) -> jax.Array:
     def resolve_ties(_):
         below = jnp.sum(jnp.where(keys < cut, probs, 0.0), axis=-1, keepdims=True)
         # Tied tokens at the cut sort by id; the j-th (1-based) has cumulative mass
-        # below + j * p. (A cumsum over V is slow on CPU, so this runs only with ties.)
+        # below + j * p, so the kept ones are those from some id on. (A cumsum over V is slow
+        # on CPU, so this runs only with ties.)
         rank = jnp.cumsum(at_cut, axis=-1)
-        keep = (keys > cut) | (at_cut & (below + rank * probs > drop_mass))
         # The most likely token (last in ascending stable order) is always kept.
         iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        top = jnp.max(jnp.where(keys == hi, iota, -1), axis=-1, keepdims=True)
-        return keep | (iota == top)
+        top_id = jnp.max(jnp.where(keys == hi, iota, -1), axis=-1, keepdims=True)
+        kept = at_cut & ((below + rank * probs > drop_mass) | (iota == top_id))
+        v = logits.shape[-1]
+        return jnp.min(jnp.where(kept, iota, v), axis=-1, keepdims=True).astype(jnp.int32)
 
     # Without ties at the cut, the cut token itself is kept (mass at-or-below it exceeds
     # 1 - top_p by construction) and so is every larger one, the maximum included.
     ties = jnp.any(jnp.sum(at_cut, axis=-1) > 1)
-    keep = jax.lax.cond(ties, resolve_ties, lambda _: keys >= cut, None)
-    return jnp.where(keep, logits, NEG_INF)
+    first = jax.lax.cond(ties, resolve_ties, lambda _: jnp.zeros_like(cut), None)
+    return cut, first
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.Array:
