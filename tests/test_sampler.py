@@ -42,7 +42,15 @@ def full_forward(model, seq, width=160):
     return np.asarray(logits[0, : len(seq)]), np.asarray(feats[0, : len(seq)])
 
 
-def test_greedy_equals_argmax_of_full_forward(model):
+@pytest.fixture(params=[64, 4], ids=["cache-whole", "cache-grows"])
+def grow_slots(request, monkeypatch):
+    """The default first cache (room for every new token here) and one that starts with 4
+    slots past the prompt and grows several times."""
+    monkeypatch.setattr(sampler, "GROW_SLOTS", request.param)
+    return request.param
+
+
+def test_greedy_equals_argmax_of_full_forward(model, grow_slots):
     params = SamplingParams(temperature=0.0, max_new_tokens=20, stop_ids=(1,))
     cands = sampler.generate(model, PROMPTS, k=2, params=params, step=STEP)
     for i, prompt in enumerate(PROMPTS):
@@ -70,7 +78,7 @@ def test_sampling_is_reproducible_and_per_request(model):
     assert len({tuple(t) for t in a.tokens[0]}) == 3  # the k candidates differ
 
 
-def test_in_loop_step_scores_equal_full_forward_rescoring(model):
+def test_in_loop_step_scores_equal_full_forward_rescoring(model, grow_slots):
     params = SamplingParams(temperature=1.0, max_new_tokens=64)  # no stop: long sequences
     cands = sampler.generate(model, PROMPTS, k=24, params=params, step=STEP, seeds=[0, 1, 2])
     seen = dict(runs=0, after_open=0, after_close=0, several=0, not_one_each=0)
@@ -170,9 +178,10 @@ def test_logprob_is_sum_of_sampled_token_logprobs_greedy(model):
 
 # k=32 with top-p: 64 rows, which one device filters in row blocks (blocks made small here)
 # and the mesh does not.
-@pytest.mark.parametrize("k, top_p", [(4, 1.0), (32, 0.9)])
-def test_sharded_sampling_equals_single_device(k, top_p, monkeypatch):
+@pytest.mark.parametrize("k, top_p, grow", [(4, 1.0, 4), (32, 0.9, 64)])
+def test_sharded_sampling_equals_single_device(k, top_p, grow, monkeypatch):
     monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 16 * CFG.vocab_size)
+    monkeypatch.setattr(sampler, "GROW_SLOTS", grow)  # 4: the cache grows on the mesh too
     sampler._jitted.cache_clear()  # the block size is read at trace time
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=12)
@@ -265,3 +274,36 @@ def test_decode_loop_never_slices_the_stacked_weights(model):
         if hasattr(v, "aval") and tuple(getattr(v.aval, "shape", ())) in stacked
     ]
     assert not read, read
+
+
+def test_growing_cache_gives_the_candidates_of_a_whole_one(model, monkeypatch):
+    """A cache that starts small and doubles while candidates run samples exactly what one
+    cache of the whole budget does; a batch that stops before the first cache fills never
+    grows it."""
+    grown = []
+    grow = sampler._grow
+    monkeypatch.setattr(sampler, "_grow", lambda s, n: grown.append(n) or grow(s, n))
+    for stop_ids in ((), (1,)):  # every candidate runs to the budget; most stop early
+        params = SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.05,
+                                max_new_tokens=40, stop_ids=stop_ids)  # fmt: skip
+        out = {}
+        for slots in (0, 4):  # 0: the whole budget at once
+            grown.clear()
+            monkeypatch.setattr(sampler, "GROW_SLOTS", slots)
+            out[slots] = sampler.generate(
+                model, PROMPTS, k=5, params=params, step=STEP, seeds=[4, 5, 6]
+            )
+        a, b = out[0], out[4]
+        if not stop_ids:  # prompt width 16: 16 + 4 = 20 slots, then 40, then the budget 56
+            assert grown == [40, 56] and (a.length == 40).all()
+        else:
+            assert len(set(a.length.ravel())) > 3
+        for name in ("tokens", "length", "finish", "step_index", "step_mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        np.testing.assert_allclose(a.logprob, b.logprob, atol=1e-5)
+        np.testing.assert_allclose(a.step_scores, b.step_scores, atol=1e-6)
+    grown.clear()
+    monkeypatch.setattr(sampler, "GROW_SLOTS", 8)
+    eos_now = SamplingParams(temperature=1.0, max_new_tokens=40, stop_ids=tuple(range(12)))
+    cands = sampler.generate(model, PROMPTS, k=2, params=eos_now, step=STEP)
+    assert (cands.length == 1).all() and grown == []

@@ -146,3 +146,28 @@ def test_modes_and_bad_configs():
             SearchConfig(**kwargs)
     with pytest.raises(ValueError, match="mode: expected one of"):
         SearchConfig.for_mode("ultra")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SearchConfig(strategy="beam", beam_width=2, expansions=3),
+        SearchConfig(k=6, prune_keep=2, prune_min_steps=1),
+        SearchConfig(k=4, selection="thinking"),
+    ],
+    ids=["beam", "pruning", "thinking"],
+)
+def test_searches_with_a_growing_cache_equal_a_whole_one(model, config, monkeypatch):
+    # Searches re-enter the decode loop (paused rows, compacted and gathered caches); a cache
+    # that starts 4 slots past the prompt and grows must give what the whole budget gives.
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, stop_ids=(1,))
+    out = {}
+    for slots in (0, 4):
+        monkeypatch.setattr(sampler, "GROW_SLOTS", slots)
+        out[slots] = run(model, PROMPTS, search=config, params=params, step=STEP, seeds=[0, 1, 2])
+    a, b = out[0], out[4]
+    assert a.candidates.length.max() > 20  # past the first cache of 16 + 4 slots
+    np.testing.assert_array_equal(a.candidates.tokens, b.candidates.tokens)
+    np.testing.assert_array_equal(a.candidates.finish, b.candidates.finish)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    np.testing.assert_array_equal(a.selected, b.selected)

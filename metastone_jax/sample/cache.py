@@ -65,3 +65,10 @@ class KVCache:
     def repeat(self, k: int) -> KVCache:
         """Repeats each sequence k times along batch (prefill once, decode k candidates)."""
         return self.map_rows(lambda x: jnp.repeat(x, k, axis=0))
+
+    def grow(self, slots: int) -> KVCache:
+        """The same cache with `slots` more empty slots at the end (a copy)."""
+        k = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, slots))) for x in self.k)
+        v = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, slots), (0, 0))) for x in self.v)
+        valid = jnp.pad(self.valid, ((0, 0), (0, slots)))
+        return self.replace(k=k, v=v, valid=valid)

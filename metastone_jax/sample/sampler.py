@@ -81,6 +81,16 @@ class DecodeOptions:
     # Keep each recorded step's penultimate feature, so that other SPRM heads on the same
     # backbone can score the same candidates afterwards without sampling them again.
     keep_features: bool = False
+    # The cache's full length: a smaller cache grows towards it while candidates still run
+    # (`run_decode`); 0 = the state's cache is already all of it.
+    cache_len: int = 0
+
+
+# The first cache holds the prompt and this many new slots; each growth doubles it, up to the
+# budget. Attention reads every slot of the cache each step, so a cache
+# sized to the tokens generated so far saves work (and batches that stop early never pay for
+# the budget), at one more compilation of the loop per size.
+GROW_SLOTS = 64
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -268,6 +278,8 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         return _constrain(new)
 
     state = jax.lax.while_loop(cond, body, _constrain(state))
+    if state.cache.max_len < opts.cache_len:
+        return state  # out of room in a cache that will grow: `run_decode` goes on
     # Out of cache: whatever is still running ends by length.
     out_of_room = ~state.done & ~state.paused
     return state.replace(
@@ -387,9 +399,30 @@ def generate(
 
 
 def run_decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions, mesh=None):
-    """The compiled `decode` (one per model structure and options), on `mesh` if given."""
+    """The compiled `decode` (one per model structure, options and cache size), on `mesh` if
+    given; a cache that fills while candidates still run grows (`GROW_SLOTS`) and decoding
+    goes on, until the cache is `opts.cache_len` long."""
     with _mesh_context(mesh):
-        return _jitted(graphdef, "decode", opts)(model_state, state)
+        decode_fn = _jitted(graphdef, "decode", opts)
+        state = decode_fn(model_state, state)
+        while state.cache.max_len < opts.cache_len and bool(jnp.any(~state.done & ~state.paused)):
+            state = _grow(state, _next_cache_len(state.cache.max_len, opts.cache_len))
+            state = decode_fn(model_state, state)
+    return state
+
+
+def _first_cache_len(prompt_width: int, budget: int) -> int:
+    return min(budget, prompt_width + GROW_SLOTS) if GROW_SLOTS else budget
+
+
+def _next_cache_len(current: int, budget: int) -> int:
+    return min(budget, 2 * current)  # a few sizes (compilations), each at most 2x the need
+
+
+@functools.partial(jax.jit, static_argnums=1)  # not donated: no buffer keeps its shape
+def _grow(state: DecodeState, cache_len: int) -> DecodeState:
+    cache = state.cache.grow(cache_len - state.cache.max_len)
+    return _constrain(state.replace(cache=cache))
 
 
 def start(
@@ -424,13 +457,14 @@ def start(
                 f"{len(prompts)} prompts x k={k} = {n} candidates cannot be laid on the mesh: "
                 f"data*fsdp = {rows} must divide it (change k, the batch, or the mesh)"
             )
-    cache_len = min(tokens.shape[1] + g + cache_extra, cfg.max_len)
+    budget = min(tokens.shape[1] + g + cache_extra, cfg.max_len)
+    cache_len = _first_cache_len(tokens.shape[1], budget)
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
     opts = DecodeOptions(
         params=params, step=step, pad_id=pad_id, until_step=until_step, score_steps=score_steps,
-        keep_features=keep_features,
+        keep_features=keep_features, cache_len=budget,
     )  # fmt: skip
     graphdef, model_state = nnx.split(model)
     with _mesh_context(mesh):
