@@ -161,6 +161,7 @@ class Attention(nnx.Module):
         k_cache: jax.Array | None = None,
         v_cache: jax.Array | None = None,
         write_index: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ):
         """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
 
@@ -168,6 +169,9 @@ class Attention(nnx.Module):
         written at slots [write_index, write_index+T) in place and attention runs over all S
         slots; without one S = T. Returns (y [B,T,D], the updated (k_cache, v_cache), or this
         chunk's (k, v) [B,K,T,hd] without a cache).
+
+        prefix (decode only): (k [P,K,hd,Sp], v [P,K,Sp,hd], valid [P,Sp]) of P prompts, each
+        shared by B/P consecutive rows, attended to before the cache (`KVCache.with_prefix`).
         """
         q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
         k = apply_rope(self.k_proj(x), cos, sin)  # [B,T,K,hd]
@@ -190,11 +194,16 @@ class Attention(nnx.Module):
             qf, kf, vf = q[:, :, :, 0].astype(jnp.float32), k.astype(jnp.float32), v
             # Both reductions run over a non-minor axis (hd, then S): vectorised along the
             # minor one, 1.5-2x faster on CPU than reducing over a minor hd of 64.
-            scores = jnp.sum(qf[:, :, :, :, None] * kf[:, :, None], axis=3)[:, :, :, None]
-            scores = jnp.where(mask[:, None, None], scores * self.scale, MASK_VALUE)
-            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-            out = jnp.sum(probs[:, :, :, 0, :, None] * vf[:, :, None].astype(q.dtype), axis=3)
+            scores = jnp.sum(qf[:, :, :, :, None] * kf[:, :, None], axis=3)
+            scores = jnp.where(mask[:, None], scores * self.scale, MASK_VALUE)  # [B,K,G,S]
+            if prefix is None:
+                probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+                out = jnp.sum(probs[..., None] * vf[:, :, None].astype(q.dtype), axis=3)
+            else:
+                out = self._decode_with_prefix(qf, scores, vf, prefix).astype(q.dtype)
             out = out[:, None].reshape(b, 1, h, hd)  # [B,K,G,hd] -> [B,1,H,hd]
+        elif prefix is not None:
+            raise ValueError("Attention: a shared prefix is read by single-token decode only")
         elif k_cache is not None:
             out = self._attend(q, k.transpose(0, 1, 3, 2), v, mask)
         elif k_cache is None and t > CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:
@@ -210,6 +219,37 @@ class Attention(nnx.Module):
         else:
             out = self._attend(q, k, v, mask)
         return self.o_proj(out), (k, v)
+
+    def _decode_with_prefix(self, q, scores, v, prefix):
+        """One softmax over a shared prefix and each row's own slots.
+
+        q [B,K,G,hd] f32; scores [B,K,G,S] (own slots, scaled and masked); v [B,K,S,hd].
+        The prefix part is one matmul per prompt over its rows' queries, [B/P*G, hd] x
+        [hd, Sp], not B/P separate passes over copies of the prompt's keys."""
+        pk, pv, pvalid = prefix
+        b, kh, g, hd = q.shape
+        n_prompts, j = pk.shape[0], b // pk.shape[0]
+
+        def per_prompt(x):  # [B,K,G,d] -> [P,K,j*G,d]: one matmul per (prompt, KV head)
+            return (
+                x.reshape(n_prompts, j, kh, g, -1)
+                .transpose(0, 2, 1, 3, 4)
+                .reshape(n_prompts, kh, j * g, -1)
+            )
+
+        def per_row(x):  # the inverse
+            return x.reshape(n_prompts, kh, j, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, kh, g, -1)
+
+        ps = per_row(jnp.einsum("pkqh,pkhs->pkqs", per_prompt(q), pk.astype(q.dtype)))
+        pmask = jnp.repeat(pvalid, j, axis=0)[:, None, None, :]
+        ps = jnp.where(pmask, ps * self.scale, MASK_VALUE)
+        # softmax over [prefix ++ own] without concatenating them
+        top = jnp.maximum(ps.max(-1, keepdims=True), scores.max(-1, keepdims=True))
+        e_pre, e_own = jnp.exp(ps - top), jnp.exp(scores - top)
+        total = e_pre.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
+        own = jnp.sum((e_own / total)[..., None] * v[:, :, None].astype(q.dtype), axis=3)
+        pre = jnp.einsum("pkqs,pksh->pkqh", per_prompt(e_pre / total), pv.astype(q.dtype))
+        return own + per_row(pre)
 
     def _attend(self, q, k, v, mask):
         """q [B,K,G,T,hd], k/v [B,K,S,hd], mask [B,T,S] -> [B,T,H,hd]."""

@@ -56,8 +56,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, **dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None):
-        y, kv = self.attn(self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index)
+    def __call__(
+        self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None, prefix=None
+    ):
+        y, kv = self.attn(self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index, prefix)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed")), kv
@@ -157,7 +159,7 @@ class Transformer(nnx.Module):
             slot_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
             q_slots = cache.index + jnp.arange(t)
             write_index = cache.index
-            offset = jnp.sum(cache.valid, axis=1, keepdims=True)
+            offset = jnp.sum(cache.valid, axis=1, keepdims=True) + cache.prefix_lengths()
         if positions is None:
             positions = offset + jnp.cumsum(valid, axis=1) - 1
             positions = jnp.maximum(positions, 0)
@@ -175,7 +177,7 @@ class Transformer(nnx.Module):
         logits = self.lm_logits(h) if with_logits else None
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(
+            new_cache = cache.replace(
                 k=tuple(kv[0]), v=tuple(kv[1]), valid=slot_valid, index=cache.index + t
             )
         return ModelOutput(logits=logits, features=features, cache=new_cache, hidden=h)
@@ -213,11 +215,11 @@ class Transformer(nnx.Module):
         graphdef, params = nnx.split(self.blocks)
         last = cfg.n_layers - 1
 
-        def layer(carry, xs):
+        def layer(carry, xs, prefix=None):
             h, feat = carry
             p, k_c, v_c, i = xs
             feat = jnp.where(i == last, h, feat)
-            h, kv = nnx.merge(graphdef, p)(h, cos, sin, mask, k_c, v_c, write_index)
+            h, kv = nnx.merge(graphdef, p)(h, cos, sin, mask, k_c, v_c, write_index, prefix)
             return (h, feat), kv
 
         if cfg.remat != "none":
@@ -228,7 +230,10 @@ class Transformer(nnx.Module):
             carry, ks, vs = (x, jnp.zeros_like(x)), [], []
             for i in range(cfg.n_layers):
                 p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
-                carry, (k, v) = layer(carry, (p, cache.k[i], cache.v[i], i))
+                prefix = None
+                if cache.prefix_k is not None:
+                    prefix = (cache.prefix_k[i], cache.prefix_v[i], cache.prefix_valid)
+                carry, (k, v) = layer(carry, (p, cache.k[i], cache.v[i], i), prefix)
                 ks.append(k)
                 vs.append(v)
             return carry[0], carry[1], (ks, vs)

@@ -294,8 +294,8 @@ def test_growing_cache_gives_the_candidates_of_a_whole_one(model, monkeypatch):
                 model, PROMPTS, k=5, params=params, step=STEP, seeds=[4, 5, 6]
             )
         a, b = out[0], out[4]
-        if not stop_ids:  # prompt width 16: 16 + 4 = 20 slots, then 40, then the budget 56
-            assert grown == [40, 56] and (a.length == 40).all()
+        if not stop_ids:  # 4 slots per row past the shared prompt, doubling to 40
+            assert grown == [8, 16, 32, 40] and (a.length == 40).all()
         else:
             assert len(set(a.length.ravel())) > 3
         for name in ("tokens", "length", "finish", "step_index", "step_mask"):

@@ -159,14 +159,14 @@ def test_modes_and_bad_configs():
 )
 def test_searches_with_a_growing_cache_equal_a_whole_one(model, config, monkeypatch):
     # Searches re-enter the decode loop (paused rows, compacted and gathered caches); a cache
-    # that starts 4 slots past the prompt and grows must give what the whole budget gives.
+    # of 4 slots per row that grows must give what the whole budget gives.
     params = SamplingParams(temperature=1.0, max_new_tokens=40, stop_ids=(1,))
     out = {}
     for slots in (0, 4):
         monkeypatch.setattr(sampler, "GROW_SLOTS", slots)
         out[slots] = run(model, PROMPTS, search=config, params=params, step=STEP, seeds=[0, 1, 2])
     a, b = out[0], out[4]
-    assert a.candidates.length.max() > 20  # past the first cache of 16 + 4 slots
+    assert a.candidates.length.max() > 8  # the cache grew at least twice
     np.testing.assert_array_equal(a.candidates.tokens, b.candidates.tokens)
     np.testing.assert_array_equal(a.candidates.finish, b.candidates.finish)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)

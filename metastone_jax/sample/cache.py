@@ -31,6 +31,12 @@ class KVCache:
     v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
+    # A prompt prefix shared by groups of rows (`with_prefix`): rows b*g .. b*g+g-1 attend to
+    # prompt b's keys/values (k [P, K, hd, S_p], v [P, K, S_p, hd] per layer, valid [P, S_p])
+    # before their own slots, which then hold only the tokens generated after it.
+    prefix_k: tuple[jax.Array, ...] | None = None
+    prefix_v: tuple[jax.Array, ...] | None = None
+    prefix_valid: jax.Array | None = None
 
     @property
     def max_len(self) -> int:
@@ -56,8 +62,27 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
         )
 
+    def with_prefix(self, prefix: KVCache) -> KVCache:
+        """These rows, attending first to `prefix` (a prefilled cache of P prompts, each
+        shared by batch_size / P consecutive rows: k candidates decode from one prompt's
+        cache instead of k copies of it)."""
+        if self.batch_size % prefix.batch_size:
+            raise ValueError(
+                f"KVCache.with_prefix: {self.batch_size} rows cannot share {prefix.batch_size} "
+                "prefixes equally"
+            )
+        return self.replace(prefix_k=prefix.k, prefix_v=prefix.v, prefix_valid=prefix.valid)
+
+    def prefix_lengths(self) -> jax.Array:
+        """[B, 1] int32 valid prefix tokens of each row (0 without a prefix)."""
+        if self.prefix_valid is None:
+            return jnp.zeros((self.batch_size, 1), jnp.int32)
+        n = jnp.sum(self.prefix_valid, axis=1, keepdims=True).astype(jnp.int32)
+        return jnp.repeat(n, self.batch_size // self.prefix_valid.shape[0], axis=0)
+
     def map_rows(self, fn) -> KVCache:
-        """Applies `fn` (an op along axis 0) to every per-row array: k, v and valid."""
+        """Applies `fn` (an op along axis 0) to every per-row array: k, v and valid (a shared
+        prefix stays: `fn` must keep rows grouped by prompt, the same number for each)."""
         return self.replace(
             k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v), valid=fn(self.valid)
         )

@@ -86,8 +86,8 @@ class DecodeOptions:
     cache_len: int = 0
 
 
-# The first cache holds the prompt and this many new slots; each growth doubles it, up to the
-# budget. Attention reads every slot of the cache each step, so a cache
+# The first cache holds this many new tokens per row (the prompt is a shared prefix); each
+# growth doubles it, up to the budget. Attention reads every slot of the cache each step, so a cache
 # sized to the tokens generated so far saves work (and batches that stop early never pay for
 # the budget), at one more compilation of the loop per size.
 GROW_SLOTS = 64
@@ -109,6 +109,12 @@ def _constrain(s: DecodeState) -> DecodeState:
     cache = cache.replace(
         k=tuple(constrain(x, kv) for x in cache.k), v=tuple(constrain(x, kv) for x in cache.v)
     )
+    if cache.prefix_k is not None:  # one per prompt: fewer than the mesh's rows, replicated
+        shared = (None, "kv_heads", None, None)
+        cache = cache.replace(
+            prefix_k=tuple(constrain(x, shared) for x in cache.prefix_k),
+            prefix_v=tuple(constrain(x, shared) for x in cache.prefix_v),
+        )
     rest = jax.tree.map(rows, s.replace(cache=None))
     return rest.replace(cache=cache.replace(valid=rows(cache.valid)))
 
@@ -117,12 +123,13 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     """Runs the padded prompts once and builds the decode state for k candidates per prompt.
 
     tokens, valid: [B, P] (left-padded). Returns a DecodeState with N = B*k rows, ordered
-    prompt-major (rows b*k .. b*k+k-1 belong to prompt b).
+    prompt-major (rows b*k .. b*k+k-1 belong to prompt b), whose cache holds the prompts once,
+    as a prefix shared by their k rows, and cache_len empty slots per row.
     """
     model = nnx.merge(graphdef, model_state)
     cfg = model.cfg
     b, p = tokens.shape
-    cache = KVCache.init(cfg, b, cache_len)
+    cache = KVCache.init(cfg, b, p)
     # Only the last position's logits predict a token: the head runs on it alone, not on [B, P].
     out = model(tokens, valid=valid, cache=cache, with_logits=False)
     step = opts.step
@@ -149,7 +156,7 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     per_prompt = {name: jnp.repeat(x, k, axis=0) for name, x in per_prompt.items()}
     n = b * k
     state = DecodeState(
-        cache=out.cache.repeat(k),
+        cache=KVCache.init(cfg, b * k, cache_len).with_prefix(out.cache),
         tokens=jnp.full((n, g), opts.pad_id, jnp.int32),
         length=jnp.zeros((n,), jnp.int32),
         done=jnp.zeros((n,), bool),
@@ -411,10 +418,6 @@ def run_decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions, m
     return state
 
 
-def _first_cache_len(prompt_width: int, budget: int) -> int:
-    return min(budget, prompt_width + GROW_SLOTS) if GROW_SLOTS else budget
-
-
 def _next_cache_len(current: int, budget: int) -> int:
     return min(budget, 2 * current)  # a few sizes (compilations), each at most 2x the need
 
@@ -457,8 +460,9 @@ def start(
                 f"{len(prompts)} prompts x k={k} = {n} candidates cannot be laid on the mesh: "
                 f"data*fsdp = {rows} must divide it (change k, the batch, or the mesh)"
             )
-    budget = min(tokens.shape[1] + g + cache_extra, cfg.max_len)
-    cache_len = _first_cache_len(tokens.shape[1], budget)
+    # Each row's own cache holds what it generates; the prompt is a shared prefix.
+    budget = min(g + cache_extra, cfg.max_len - tokens.shape[1])
+    cache_len = min(budget, GROW_SLOTS) if GROW_SLOTS else budget
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
