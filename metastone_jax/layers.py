@@ -165,10 +165,10 @@ class Attention(nnx.Module):
     ):
         """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
 
-        With a cache (this layer's k_cache/v_cache [B,K,S,hd]) the chunk's keys/values are
-        written at slots [write_index, write_index+T) in place and attention runs over all S
-        slots; without one S = T. Returns (y [B,T,D], the updated (k_cache, v_cache), or this
-        chunk's (k, v) [B,K,T,hd] without a cache).
+        With a cache (this layer's k_cache [B,K,hd,S], v_cache [B,K,S,hd]) the chunk's keys and
+        values are written at slots [write_index, write_index+T) in place and attention runs
+        over all S slots; without one S = T. Returns (y [B,T,D], the updated (k_cache,
+        v_cache), or this chunk's (k, v) [B,K,T,hd] without a cache).
 
         prefix (decode only): (k [P,K,hd,Sp], v [P,K,Sp,hd], valid [P,Sp]) of P prompts, each
         shared by B/P consecutive rows, attended to before the cache (`KVCache.with_prefix`).
