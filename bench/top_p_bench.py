@@ -53,7 +53,8 @@ def main() -> None:
         t_blocks, a = timed_mask(logits, default)
         t_whole, b = timed_mask(logits, 0)
         assert np.array_equal(np.asarray(a), np.asarray(b))
-        rows = processors._block_rows(n, default // v)
+        processors.TOP_P_BLOCK_ELEMENTS = default
+        rows = processors._block_rows(n, v)
         note = " (the same single block: noise)" if rows == n else ""
         print(f"  [{n}, {v}]: blocks of {rows} rows {t_blocks * 1e3:6.2f} ms, one block "
               f"{t_whole * 1e3:6.2f} ms: {t_whole / t_blocks:4.2f}x{note}")  # fmt: skip
