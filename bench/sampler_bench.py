@@ -3,7 +3,8 @@
 Same weights on both sides (a random Qwen2 of ~39M parameters made with transformers, converted
 HF -> JAX with our converter), fp32, k=32 candidates for each of 4 prompts, fixed-length
 generation (no EOS). Prints:
-  - generated tokens/s: ours vs `generate(num_return_sequences=32)`, and the ratio;
+  - generated tokens/s: ours vs `generate(num_return_sequences=32)`, and the ratio (both sides
+    alternate over --rounds rounds; each side's fastest, and the per-round ratios);
   - the share of this machine's matmul roofline (a large jnp.dot, same run) reached in decode;
   - the overhead of in-loop SPRM scoring (same sampler with scoring off);
   - the released pipeline's shape (generate, then a second full forward over every candidate
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each side")
     args = parser.parse_args()
 
     import jax
@@ -71,16 +73,6 @@ def main() -> None:
         assert (c.length == g).all()
         return c
 
-    ours()  # compile
-    ours(score=False)
-    # Scoring on and off alternate (3 rounds, fastest of each): the overhead is a few tenths of
-    # a percent, below this machine's run-to-run drift, which back-to-back pairs would pick up.
-    on, off = [], []
-    for _ in range(3):
-        on.append(_time(ours))
-        off.append(_time(lambda: ours(False)))
-    t_ours, t_ours_noscore = min(on), min(off)
-
     torch.set_num_threads(os.cpu_count())
     input_ids = torch.from_numpy(prompts)
 
@@ -92,15 +84,21 @@ def main() -> None:
                 min_new_tokens=g, num_return_sequences=args.k, pad_token_id=0,
             )  # fmt: skip
 
-    hf_generate_small = (
-        lambda: hf_model.generate(  # noqa: E731 warm-up
-            input_ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0
-        )
-    )
-    hf_generate_small()
-    t0 = time.perf_counter()
-    sequences = hf_generate()
-    t_hf = time.perf_counter() - t0
+    ours()  # compile
+    ours(score=False)
+    hf_model.generate(input_ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    # Both sides alternate, round by round (scoring on, scoring off, transformers), and each side
+    # is its fastest round: this machine drifts by 10-30% within minutes, so back-to-back blocks
+    # or one round of one side against several of the other would measure the drift.
+    on, off, hf = [], [], []
+    for _ in range(args.rounds):
+        on.append(_time(ours))
+        off.append(_time(lambda: ours(False)))
+        t0 = time.perf_counter()
+        sequences = hf_generate()
+        hf.append(time.perf_counter() - t0)
+    t_ours, t_ours_noscore, t_hf = min(on), min(off), min(hf)
+    paired = sorted(h / o for h, o in zip(hf, on, strict=True))
 
     # The released pipeline scores afterwards: a second full forward over every candidate,
     # penultimate hidden states, the head at every position.
@@ -131,12 +129,14 @@ def main() -> None:
     print(f"  ours (scoring off)     {n_tokens / t_ours_noscore:10.1f} tok/s  "
           f"({t_ours_noscore:.2f} s)")  # fmt: skip
     print(f"  transformers generate  {n_tokens / t_hf:10.1f} tok/s  ({t_hf:.2f} s)")
-    print(f"  ratio ours / transformers: {t_hf / t_ours:.2f}x")
+    print(f"  ratio ours / transformers: {t_hf / t_ours:.2f}x (fastest of {args.rounds} "
+          f"alternating rounds each; per round {', '.join(f'{r:.2f}' for r in paired)}x; "
+          f"transformers {', '.join(f'{t:.2f}' for t in hf)} s)")  # fmt: skip
     reached = flops / t_ours
     print(f"  matmul roofline {peak / 1e9:.1f} GFLOP/s; decode reaches "
           f"{reached / 1e9:.1f} GFLOP/s = {100 * reached / peak:.0f}% of it")  # fmt: skip
     print(f"  in-loop scoring overhead: {100 * (t_ours / t_ours_noscore - 1):+.1f}% (fastest of "
-          f"3 alternating rounds; on {', '.join(f'{t:.2f}' for t in on)} s, off "
+          f"{args.rounds} alternating rounds; on {', '.join(f'{t:.2f}' for t in on)} s, off "
           f"{', '.join(f'{t:.2f}' for t in off)} s)")  # fmt: skip
     released = t_hf + t_rescore
     print(f"  released shape (generate {t_hf:.2f} s + rescoring forward {t_rescore:.2f} s) "
