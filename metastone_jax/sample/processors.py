@@ -306,31 +306,36 @@ def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -
     return top_p_mask(logits, params.top_p)
 
 
-def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
+def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
     """Token whose CDF interval holds u * total: probs [N, V], u [N] in [0, 1) -> [N] int32.
 
     One uniform per row instead of V Gumbel variates. Two levels (block sums, then one block)
     instead of a cumsum over V, which is slow on CPU. Tokens with probability 0 have empty
     intervals, so they are never drawn."""
+    return _inverse_cdf_from_blocks(*cdf_blocks(probs), u)
+
+
+def cdf_blocks(probs: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """probs [N, V] -> (blocks [N, V/B, B] zero-padded, their cumulative sums [N, V/B])."""
     n, v = probs.shape
     pad = -v % block
-    blocks = jnp.pad(probs, ((0, 0), (0, pad))).reshape(n, -1, block)  # [N, V/B, B]
-    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [N, V/B]
+    blocks = jnp.pad(probs, ((0, 0), (0, pad))).reshape(n, -1, block)
+    return blocks, jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)
+
+
+def _inverse_cdf_from_blocks(blocks: jax.Array, block_cdf: jax.Array, u: jax.Array):
+    """`_inverse_cdf` from `cdf_blocks` (several draws from one distribution share them)."""
+    block = blocks.shape[-1]
     target = u * block_cdf[:, -1]
     b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), block_cdf.shape[1] - 1)
     before = jnp.where(
         b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0.0
     )
-    inner = jnp.cumsum(jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0], axis=-1)
-    j = jnp.sum(inner <= (target - before)[:, None], axis=-1)
+    row = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]  # [N, B]
+    j = jnp.sum(jnp.cumsum(row, axis=-1) <= (target - before)[:, None], axis=-1)
     # Rounding can put the target past a block's last non-zero entry: step back onto it.
-    last_nonzero = (
-        block
-        - 1
-        - jnp.argmax((jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0] > 0)[:, ::-1], axis=-1)
-    )
-    j = jnp.minimum(j, last_nonzero)
-    return (b * block + j).astype(jnp.int32)
+    last_nonzero = block - 1 - jnp.argmax((row > 0)[:, ::-1], axis=-1)
+    return (b * block + jnp.minimum(j, last_nonzero)).astype(jnp.int32)
 
 
 def sample(

@@ -25,13 +25,8 @@ import numpy as np
 from flax import nnx, struct
 
 from metastone_jax.sample.cache import KVCache
-from metastone_jax.sample.processors import (
-    SamplingParams,
-    process_logits,
-    sample,
-    seen_from_tokens,
-    update_seen,
-)
+from metastone_jax.sample.draw import draw
+from metastone_jax.sample.processors import SamplingParams, seen_from_tokens, update_seen
 from metastone_jax.sharding import constrain
 from metastone_jax.sprm import RunningScore, StepTokens, is_id, isin_ids
 
@@ -53,7 +48,7 @@ class DecodeState:
     done: jax.Array  # [N] bool
     paused: jax.Array  # [N] bool: stopped at a step boundary (until_step mode)
     finish: jax.Array  # [N] int32 one of RUNNING, STOPPED, LENGTH, PRUNED
-    logprob: jax.Array  # [N] f32 sum of sampled tokens' log-probs
+    logprob: jax.Array  # [N] f32 sum of the tokens' log-probs (see `draw.draw`)
     seen: jax.Array  # [N, V] bool tokens present so far (repetition penalty)
     n_open: jax.Array  # [N] int32 count of <think> so far (prompt included)
     n_close: jax.Array  # [N] int32 count of </think> so far
@@ -209,17 +204,13 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         # A candidate's j-th token uses fold_in(its key, j): independent of batch scheduling
         # (beam search pauses rows), so a kept beam continues exactly as it would alone.
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
-        logits = process_logits(s.next_logits, s.seen, params)
-        token, logprob = sample(logits, keys, params)
         inside = (s.n_open > 0) & (s.n_close == 0)
+        forced = None
         if params.think_budget is not None and step.think_close is not None:
             # Controllable thinking length: past the budget, `</think>` is forced.
             force = inside & (s.think_tokens >= params.think_budget)
-            token = jnp.where(force, step.think_close, token)
-            # log p(</think>) from one logsumexp, not a [N, V] log-softmax every step.
-            logits_f32 = s.next_logits.astype(jnp.float32)
-            forced_lp = logits_f32[:, step.think_close] - jax.nn.logsumexp(logits_f32, axis=-1)
-            logprob = jnp.where(force, forced_lp, logprob)
+            forced = jnp.where(force, step.think_close, -1)
+        token, logprob = draw(s.next_logits, s.seen, keys, params, forced)
         token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
         pos = s.prompt_len + s.length  # sequence position of this token
 
@@ -355,7 +346,7 @@ class Candidates:
     tokens: np.ndarray  # [B, k, G] int32 (pad after `length`)
     length: np.ndarray  # [B, k]
     finish: np.ndarray  # [B, k] int: index into FINISH_REASONS
-    logprob: np.ndarray  # [B, k] sum of the sampled tokens' log-probs
+    logprob: np.ndarray  # [B, k] sum of the tokens' log-probs, untruncated (`draw.draw`)
     step_scores: np.ndarray  # [B, k, S]
     step_index: np.ndarray  # [B, k, S] generated-token index of each step (-1: none)
     step_mask: np.ndarray  # [B, k, S] bool: the steps the inference scorer counts
