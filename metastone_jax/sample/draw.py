@@ -69,9 +69,8 @@ def draw(
     else:
         kept = top_k_mask(logits, params.top_k)
         if params.top_p < 1.0 and 1.0 - params.top_p <= REJECTION_MAX_DROP:
-            probs = shifted if params.top_k == 0 else jnp.exp(kept - top)
-            probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-            token = _nucleus_by_rejection(kept, probs, keys, params.top_p, rounds)
+            weights = shifted if params.top_k == 0 else jnp.exp(kept - top)
+            token = _nucleus_by_rejection(kept, weights, keys, params.top_p, rounds)
         else:
             token, _ = sample(top_p_mask(kept, params.top_p), keys, params)
     if forced is not None:
@@ -81,17 +80,17 @@ def draw(
 
 
 def _nucleus_by_rejection(
-    logits: jax.Array, probs: jax.Array, keys: jax.Array, top_p: float, rounds: int
+    logits: jax.Array, weights: jax.Array, keys: jax.Array, top_p: float, rounds: int
 ) -> jax.Array:
-    """A draw from the top-p nucleus of logits [N, V] (probs = their softmax) -> [N] int32.
+    """A draw from the top-p nucleus of logits [N, V] -> [N] int32; weights [N, V] are their
+    unnormalised softmax, exp(logits - max) (no pass to normalise them).
 
     Round r draws with uniform(fold_in(key, r)); rows still undrawn after `rounds` rounds
     draw from the exact mask with uniform(fold_in(key, rounds))."""
     n = logits.shape[0]
     order = _sortable_key(logits)  # HF's sort order: ascending logit, then id
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    drop = 1.0 - top_p
-    blocks, block_cdf = cdf_blocks(probs)  # once: every round draws from the same probs
+    blocks, block_cdf = cdf_blocks(weights)  # once: every round draws from the same weights
+    drop = (1.0 - top_p) * block_cdf[:, -1]  # 1 - top_p of the total weight
 
     def uniforms(r):
         return jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, r), ()))(keys)
@@ -104,11 +103,12 @@ def _nucleus_by_rejection(
         r, token, done = carry
         x = _inverse_cdf_from_blocks(blocks, block_cdf, uniforms(r))
         kx = jnp.take_along_axis(order, x[:, None], axis=1)
+        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)  # here: fused, not stored
         before = (order < kx) | ((order == kx) & (iota < x[:, None]))
-        mass_before = jnp.sum(jnp.where(before, probs, 0.0), axis=-1)
-        px = jnp.take_along_axis(probs, x[:, None], axis=1)[:, 0]
+        mass_before = jnp.sum(jnp.where(before, weights, 0.0), axis=-1)
+        wx = jnp.take_along_axis(weights, x[:, None], axis=1)[:, 0]
         # HF drops a token iff its cumulative mass in that order is <= 1 - top_p.
-        accept = mass_before + px > drop
+        accept = mass_before + wx > drop
         return r + 1, jnp.where(done, token, x), done | accept
 
     start = (jnp.int32(0), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
@@ -116,7 +116,6 @@ def _nucleus_by_rejection(
 
     def exact(_):
         nucleus = jnp.exp(top_p_mask(logits, top_p) - jnp.max(logits, axis=-1, keepdims=True))
-        nucleus = nucleus / jnp.sum(nucleus, axis=-1, keepdims=True)
         return jnp.where(done, token, _inverse_cdf(nucleus, uniforms(rounds)))
 
     return jax.lax.cond(jnp.all(done), lambda _: token, exact, None)

@@ -307,7 +307,7 @@ def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -
 
 
 def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
-    """Token whose CDF interval holds u * total: probs [N, V], u [N] in [0, 1) -> [N] int32.
+    """Token whose CDF interval holds u * total: probs [N, V] (any scale), u [N] in [0, 1) -> [N].
 
     One uniform per row instead of V Gumbel variates. Two levels (block sums, then one block)
     instead of a cumsum over V, which is slow on CPU. Tokens with probability 0 have empty
