@@ -23,6 +23,7 @@ from common import best_time as _time
 from common import matmul_roofline, qwen2_both_ways
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+PAUSE_S = 2.0  # before every timed call: the previous one's threads go idle
 
 
 def main() -> None:
@@ -87,13 +88,21 @@ def main() -> None:
     ours()  # compile
     ours(score=False)
     hf_model.generate(input_ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    # Both sides alternate, round by round (scoring on, scoring off, transformers), and each side
-    # is its fastest round: this machine drifts by 10-30% within minutes, so back-to-back blocks
-    # or one round of one side against several of the other would measure the drift.
+    # Both sides alternate, round by round, and each side is its fastest round: this machine
+    # drifts by 10-30% within minutes, so back-to-back blocks or one round of one side against
+    # several of the other would measure the drift. Scoring on and off swap places every round,
+    # and every timed call starts after a pause: a call right after torch's was measured slower
+    # (its worker threads still spinning), which had put +9% on whichever ran first.
     on, off, hf = [], [], []
-    for _ in range(args.rounds):
-        on.append(_time(ours))
-        off.append(_time(lambda: ours(False)))
+
+    def quiet(fn):
+        time.sleep(PAUSE_S)
+        return _time(fn)
+
+    for r in range(args.rounds):
+        for score in (True, False) if r % 2 == 0 else (False, True):
+            (on if score else off).append(quiet(lambda s=score: ours(s)))
+        time.sleep(PAUSE_S)
         t0 = time.perf_counter()
         sequences = hf_generate()
         hf.append(time.perf_counter() - t0)
@@ -116,6 +125,7 @@ def main() -> None:
 
     t_rescore = _time(rescore)
 
+    time.sleep(PAUSE_S)
     peak = matmul_roofline()
     # Decode FLOPs: 2 x (matmul parameters) per generated token, plus attention over the cache.
     matmul_params = n_params - args.vocab * args.hidden  # the embedding lookup is no matmul
