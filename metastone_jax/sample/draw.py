@@ -29,6 +29,7 @@ from metastone_jax.sample.processors import (
     apply_temperature,
     cdf_blocks,
     sample,
+    softmax_parts,
     top_k_mask,
     top_p_mask,
 )
@@ -61,9 +62,7 @@ def draw(
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, params.repetition_penalty)
     if not params.greedy:
         logits = apply_temperature(logits, params.temperature)
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    shifted = jnp.exp(logits - top)
-    total = jnp.sum(shifted, axis=-1)
+    top, shifted, total = softmax_parts(logits)
     if params.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:

@@ -338,6 +338,15 @@ def _inverse_cdf_from_blocks(blocks: jax.Array, block_cdf: jax.Array, u: jax.Arr
     return (b * block + jnp.minimum(j, last_nonzero)).astype(jnp.int32)
 
 
+def softmax_parts(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [N, V] f32 -> (max [N, 1], exp(logits - max) [N, V], their sum [N]).
+
+    log p(token) = logit - max - log(sum): one reduction, no [N, V] log-softmax."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = jnp.exp(logits - top)
+    return top, shifted, jnp.sum(shifted, axis=-1)
+
+
 def sample(
     logits: jax.Array, keys: jax.Array, params: SamplingParams
 ) -> tuple[jax.Array, jax.Array]:
@@ -354,10 +363,7 @@ def sample(
     (with the repetition penalty, if any, applied).
     """
     logits = logits.astype(jnp.float32)
-    # log p(token) = logit(token) - logsumexp(logits): one reduction, no [N, V] log-softmax.
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    shifted = jnp.exp(logits - top)
-    total = jnp.sum(shifted, axis=-1)
+    top, shifted, total = softmax_parts(logits)
     if params.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
