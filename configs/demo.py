@@ -82,6 +82,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "repetition_penalty": 1.0,
                 "max_new_tokens": 128,
             },
+            # `metastone-jax demo --spr-study` (demo/spr_study.py): the demo's main head given
+            # one more pass over rollouts of `fresh_prompts` unseen training prompts (and over
+            # its own) with each loss form in `forms` at each LR in `lrs`.
+            "study": {
+                "fresh_prompts": 1024,
+                "forms": ("bce", "filtered", "paper"),
+                "lrs": (1e-3, 3e-4, 1e-4),
+                "batch": 64,
+            },
             "progress": True,
         }
     )
@@ -92,4 +101,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.spr.update(rollout_prompts=64, k=4, warmup_bce_steps=10, steps=40, batch=64)
         c.eval.update(questions=8, beam_ks=(2, 8))
         c.sampling.max_new_tokens = 80
+        c.study.update(fresh_prompts=32, lrs=(1e-3,), batch=16)
     return c

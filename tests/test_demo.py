@@ -117,3 +117,63 @@ def test_ablation_head_on_another_backbone_is_refused(quick_run, tmp_path):
     save_policy(other, nnx.clone(other.sprm), os.path.join(main_ckpt, HF_FILES_DIR), out, {})
     with pytest.raises(ValueError, match="its backbone differs from the main head's policy"):
         _same_backbone_head(model, out)
+
+
+def test_spr_study_scores_the_demo_heads_as_the_sampler_did(quick_run, capsys):
+    """`demo --spr-study`: the study scores the pool from teacher-forced features; for the demo's
+    own two heads its best-of-k must equal the table's, which comes from the step scores the
+    sampler computed inside the decode loop."""
+    main(["metastone-jax", "demo", "--quick", f"--workdir={quick_run}", "--spr-study",
+          "--config.progress=False"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "+ 1 pass, fresh rollouts" in out
+    res = json.load(open(os.path.join(quick_run, "results.json")))
+    study = json.load(open(os.path.join(quick_run, "spr_study.json")))
+    cfg = res["config"]
+    forms = cfg["spr"]["form"], cfg["spr"]["ablation_form"]
+    rows = study["rows"]
+    # Two demo heads, then per LR (quick: one) each form on fresh rollouts + filtered on its own.
+    assert [r.get("head") for r in rows[:2]] == list(forms) and len(rows) == 2 + 1 * (3 + 1)
+    for row, key in zip(rows[:2], ("sprm_geomean", "ablation"), strict=True):
+        for k in study["ks"]:
+            want = 100 * res["table"][key][str(k)]["mean"]
+            assert row["best_of_k"][str(k)] == pytest.approx(want)
+    assert study["ks"] == [2, 8, 32] and os.path.getsize(os.path.join(quick_run, "spr_study.txt"))
+    for r in rows:
+        assert 0.0 <= r["held_out_best_of_group"] <= 100.0
+        assert all(0.0 <= v <= 100 * res["table"]["oracle"][k]["mean"] + 1e-9
+                   for k, v in r["best_of_k"].items())  # fmt: skip
+    # The fresh rollouts are other prompts (group ids after the heads' prompts) and other draws.
+    own = np.load(os.path.join(quick_run, "spr", "rollouts.npz"))
+    fresh = np.load(os.path.join(quick_run, "spr", "fresh-rollouts.npz"))
+    n_own = cfg["spr"]["rollout_prompts"]
+    assert own["group"].max() == n_own - 1 and fresh["group"].min() == n_own
+    assert len(fresh["labels"]) == cfg["study"]["fresh_prompts"] * cfg["spr"]["k"]
+    assert not np.array_equal(own["tokens"][: len(fresh["tokens"])], fresh["tokens"])
+
+
+def test_spr_study_refuses_a_pool_it_cannot_reproduce(quick_run):
+    """A candidate whose stored step scores differ from what its tokens give (another policy's
+    pool, or text that does not re-encode to the sampled tokens) is named, not scored."""
+    from metastone_jax.checkpoint import load_policy
+    from metastone_jax.demo.spr_study import check_pool_features, pool_rows
+    from metastone_jax.train.head_only import step_features
+
+    model, tokenizer, step = load_policy(os.path.join(quick_run, "spr", "bce"))
+    pool = read_pool(os.path.join(quick_run, "eval", "pool-bce.jsonl"))[:2]
+    feats = step_features(model, pool_rows(pool, tokenizer), step, mode="inference")
+    check_pool_features(model.sprm, feats, pool)
+    j = next(j for j, c in enumerate(pool[1]["candidates"]) if c["step_scores"])
+    pool[1]["candidates"][j]["step_scores"][0] += 0.01
+    with pytest.raises(ValueError, match=f"pool question '{pool[1]['id']}' candidate {j}:"):
+        check_pool_features(model.sprm, feats, pool)
+
+
+def test_fresh_rollouts_beyond_the_sft_data_are_refused(tmp_path):
+    from metastone_jax.demo.pipeline import collect_rollouts
+    from metastone_jax.main import CONFIGS, _parse
+
+    demo = os.path.join(CONFIGS, "demo.py")
+    cfg = _parse(["t", f"--config={demo}:quick"], "quick", demo)
+    with pytest.raises(ValueError, match="sft.synthetic_size=1024"):
+        collect_rollouts(cfg, None, None, None, str(tmp_path), first=1000, count=64)

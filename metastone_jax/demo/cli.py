@@ -1,8 +1,11 @@
-"""`metastone-jax demo [--workdir=DIR] [--quick] [--config.KEY=VALUE ...]` (what `make demo` runs).
+"""`metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--config.KEY=VALUE ...]` (what
+`make demo` runs).
 
 Trains a small policy on the synthetic arithmetic task, trains its SPRM head from outcome labels
 alone, and prints test-time scaling on held-out problems; configs/demo.py has every setting.
-Re-running the same command resumes (finished stages are reused).
+Re-running the same command resumes (finished stages are reused). --spr-study then runs the
+SPR-loss study on the workdir (demo/spr_study.py: the filtered SPR loss vs plain BCE on fresh
+rollouts) and prints its table.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import os
 import sys
 import time
 
-USAGE = "usage: metastone-jax demo [--workdir=DIR] [--quick] [--config.KEY=VALUE ...]"
+USAGE = "usage: metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--config.KEY=VALUE ...]"
 
 
 def main(argv: list[str]) -> None:
     from metastone_jax.main import CONFIGS, _parse
 
-    workdir, quick, overrides = None, False, []
+    workdir, quick, study, overrides = None, False, False, []
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__.strip() + "\n" + USAGE)
@@ -26,6 +29,8 @@ def main(argv: list[str]) -> None:
             workdir = arg.split("=", 1)[1]
         elif arg == "--quick":
             quick = True
+        elif arg == "--spr-study":
+            study = True
         elif arg.startswith("--config."):
             overrides.append(arg)
         else:
@@ -54,4 +59,11 @@ def main(argv: list[str]) -> None:
     print()
     print(report.format_diagnoses(results))
     print("wrote " + ", ".join(paths.values()))
-    print(f"done in {results['wall_s'] / 60:.1f} min", file=sys.stderr)
+    if study:
+        from metastone_jax.demo import spr_study
+
+        out = spr_study.run_study(cfg, run, workdir)
+        print()
+        print(spr_study.format_study(out))
+        print(f"wrote {os.path.join(workdir, spr_study.STUDY_FILE)}.json and .txt")
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)

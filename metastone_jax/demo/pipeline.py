@@ -106,20 +106,30 @@ def held_out_records(cfg) -> list[dict]:
     raise ValueError(f"the task has too few distinct problems for {n} held-out questions")
 
 
-def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.ndarray]:
-    """Stage 2: `spr.k` rollouts of the SFT policy per training prompt, graded (cached)."""
+def collect_rollouts(
+    cfg, model, tokenizer, step, workdir: str, *, first: int = 0, count: int | None = None,
+    name: str = "rollouts.npz",
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Stage 2: `spr.k` rollouts of the SFT policy per training prompt, graded (cached in
+    WORKDIR/spr/`name`). Prompts `first` .. `first + count` (default: the first
+    `spr.rollout_prompts`) of the SFT data; seeds and group ids follow the prompt's index, so
+    a later range is fresh rollouts of other prompts."""
     from metastone_jax.data.pipeline import pad_id
     from metastone_jax.evaluate.harness import encode_question
     from metastone_jax.train.rollout import grade_rollouts, pack_rollouts, sample_rollouts
 
-    path = os.path.join(workdir, SPR_DIR, "rollouts.npz")
+    path = os.path.join(workdir, SPR_DIR, name)
     if os.path.exists(path):
         _log(f"rollouts: reusing {path}")
         return dict(np.load(path))
     from flax import nnx
     from tqdm import tqdm
 
-    records = train_records(cfg, int(cfg.spr.rollout_prompts))
+    count = int(cfg.spr.rollout_prompts) if count is None else int(count)
+    records = train_records(cfg, first + count)[first:]
+    if len(records) < count:
+        raise ValueError(f"rollout prompts {first}..{first + count}: the SFT data has only "
+                         f"sft.synthetic_size={cfg.sft.synthetic_size} problems")  # fmt: skip
     width = int(cfg.sft.max_prompt_len)
     graphdef, params = nnx.split(model)
     sampling = sampling_params(cfg, tokenizer)
@@ -134,13 +144,13 @@ def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.
                 raise ValueError(f"problem {r['id']!r}: prompt of {len(p)} tokens is longer "
                                  f"than sft.max_prompt_len={width}")  # fmt: skip
         answers = [r["answer"] for r in recs]
-        seeds = [int(cfg.seed) * 1_000_003 + i + j for j in range(len(recs))]
+        seeds = [int(cfg.seed) * 1_000_003 + first + i + j for j in range(len(recs))]
         cands = sample_rollouts(graphdef, params, prompts, k=k, sampling=sampling, step=step,
                                 seeds=seeds, pad_id=pad_id(tokenizer))  # fmt: skip
         rewards = grade_rollouts(cands.texts(tokenizer), answers)
         rows = pack_rollouts(prompts, cands, rewards, prompt_width=width,
                              pad_id=pad_id(tokenizer))  # fmt: skip
-        rows["group"] = np.repeat(np.arange(i, i + len(recs)), k)
+        rows["group"] = np.repeat(np.arange(first + i, first + i + len(recs)), k)
         parts.append(rows)
     # Every chunk has the same width: prompt_width + max_new_tokens.
     rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -151,6 +161,15 @@ def collect_rollouts(cfg, model, tokenizer, step, workdir: str) -> dict[str, np.
     _log(f"rollouts: {len(rows['labels'])} from {len(records)} prompts, "
          f"{rows['labels'].mean():.1%} correct")  # fmt: skip
     return rows
+
+
+def held_out_mask(cfg, group: np.ndarray) -> np.ndarray:
+    """[N] bool: the rollouts of `spr.held_out_fraction` of the prompts (whole groups), kept
+    out of head training for the "aha" curve (seeded, so every stage picks the same ones)."""
+    groups = np.unique(group)
+    rng = np.random.default_rng(int(cfg.seed))
+    n_held = max(1, int(len(groups) * float(cfg.spr.held_out_fraction)))
+    return np.isin(group, rng.choice(groups, n_held, replace=False))
 
 
 def save_policy(model, head, tokenizer_dir: str, out: str, meta: dict) -> str:
@@ -179,11 +198,7 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
             continue
         if features is None:
             features = step_features(model, rows, step)
-            # Held-out rollouts (whole prompts) for the "aha" curve.
-            groups = np.unique(rows["group"])
-            rng = np.random.default_rng(int(cfg.seed))
-            n_held = max(1, int(len(groups) * float(cfg.spr.held_out_fraction)))
-            held = np.isin(rows["group"], rng.choice(groups, n_held, replace=False))
+            held = held_out_mask(cfg, rows["group"])
             train_set, held_set = features.take(~held), features.take(held)
         s = cfg.spr
         fit = HeadFitConfig(

@@ -57,16 +57,19 @@ class StepFeatures:
         )
 
 
-def step_features(model, rows: dict[str, np.ndarray], step: StepTokens, *, batch: int = 64):
-    """Penultimate features at the training step mask of packed rollout rows (`pack_rollouts`:
-    tokens/valid [N, T], response_start [N], labels [N], include [N]) -> StepFeatures."""
+def step_features(model, rows: dict[str, np.ndarray], step: StepTokens, *, batch: int = 64,
+                  mode: str = "train"):  # fmt: skip
+    """Penultimate features at the step mask of packed rollout rows (`pack_rollouts`:
+    tokens/valid [N, T], response_start [N], labels [N], include [N]) -> StepFeatures.
+    mode: `sprm.step_mask`'s "train" (what the SPR loss sees) or "inference" (what the sampler
+    scores; they differ only for responses with more than one think tag)."""
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def forward(params, tokens, valid, start):
         m = nnx.merge(graphdef, params)
         feats = m(tokens, valid=valid).features
-        mask = step_mask(tokens, step, mode="train", valid=valid, response_start=start)
+        mask = step_mask(tokens, step, mode=mode, valid=valid, response_start=start)
         return feats, shift_for_scoring(mask)
 
     n = len(rows["labels"])
