@@ -48,9 +48,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "rollout_prompts": 1024,  # training prompts rolled out by the SFT policy
                 "k": 8,  # rollouts per prompt
                 # The main head: plain BCE on every step. The released code's filtered loss is the
-                # ablation: on this fixed set of rollouts (the filter never sees fresh ones, as it
-                # does inside GRPO) it drops the errors the head misses and so confirms them,
-                # and its best-of-k trails BCE's on held-out rollouts (README, "The demo").
+                # ablation: it drops the errors the head misses and so confirms them, and its
+                # best-of-k trails BCE's on held-out rollouts, on fresh rollouts too
+                # (`--spr-study`; README, "The filtered SPR loss").
                 "form": "bce",
                 "ablation_form": "filtered",  # "" = skip
                 # Plain BCE before the filter (train/head_only.py: a sound start; from a random

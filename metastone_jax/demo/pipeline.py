@@ -1,9 +1,11 @@
-"""The demo's stages: SFT policy -> own rollouts -> SPRM head (filtered SPR loss and the BCE
-ablation) -> test-time scaling on held-out problems. Every stage is resumable in WORKDIR:
+"""The demo's stages: SFT policy -> own rollouts -> SPRM heads (plain BCE, and the filtered SPR
+loss as the ablation) -> test-time scaling on held-out problems. Every stage is resumable in
+WORKDIR:
 
     WORKDIR/sft/                 `metastone-jax train` run (dataset, tokenizer, checkpoints,
                                  metrics.jsonl, export/)
     WORKDIR/spr/rollouts.npz     SFT-policy rollouts on training prompts, graded
+                                 (fresh-rollouts.npz: later prompts, for `--spr-study`)
     WORKDIR/spr/<form>/          the policy with the head trained by that SPR loss form, and
                                  history.json (the "aha" curve)
     WORKDIR/eval/                candidate pools (JSONL, resumable) and beam-search results
