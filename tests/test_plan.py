@@ -60,10 +60,13 @@ def _hand(preset: str) -> dict[str, float]:
     mesh = config.mesh
     shards = mesh.fsdp * mesh.tensor
     params = 4 * (policy + sprm) / shards
-    # KV cache: k and v, L layers, candidates over data*fsdp, kv heads over tensor, bf16.
+    # KV cache: k and v, L layers, kv heads over tensor, bf16: each candidate's own cache of
+    # max_new_tokens slots (rows over data*fsdp) and each prompt's once, shared by its k
+    # candidates (on every device); prompt widths are powers of 2.
     rows = config.data.batch_size * config.rl.k / (mesh.data * mesh.fsdp)
-    slots = config.data.max_prompt_len + config.rl.max_new_tokens  # prompt widths: powers of 2
-    kv = 2 * n_layers * rows * (k / mesh.tensor) * slots * hd * 2
+    own = rows * config.rl.max_new_tokens
+    prefix = config.data.batch_size * config.data.max_prompt_len
+    kv = 2 * n_layers * (k / mesh.tensor) * hd * 2 * (own + prefix)
     return {
         "params": params,
         "reference params": params,  # GRPO's frozen copy for the KL
@@ -199,10 +202,52 @@ def test_cli_errors_are_one_line(extra, message):
 
 def test_sample_overrides_size_the_kv_cache():
     config = MESHES.get_config("grpo-1.5b-v5e-8")
-    plan = plan_config(config, sample_rows=64, sample_len=1024)
+    plan = plan_config(config, sample_rows=64, sample_len=3072)  # prompt 1024 + 2048 new
     v, d, n_layers, h, k, f = ARCH["metastone-s1-1.5b"]
-    expected = 2 * n_layers * (64 // 4) * (k // 2) * 1024 * (d // h) * 2
+    own, prefix = (64 // 4) * 2048, (64 // config.rl.k) * 1024  # rows over fsdp 4; 8 prompts
+    expected = 2 * n_layers * (k // 2) * (d // h) * 2 * (own + prefix)
     assert plan.component("KV cache").bytes == expected
+
+
+def test_rollout_kv_cache_is_the_samplers_on_a_mesh(monkeypatch):
+    """The planner's rollout KV cache against the per-device bytes of the sampler's own arrays
+    on a data 2 x fsdp 2 x tensor 2 mesh, grown to the budget the way `run_decode` grows it."""
+    from metastone_jax.config import ModelConfig
+    from metastone_jax.model import create_model
+    from metastone_jax.planning.memory import Workload, cache_sizes, own_slots, rollout_kv_bytes
+    from metastone_jax.sample import sampler
+    from metastone_jax.sample.processors import SamplingParams
+    from metastone_jax.sharding import make_mesh
+    from metastone_jax.sprm import StepTokens
+
+    monkeypatch.setattr(sampler, "GROW_SLOTS", 4)
+    sampler._jitted.cache_clear()
+    cfg = ModelConfig(
+        vocab_size=12, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=160,
+        compute_dtype="float32", pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    prompts = [[2, 3, 4, 6], [3, 8, 9, 10, 2, 5, 6], [4, 6], [2, 6]]
+    state, opts, _, _ = sampler.start(
+        create_model(cfg, seed=0, mesh=mesh), prompts, k=2, mesh=mesh,
+        params=SamplingParams(temperature=1.0, max_new_tokens=20),
+        step=StepTokens(step_ids=(5,), think_open=6, think_close=7),
+    )  # fmt: skip
+    width = state.cache.prefix_valid.shape[1]  # the padded prompt width P
+    w = Workload(kind="grpo", train_rows=8, seq_len=width + 20, prompts=4, candidates=8, k=2,
+                 prompt_len=width, max_new=20)  # fmt: skip
+    sizes = [state.cache.max_len]
+    while sizes[-1] < opts.cache_len:
+        sizes.append(sampler._next_cache_len(sizes[-1], opts.cache_len))
+    assert sizes == cache_sizes(own_slots(cfg, w)) == [4, 8, 16, 20]
+    with sampler._mesh_context(mesh):
+        for size in sizes[1:]:
+            state = sampler._grow(state, size)
+    c = state.cache
+    per_device = sum(
+        x.addressable_shards[0].data.nbytes for x in c.k + c.v + c.prefix_k + c.prefix_v
+    )
+    assert per_device == rollout_kv_bytes(cfg, 2, w, 4)
 
 
 @pytest.mark.parametrize(

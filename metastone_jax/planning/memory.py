@@ -55,15 +55,20 @@ else T; scores = H/tp * s_eff elements per token and layer):
   compiles differently: treat the estimate as +-25%.
 
 Estimated (rollouts, GRPO / SPR sampling; N = prompts * k candidates, n = ceil(N / dp),
-bp = ceil(prompts / dp), P = padded prompt width, G = max new tokens, S = P + G slots):
-  KV cache        2 * L * n * (K/tp) * S * hd * c   (k and v, [n, K, S, hd] per layer; rows over
-                  dp, kv heads over tp when tp divides K)
-  sampler work    the prompts' own cache before it is repeated k times (the KV formula with bp
-                  rows) + max(prefill: bp*P*H/tp*S*(8 + c) + bp*v*(c + 4) (one layer's
-                  scores; the LM head runs on the last prompt position only), decode:
-                  2*n*(K/tp)*S*hd*4 + 2*n*v*4 (one layer's K and V upcast to fp32, logits and
-                  probabilities)) + decode state
-                  n*G*8 (tokens, step scores and their indices).
+bp = ceil(prompts / dp), P = padded prompt width, G = max new tokens, capped at max_len - P;
+the sampler prefills each prompt once and its k candidates share that cache as a prefix, while
+each candidate's own cache holds only what it generates, grown as needed: GROW_SLOTS slots,
+doubled up to G, sample/sampler.py):
+  KV cache        2 * L * (K/tp) * hd * c * (n * G + prompts * P)   (k and v per layer: the
+                  candidates' own [n, K, G, hd], rows over dp; the prompts' prefix
+                  [prompts, K, P, hd], one per prompt: fewer than the mesh's rows, so replicated
+                  over dp; kv heads over tp when tp divides K)
+  sampler work    max(prefill: bp*P*H/tp*P*(8 + c) + bp*v*(c + 4) (one layer's scores; the LM
+                  head runs on the last prompt position only), decode: 2*(K/tp)*hd*4*(n*G +
+                  prompts*P) + 2*n*v*4 (one layer's K and V read in fp32, logits and
+                  probabilities), growth: the own cache before its last growth, alive while the
+                  grown copy is made) + decode state n*G*8 (tokens, step scores and their
+                  indices).
 
 Peak per device = resident (params + reference + optimizer) + max(train step, rollouts (KV
 cache + sampler work)): rollouts and updates never run at the same time. Activations, layer
@@ -268,18 +273,44 @@ def kv_cache_bytes(cfg: ModelConfig, tp: int, rows: int, slots: int) -> int:
     return 2 * cfg.n_layers * rows * _split(cfg.n_kv_heads, tp) * slots * cfg.head_dim * c
 
 
-def sampler_work_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int, slots: int) -> int:
-    """The prompts' own cache, the larger of prefill's and decode's temporaries, decode state."""
-    c = cfg.compute_jnp_dtype.itemsize
+def own_slots(cfg: ModelConfig, w: Workload) -> int:
+    """G: the slots of each candidate's own cache once grown to its budget."""
+    return max(0, min(w.slots - w.prompt_len, cfg.max_len - w.prompt_len))
+
+
+def cache_sizes(budget: int) -> list[int]:
+    """The own cache's sizes as the sampler grows it: GROW_SLOTS, doubled, capped at budget."""
+    from metastone_jax.sample.sampler import GROW_SLOTS
+
+    sizes = [min(budget, GROW_SLOTS) if GROW_SLOTS else budget]
+    while sizes[-1] < budget:
+        sizes.append(min(budget, 2 * sizes[-1]))
+    return sizes
+
+
+def rollout_kv_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int) -> int:
+    """The candidates' own caches (rows over dp) + the prompts' shared prefix (replicated)."""
+    n = math.ceil(w.candidates / dp)
+    return kv_cache_bytes(cfg, tp, n, own_slots(cfg, w)) + kv_cache_bytes(
+        cfg, tp, w.prompts, w.prompt_len
+    )
+
+
+def sampler_work_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int) -> int:
+    """The largest of prefill's temporaries, decode's, and the cache growth's old copy, plus
+    the decode state."""
     n = math.ceil(w.candidates / dp)
     bp = math.ceil(w.prompts / dp)
-    s = slots
+    p, g = w.prompt_len, own_slots(cfg, w)
+    c = cfg.compute_jnp_dtype.itemsize
     v = _split(cfg.vocab_size, tp)
-    prompt_cache = kv_cache_bytes(cfg, tp, bp, s)
-    prefill = bp * w.prompt_len * _split(cfg.n_heads, tp) * s * (8 + c) + bp * v * (c + 4)
-    decode = 2 * n * _split(cfg.n_kv_heads, tp) * s * cfg.head_dim * 4 + 2 * n * v * 4
+    prefill = bp * p * _split(cfg.n_heads, tp) * p * (8 + c) + bp * v * (c + 4)
+    decode = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * 4 * (n * g + w.prompts * p)
+    decode += 2 * n * v * 4
+    sizes = cache_sizes(g)
+    growth = kv_cache_bytes(cfg, tp, n, sizes[-2]) if len(sizes) > 1 else 0
     state = n * w.max_new * 8
-    return int(prompt_cache + max(prefill, decode) + state)
+    return int(max(prefill, decode, growth) + state)
 
 
 def build_plan(
@@ -307,7 +338,6 @@ def build_plan(
         )
     b = w.train_rows // dp
     t = w.seq_len
-    slots = min(w.slots, cfg.max_len)  # the sampler's cache never exceeds the model's max_len
     work = layer_work_bytes(cfg, tp, b, t)
     grads = state.params * (2 if w.grad_accum > 1 else 1)
     pd = state.param_dtype
@@ -337,11 +367,12 @@ def build_plan(
     if n:
         comps += [
             Component(
-                "KV cache", "rollout", kv_cache_bytes(cfg, tp, n, slots),
-                f"{n} rows x {slots} slots",
+                "KV cache", "rollout", rollout_kv_bytes(cfg, tp, w, dp),
+                f"{n} rows x {own_slots(cfg, w)} slots + {w.prompts} shared prompts x "
+                f"{w.prompt_len}",
             ),
-            Component("sampler work", "rollout", sampler_work_bytes(cfg, tp, w, dp, slots),
-                      "prompt cache, prefill/decode temporaries"),
+            Component("sampler work", "rollout", sampler_work_bytes(cfg, tp, w, dp),
+                      "prefill/decode temporaries or the cache's growth copy"),
         ]  # fmt: skip
     comps = [c for c in comps if c.bytes or c.name in ("params", "optimizer state")]
     return MemoryPlan(
