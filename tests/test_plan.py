@@ -61,11 +61,12 @@ def _hand(preset: str) -> dict[str, float]:
     shards = mesh.fsdp * mesh.tensor
     params = 4 * (policy + sprm) / shards
     # KV cache: k and v, L layers, kv heads over tensor, bf16: each candidate's own cache of
-    # max_new_tokens slots (rows over data*fsdp) and each prompt's once, shared by its k
-    # candidates (on every device); prompt widths are powers of 2.
-    rows = config.data.batch_size * config.rl.k / (mesh.data * mesh.fsdp)
+    # max_new_tokens slots and each prompt's once, shared by its k candidates; both over
+    # data*fsdp (the presets' prompt counts divide it); prompt widths are powers of 2.
+    dp = mesh.data * mesh.fsdp
+    rows = config.data.batch_size * config.rl.k / dp
     own = rows * config.rl.max_new_tokens
-    prefix = config.data.batch_size * config.data.max_prompt_len
+    prefix = config.data.batch_size / dp * config.data.max_prompt_len
     kv = 2 * n_layers * (k / mesh.tensor) * hd * 2 * (own + prefix)
     return {
         "params": params,
@@ -204,12 +205,13 @@ def test_sample_overrides_size_the_kv_cache():
     config = MESHES.get_config("grpo-1.5b-v5e-8")
     plan = plan_config(config, sample_rows=64, sample_len=3072)  # prompt 1024 + 2048 new
     v, d, n_layers, h, k, f = ARCH["metastone-s1-1.5b"]
-    own, prefix = (64 // 4) * 2048, (64 // config.rl.k) * 1024  # rows over fsdp 4; 8 prompts
+    own, prefix = (64 // 4) * 2048, (64 // config.rl.k // 4) * 1024  # 8 prompts; fsdp 4
     expected = 2 * n_layers * (k // 2) * (d // h) * 2 * (own + prefix)
     assert plan.component("KV cache").bytes == expected
 
 
-def test_rollout_kv_cache_is_the_samplers_on_a_mesh(monkeypatch):
+@pytest.mark.parametrize("n_prompts", [4, 2, 3])  # prefix over data*fsdp, over data, replicated
+def test_rollout_kv_cache_is_the_samplers_on_a_mesh(n_prompts, monkeypatch):
     """The planner's rollout KV cache against the per-device bytes of the sampler's own arrays
     on a data 2 x fsdp 2 x tensor 2 mesh, grown to the budget the way `run_decode` grows it."""
     from metastone_jax.config import ModelConfig
@@ -227,15 +229,16 @@ def test_rollout_kv_cache_is_the_samplers_on_a_mesh(monkeypatch):
         compute_dtype="float32", pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    prompts = [[2, 3, 4, 6], [3, 8, 9, 10, 2, 5, 6], [4, 6], [2, 6]]
+    prompts = [[2, 3, 4, 6], [3, 8, 9, 10, 2, 5, 6], [4, 6], [2, 6]][:n_prompts]
+    k = 4 if n_prompts < 4 else 2  # candidates: a multiple of data*fsdp
     state, opts, _, _ = sampler.start(
-        create_model(cfg, seed=0, mesh=mesh), prompts, k=2, mesh=mesh,
+        create_model(cfg, seed=0, mesh=mesh), prompts, k=k, mesh=mesh,
         params=SamplingParams(temperature=1.0, max_new_tokens=20),
         step=StepTokens(step_ids=(5,), think_open=6, think_close=7),
     )  # fmt: skip
     width = state.cache.prefix_valid.shape[1]  # the padded prompt width P
-    w = Workload(kind="grpo", train_rows=8, seq_len=width + 20, prompts=4, candidates=8, k=2,
-                 prompt_len=width, max_new=20)  # fmt: skip
+    w = Workload(kind="grpo", train_rows=8, seq_len=width + 20, prompts=n_prompts,
+                 candidates=n_prompts * k, k=k, prompt_len=width, max_new=20)  # fmt: skip
     sizes = [state.cache.max_len]
     while sizes[-1] < opts.cache_len:
         sizes.append(sampler._next_cache_len(sizes[-1], opts.cache_len))
@@ -247,7 +250,7 @@ def test_rollout_kv_cache_is_the_samplers_on_a_mesh(monkeypatch):
     per_device = sum(
         x.addressable_shards[0].data.nbytes for x in c.k + c.v + c.prefix_k + c.prefix_v
     )
-    assert per_device == rollout_kv_bytes(cfg, 2, w, 4)
+    assert per_device == rollout_kv_bytes(cfg, w, {"data": 2, "fsdp": 2, "tensor": 2})
 
 
 @pytest.mark.parametrize(

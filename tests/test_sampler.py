@@ -177,19 +177,23 @@ def test_logprob_is_sum_of_sampled_token_logprobs_greedy(model):
 
 
 # k=32 with top-p: 64 rows, which one device filters in row blocks (blocks made small here)
-# and the mesh does not.
-@pytest.mark.parametrize("k, top_p, grow", [(4, 1.0, 4), (32, 0.9, 64)])
-def test_sharded_sampling_equals_single_device(k, top_p, grow, monkeypatch):
+# and the mesh does not. The prompts' shared cache lies over the rows' mesh axes as far as their
+# count divides them: 2 prompts over data, 4 over data*fsdp, 3 replicated.
+@pytest.mark.parametrize(
+    "k, top_p, grow, n_prompts", [(4, 1.0, 4, 2), (32, 0.9, 64, 2), (2, 1.0, 4, 4), (4, 1.0, 4, 3)]
+)
+def test_sharded_sampling_equals_single_device(k, top_p, grow, n_prompts, monkeypatch):
     monkeypatch.setattr(processors, "TOP_P_BLOCK_ELEMENTS", 16 * CFG.vocab_size)
     monkeypatch.setattr(sampler, "GROW_SLOTS", grow)  # 4: the cache grows on the mesh too
     sampler._jitted.cache_clear()  # the block size is read at trace time
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=12)
-    single = sampler.generate(create_model(CFG, seed=0), PROMPTS[:2], k=k, params=params,
-                              step=STEP, seeds=[7, 8])  # fmt: skip
+    prompts, seeds = (PROMPTS + [[2, 6]])[:n_prompts], [7, 8, 9, 10][:n_prompts]
+    single = sampler.generate(create_model(CFG, seed=0), prompts, k=k, params=params,
+                              step=STEP, seeds=seeds)  # fmt: skip
     sharded_model = create_model(CFG, seed=0, mesh=mesh)
-    sharded = sampler.generate(sharded_model, PROMPTS[:2], k=k, params=params, step=STEP,
-                               seeds=[7, 8], mesh=mesh)  # fmt: skip
+    sharded = sampler.generate(sharded_model, prompts, k=k, params=params, step=STEP,
+                               seeds=seeds, mesh=mesh)  # fmt: skip
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.step_scores, sharded.step_scores, atol=1e-5)
 

@@ -59,13 +59,14 @@ bp = ceil(prompts / dp), P = padded prompt width, G = max new tokens, capped at 
 the sampler prefills each prompt once and its k candidates share that cache as a prefix, while
 each candidate's own cache holds only what it generates, grown as needed: GROW_SLOTS slots,
 doubled up to G, sample/sampler.py):
-  KV cache        2 * L * (K/tp) * hd * c * (n * G + prompts * P)   (k and v per layer: the
+  KV cache        2 * L * (K/tp) * hd * c * (n * G + pp * P)   (k and v per layer: the
                   candidates' own [n, K, G, hd], rows over dp; the prompts' prefix
-                  [prompts, K, P, hd], one per prompt: fewer than the mesh's rows, so replicated
-                  over dp; kv heads over tp when tp divides K)
+                  [prompts, K, P, hd], pp = prompts per device: over data, then fsdp, as far
+                  as the prompt count divides them, else replicated; kv heads over tp when tp
+                  divides K)
   sampler work    max(prefill: bp*P*H/tp*P*(8 + c) + bp*v*(c + 4) (one layer's scores; the LM
                   head runs on the last prompt position only), decode: 2*(K/tp)*hd*4*(n*G +
-                  prompts*P) + 2*n*v*4 (one layer's K and V read in fp32, logits and
+                  pp*P) + 2*n*v*4 (one layer's K and V read in fp32, logits and
                   probabilities), growth: the own cache before its last growth, alive while the
                   grown copy is made) + decode state n*G*8 (tokens, step scores and their
                   indices).
@@ -84,6 +85,7 @@ import math
 
 from metastone_jax.config import REMAT_POLICIES, ModelConfig
 from metastone_jax.planning.tpu import GIB, TpuType
+from metastone_jax.sharding import logical_to_spec
 
 CAUSAL_BLOCK = 64  # layers.CAUSAL_BLOCK: queries per block of the causal attention
 LOGIT_COPIES = {"sft": 3, "grpo": 6, "spr": 0}
@@ -288,24 +290,35 @@ def cache_sizes(budget: int) -> list[int]:
     return sizes
 
 
-def rollout_kv_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int) -> int:
-    """The candidates' own caches (rows over dp) + the prompts' shared prefix (replicated)."""
+def prompts_per_device(prompts: int, mesh_shape: dict) -> int:
+    """The shared prefix's rows on one device: the sampler lays them over the 'batch' axes
+    non-strictly (`sharding.logical_to_spec`), dropping an axis the count does not divide."""
+    spec = logical_to_spec(("batch",), (prompts,), mesh_shape, strict=False)
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return prompts // math.prod(mesh_shape.get(a, 1) for a in axes)
+
+
+def rollout_kv_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
+    """The candidates' own caches (rows over dp) + the prompts' shared prefix."""
+    tp, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
     n = math.ceil(w.candidates / dp)
-    return kv_cache_bytes(cfg, tp, n, own_slots(cfg, w)) + kv_cache_bytes(
-        cfg, tp, w.prompts, w.prompt_len
-    )
+    pp = prompts_per_device(w.prompts, mesh_shape)
+    return kv_cache_bytes(cfg, tp, n, own_slots(cfg, w)) + kv_cache_bytes(cfg, tp, pp, w.prompt_len)
 
 
-def sampler_work_bytes(cfg: ModelConfig, tp: int, w: Workload, dp: int) -> int:
+def sampler_work_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
     """The largest of prefill's temporaries, decode's, and the cache growth's old copy, plus
     the decode state."""
+    tp, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
     n = math.ceil(w.candidates / dp)
     bp = math.ceil(w.prompts / dp)
+    pp = prompts_per_device(w.prompts, mesh_shape)
     p, g = w.prompt_len, own_slots(cfg, w)
     c = cfg.compute_jnp_dtype.itemsize
     v = _split(cfg.vocab_size, tp)
     prefill = bp * p * _split(cfg.n_heads, tp) * p * (8 + c) + bp * v * (c + 4)
-    decode = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * 4 * (n * g + w.prompts * p)
+    decode = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * 4 * (n * g + pp * p)
     decode += 2 * n * v * 4
     sizes = cache_sizes(g)
     growth = kv_cache_bytes(cfg, tp, n, sizes[-2]) if len(sizes) > 1 else 0
@@ -367,11 +380,11 @@ def build_plan(
     if n:
         comps += [
             Component(
-                "KV cache", "rollout", rollout_kv_bytes(cfg, tp, w, dp),
-                f"{n} rows x {own_slots(cfg, w)} slots + {w.prompts} shared prompts x "
-                f"{w.prompt_len}",
+                "KV cache", "rollout", rollout_kv_bytes(cfg, w, mesh_shape),
+                f"{n} rows x {own_slots(cfg, w)} slots + "
+                f"{prompts_per_device(w.prompts, mesh_shape)} shared prompts x {w.prompt_len}",
             ),
-            Component("sampler work", "rollout", sampler_work_bytes(cfg, tp, w, dp),
+            Component("sampler work", "rollout", sampler_work_bytes(cfg, w, mesh_shape),
                       "prefill/decode temporaries or the cache's growth copy"),
         ]  # fmt: skip
     comps = [c for c in comps if c.bytes or c.name in ("params", "optimizer state")]

@@ -104,8 +104,10 @@ def _constrain(s: DecodeState) -> DecodeState:
     cache = cache.replace(
         k=tuple(constrain(x, kv) for x in cache.k), v=tuple(constrain(x, kv) for x in cache.v)
     )
-    if cache.prefix_k is not None:  # one per prompt: fewer than the mesh's rows, replicated
-        shared = (None, "kv_heads", None, None)
+    if cache.prefix_k is not None:
+        # One per prompt, over the rows' mesh axes as far as the prompt count divides them (else
+        # replicated): rows are prompt-major, so a prompt's k rows sit on its prompt's devices.
+        shared = ("batch", "kv_heads", None, None)
         cache = cache.replace(
             prefix_k=tuple(constrain(x, shared) for x in cache.prefix_k),
             prefix_v=tuple(constrain(x, shared) for x in cache.prefix_v),
