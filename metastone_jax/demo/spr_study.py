@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from metastone_jax.evaluate.metrics import LOG_CLAMP, method_accuracy
+from metastone_jax.evaluate.metrics import candidate_score, method_accuracy
 
 STUDY_FILE = "spr_study"
 SCORE_ATOL = 1e-3  # teacher-forced vs in-loop step scores (float32 rounding: ~4e-6 measured)
@@ -92,9 +92,7 @@ def pool_best_of_k(head, feats, pool: list[dict], ks) -> dict[int, float]:
 def rollout_best_of_group(head, feats, group: np.ndarray) -> float:
     """Accuracy in % of picking each prompt's highest-geomean rollout (first of equal maxima;
     a rollout without a step scores 0)."""
-    scores = head_step_scores(head, feats)
-    agg = np.array([np.exp(np.mean(np.log(np.maximum(s, LOG_CLAMP)))) if s.size else 0.0
-                    for s in scores])  # fmt: skip
+    agg = np.array([candidate_score(s) for s in head_step_scores(head, feats)])
     picks = [feats.labels[idx[np.argmax(agg[idx])]] for idx in
              (np.flatnonzero(group == g) for g in np.unique(group))]  # fmt: skip
     return 100 * float(np.mean(picks))
