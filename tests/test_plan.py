@@ -104,7 +104,7 @@ def test_peak_is_resident_plus_the_larger_phase():
     parts = {c.name: c.bytes for c in plan.components}
     resident = parts["params"] + parts["reference params"] + parts["optimizer state"]
     step = parts["gradients"] + parts["activations"] + max(parts["layer work"], parts["logits"])
-    rollout = parts["KV cache"] + parts["sampler work"]
+    rollout = parts["KV cache"] + parts["sampler work"] + parts["decode weights"]
     assert plan.total == resident + max(step, rollout)
     acts = plan.activations_by_remat
     assert acts["full"] < acts["dots_no_batch"] < acts["dots"] < acts["none"]
@@ -349,3 +349,58 @@ def test_full_logits_that_cannot_fit_point_to_logits_chunk():
     v, d = 151936, 1536
     assert chunked.component("logits").bytes == 1024 * v * 12 + (d // 8) * v * 4
     assert full.component("logits").bytes == 9216 * v * 14
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1)])
+def test_rollout_estimate_tracks_xla_memory_analysis(mesh, monkeypatch):
+    """The decode loop compiled on a mesh (CPU, fp32 compute): its temporaries are the weights
+    gathered over fsdp (`decode weights`, within 10%), and the whole rollout estimate (KV cache
+    + sampler work + decode weights) tracks the loop's state + temporaries within -25% / +40%."""
+    import numpy as np
+
+    from metastone_jax.config import ModelConfig
+    from metastone_jax.model import create_model
+    from metastone_jax.planning.memory import (
+        Workload,
+        decode_weights_bytes,
+        rollout_kv_bytes,
+        sampler_work_bytes,
+    )
+    from metastone_jax.planning.state_bytes import state_bytes
+    from metastone_jax.sample import sampler
+    from metastone_jax.sample.processors import SamplingParams
+    from metastone_jax.sharding import make_mesh
+    from metastone_jax.sprm import StepTokens
+    from metastone_jax.train.state import OptimConfig
+
+    sampler._jitted.cache_clear()
+    cfg = ModelConfig(
+        vocab_size=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
+        max_len=512, compute_dtype="float32", pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    shape = dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
+    mesh = make_mesh(shape)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, 4096, size=int(rng.integers(50, 120))).tolist() for _ in range(8)]
+    g, k = 200, 8
+    model = create_model(cfg, seed=0, mesh=mesh)
+    state, opts, graphdef, params = sampler.start(
+        model, prompts, k=k, mesh=mesh, params=SamplingParams(temperature=1.0, max_new_tokens=g),
+        step=StepTokens((5,), 6, 7),
+    )  # fmt: skip
+    width = state.cache.prefix_valid.shape[1]
+    with sampler._mesh_context(mesh):
+        while state.cache.max_len < opts.cache_len:
+            state = sampler._grow(state, sampler._next_cache_len(state.cache.max_len, g))
+        analysis = (sampler._jitted(graphdef, "decode", opts).lower(params, state).compile()
+                    .memory_analysis())  # fmt: skip
+    state_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    w = Workload(kind="grpo", train_rows=8, seq_len=width + g, prompts=8, candidates=8 * k, k=k,
+                 prompt_len=width, max_new=g)  # fmt: skip
+    weights = decode_weights_bytes(cfg, state_bytes(cfg, shape, OptimConfig(), with_ref=False),
+                                   shape)  # fmt: skip
+    temp = analysis.temp_size_in_bytes
+    assert 0.9 * temp <= weights <= 1.1 * temp, (weights, temp)
+    estimate = rollout_kv_bytes(cfg, w, shape) + sampler_work_bytes(cfg, w, shape) + weights
+    xla = state_device + temp
+    assert 0.75 * xla <= estimate <= 1.4 * xla, estimate / xla

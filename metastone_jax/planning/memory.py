@@ -70,6 +70,13 @@ doubled up to G, sample/sampler.py):
                   probabilities), growth: the own cache before its last growth, alive while the
                   grown copy is made) + decode state n*G*8 (tokens, step scores and their
                   indices).
+  decode weights  (params/p * fsdp + V/tp * D) * c   (p = param bytes): XLA gathers the weights
+                  a loop reads once, before it (the all-gather is loop-invariant), so prefill
+                  and decode hold one tensor shard of every weight whole, plus a copy of the
+                  embedding/LM head. Counted in the compute dtype, the dtype the matmuls read
+                  (a TPU runs them in bf16: not measured here). Measured on XLA:CPU with fp32
+                  compute: the compiled decode loop's temp is within 1% of this; with bf16
+                  compute XLA:CPU gathers fp32 (its dots run in fp32), twice this.
 
 Peak per device = resident (params + reference + optimizer) + max(train step, rollouts (KV
 cache + sampler work)): rollouts and updates never run at the same time. Activations, layer
@@ -82,6 +89,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+import jax.numpy as jnp
 
 from metastone_jax.config import REMAT_POLICIES, ModelConfig
 from metastone_jax.planning.tpu import GIB, TpuType
@@ -326,6 +335,13 @@ def sampler_work_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
     return int(max(prefill, decode, growth) + state)
 
 
+def decode_weights_bytes(cfg: ModelConfig, state: StateBytes, mesh_shape: dict) -> int:
+    """The weights the sampler's compiled loops hold beyond the resident shards (see above)."""
+    elements = state.params // jnp.dtype(cfg.param_dtype).itemsize * mesh_shape["fsdp"]
+    elements += _split(cfg.vocab_size, mesh_shape["tensor"]) * cfg.d_model
+    return elements * cfg.compute_jnp_dtype.itemsize
+
+
 def build_plan(
     cfg: ModelConfig,
     *,
@@ -386,6 +402,8 @@ def build_plan(
             ),
             Component("sampler work", "rollout", sampler_work_bytes(cfg, w, mesh_shape),
                       "prefill/decode temporaries or the cache's growth copy"),
+            Component("decode weights", "rollout", decode_weights_bytes(cfg, state, mesh_shape),
+                      f"the weights gathered over fsdp {mesh_shape['fsdp']} for the loops"),
         ]  # fmt: skip
     comps = [c for c in comps if c.bytes or c.name in ("params", "optimizer state")]
     return MemoryPlan(

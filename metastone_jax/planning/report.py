@@ -22,6 +22,7 @@ REMEDIES = {
         "more data*fsdp",
     ),
     "sampler work": ("fewer prompts per step (data.batch_size)", "more data*fsdp"),
+    "decode weights": ("more tensor (each device gathers only its tensor shard of the weights)",),
 }  # fmt: skip
 GENERIC = {"fsdp": "more fsdp", "remat": REMAT, "rows per device": ROWS}  # keyword -> option
 
