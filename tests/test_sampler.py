@@ -311,3 +311,21 @@ def test_growing_cache_gives_the_candidates_of_a_whole_one(model, monkeypatch):
     eos_now = SamplingParams(temperature=1.0, max_new_tokens=40, stop_ids=tuple(range(12)))
     cands = sampler.generate(model, PROMPTS, k=2, params=eos_now, step=STEP)
     assert (cands.length == 1).all() and grown == []
+
+
+def test_cache_grows_one_layer_per_call(model):
+    """Growing the cache frees each layer's old k and v once their grown copies exist (the
+    whole old cache no longer sits beside the new one); the grown cache is the old one with
+    empty slots after it."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=20)
+    state, _, _, _ = sampler.start(model, PROMPTS, k=2, params=params, step=STEP, seeds=[1, 2, 3])
+    old = jax.tree.map(np.asarray, (state.cache.k, state.cache.v, state.cache.valid))
+    slots, before = state.cache.max_len, state.cache
+    grown = sampler._grow(state, slots + 8).cache
+    assert all(x.is_deleted() for x in before.k + before.v)
+    for new, ref in zip(grown.k + grown.v, old[0] + old[1], strict=True):
+        axis = 3 if new.shape[3] != ref.shape[3] else 2
+        pad = [(0, 0)] * 4
+        pad[axis] = (0, 8)
+        np.testing.assert_array_equal(np.asarray(new), np.pad(ref, pad))
+    np.testing.assert_array_equal(np.asarray(grown.valid), np.pad(old[2], ((0, 0), (0, 8))))

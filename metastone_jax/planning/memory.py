@@ -67,9 +67,9 @@ doubled up to G, sample/sampler.py):
   sampler work    max(prefill: bp*P*H/tp*P*(8 + c) + bp*v*(c + 4) (one layer's scores; the LM
                   head runs on the last prompt position only), decode: 2*(K/tp)*hd*4*(n*G +
                   pp*P) + 2*n*v*4 (one layer's K and V read in fp32, logits and
-                  probabilities), growth: the own cache before its last growth, alive while the
-                  grown copy is made) + decode state n*G*8 (tokens, step scores and their
-                  indices).
+                  probabilities), growth: one layer's own cache before its last growth, alive
+                  while its grown copy is made: the cache grows a layer at a time) + decode
+                  state n*G*8 (tokens, step scores and their indices).
   decode weights  (params/p * fsdp + V/tp * D) * c   (p = param bytes): XLA gathers the weights
                   a loop reads once, before it (the all-gather is loop-invariant), so prefill
                   and decode hold one tensor shard of every weight whole, plus a copy of the
@@ -330,7 +330,7 @@ def sampler_work_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
     decode = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * 4 * (n * g + pp * p)
     decode += 2 * n * v * 4
     sizes = cache_sizes(g)
-    growth = kv_cache_bytes(cfg, tp, n, sizes[-2]) if len(sizes) > 1 else 0
+    growth = kv_cache_bytes(cfg, tp, n, sizes[-2]) // cfg.n_layers if len(sizes) > 1 else 0
     state = n * w.max_new * 8
     return int(max(prefill, decode, growth) + state)
 
@@ -401,7 +401,7 @@ def build_plan(
                 f"{prompts_per_device(w.prompts, mesh_shape)} shared prompts x {w.prompt_len}",
             ),
             Component("sampler work", "rollout", sampler_work_bytes(cfg, w, mesh_shape),
-                      "prefill/decode temporaries or the cache's growth copy"),
+                      "prefill/decode temporaries or a layer's growth copy"),
             Component("decode weights", "rollout", decode_weights_bytes(cfg, state, mesh_shape),
                       f"the weights gathered over fsdp {mesh_shape['fsdp']} for the loops"),
         ]  # fmt: skip

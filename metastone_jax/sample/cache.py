@@ -93,7 +93,12 @@ class KVCache:
 
     def grow(self, slots: int) -> KVCache:
         """The same cache with `slots` more empty slots at the end (a copy)."""
-        k = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, slots))) for x in self.k)
-        v = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, slots), (0, 0))) for x in self.v)
+        kv = [grow_layer(k, v, slots) for k, v in zip(self.k, self.v, strict=True)]
         valid = jnp.pad(self.valid, ((0, 0), (0, slots)))
-        return self.replace(k=k, v=v, valid=valid)
+        return self.replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), valid=valid)
+
+
+def grow_layer(k: jax.Array, v: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+    """One layer's k [B, K, hd, S] and v [B, K, S, hd] with `slots` empty slots after S."""
+    return (jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, slots))),
+            jnp.pad(v, ((0, 0), (0, 0), (0, slots), (0, 0))))  # fmt: skip

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from metastone_jax.sample.cache import KVCache
+from metastone_jax.sample.cache import KVCache, grow_layer
 from metastone_jax.sample.draw import draw
 from metastone_jax.sample.processors import SamplingParams, seen_from_tokens, update_seen
 from metastone_jax.sharding import constrain
@@ -416,10 +416,33 @@ def _next_cache_len(current: int, budget: int) -> int:
     return min(budget, 2 * current)  # a few sizes (compilations), each at most 2x the need
 
 
-@functools.partial(jax.jit, static_argnums=1)  # not donated: no buffer keeps its shape
 def _grow(state: DecodeState, cache_len: int) -> DecodeState:
-    cache = state.cache.grow(cache_len - state.cache.max_len)
-    return _constrain(state.replace(cache=cache))
+    """The state with a cache of `cache_len` slots. Consumes `state` (as `decode`, which
+    donates it): the cache grows one layer at a time and each layer's old k and v are freed
+    once their grown copies exist, so one layer's old buffers sit beside the new cache, not the
+    whole old cache (`metastone-jax plan` counts one layer's). Donation cannot free them: an
+    input that no output of its shape can alias is not donated."""
+    cache = state.cache
+    slots = cache_len - cache.max_len
+    ks, vs = [], []
+    for k, v in zip(cache.k, cache.v, strict=True):
+        grown = jax.block_until_ready(_grow_layer(k, v, slots))
+        k.delete(), v.delete()
+        ks.append(grown[0]), vs.append(grown[1])
+    valid = _grow_valid(cache.valid, slots)
+    return state.replace(cache=cache.replace(k=tuple(ks), v=tuple(vs), valid=valid))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _grow_layer(k: jax.Array, v: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+    k, v = grow_layer(k, v, slots)
+    axes = ("batch", "kv_heads", None, None)  # as `_constrain` lays the cache
+    return constrain(k, axes), constrain(v, axes)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grow_valid(valid: jax.Array, slots: int) -> jax.Array:
+    return constrain(jnp.pad(valid, ((0, 0), (0, slots))), ("batch", None))
 
 
 def start(
