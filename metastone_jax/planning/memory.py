@@ -79,10 +79,11 @@ doubled up to G, sample/sampler.py):
                   compute XLA:CPU gathers fp32 (its dots run in fp32), twice this.
 
 Peak per device = resident (params + reference + optimizer) + max(train step, rollouts (KV
-cache + sampler work)): rollouts and updates never run at the same time. Activations, layer
-work, logits and the sampler's work are estimates of what XLA keeps (its fusion and
-rematerialisation choices move them); state bytes are exact. Not modelled: the rollout log-prob
-pass (a forward without gradients: smaller than the step), XLA scratch, and host-side data.
+cache + sampler work + decode weights)): rollouts and updates never run at the same time.
+Activations, layer work, logits and the sampler's work are estimates of what XLA keeps (its
+fusion and rematerialisation choices move them); state bytes are exact. Not modelled: the
+rollout log-prob pass (a forward without gradients: smaller than the step), XLA scratch, and
+host-side data.
 """
 
 from __future__ import annotations

@@ -91,14 +91,9 @@ class KVCache:
         """Repeats each sequence k times along batch (prefill once, decode k candidates)."""
         return self.map_rows(lambda x: jnp.repeat(x, k, axis=0))
 
-    def grow(self, slots: int) -> KVCache:
-        """The same cache with `slots` more empty slots at the end (a copy)."""
-        kv = [grow_layer(k, v, slots) for k, v in zip(self.k, self.v, strict=True)]
-        valid = jnp.pad(self.valid, ((0, 0), (0, slots)))
-        return self.replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), valid=valid)
-
 
 def grow_layer(k: jax.Array, v: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-    """One layer's k [B, K, hd, S] and v [B, K, S, hd] with `slots` empty slots after S."""
+    """One layer's k [B, K, hd, S] and v [B, K, S, hd] with `slots` empty slots after S (the
+    sampler grows a cache a layer at a time: `sampler._grow`)."""
     return (jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, slots))),
             jnp.pad(v, ((0, 0), (0, 0), (0, slots), (0, 0))))  # fmt: skip
