@@ -80,7 +80,8 @@ def format_table(plan: MemoryPlan) -> str:
     if plan.rollout_rows_per_device:
         lines.append(
             f"  rollouts: {w.candidates} candidates ({w.prompts} prompts), "
-            f"{plan.rollout_rows_per_device} per device, {w.slots} KV slots"
+            f"{plan.rollout_rows_per_device} per device, {w.slots} KV slots each (the "
+            f"{w.prompt_len}-token prompt's shared by its {w.k})"
         )
     lines.append("")
     lines.append(f"  {'component':<18} {'phase':<9} {'GiB/device':>10} {'% HBM':>7}  detail")
