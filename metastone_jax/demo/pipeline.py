@@ -31,11 +31,16 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _write_json(path: str, obj) -> None:
+def write_text(path: str, text: str) -> None:
+    """`text` + newline at `path`, under a temporary name and renamed (no half-written file)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text + "\n")
     os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def sft_config(cfg):

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from metastone_jax.demo.diagnose import diagnose, format_diagnosis
+from metastone_jax.demo.pipeline import write_text
 from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
 
 # (key, label, pool method); "beam" rows come from beam search with the main head, "ablation"
@@ -184,10 +185,7 @@ def write(results: dict, run: dict, workdir: str) -> dict[str, str]:
     texts = (("results", json.dumps(results, indent=1)), ("table", format_table(results)),
              ("diagnosis", format_diagnoses(results)))  # fmt: skip
     for key, text in texts:
-        tmp = f"{paths[key]}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, paths[key])
+        write_text(paths[key], text)
     plot_aha(run["heads"], paths["aha"], int(results["config"]["spr"]["warmup_bce_steps"]))
     plot_compute(results, paths["compute"])
     return paths

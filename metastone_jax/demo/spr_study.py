@@ -118,7 +118,13 @@ def run_study(cfg, run: dict, workdir: str) -> dict:
     from tqdm import tqdm
 
     from metastone_jax.checkpoint import load_policy
-    from metastone_jax.demo.pipeline import _log, _write_json, collect_rollouts, held_out_mask
+    from metastone_jax.demo.pipeline import (
+        _log,
+        _write_json,
+        collect_rollouts,
+        held_out_mask,
+        write_text,
+    )
     from metastone_jax.train.head_only import HeadFitConfig, fit_head, step_features
 
     model, tokenizer, step = load_policy(run["policy"])
@@ -164,11 +170,7 @@ def run_study(cfg, run: dict, workdir: str) -> dict:
     }  # fmt: skip
     path = os.path.join(workdir, STUDY_FILE)
     _write_json(f"{path}.json", out)
-    text = format_study(out)
-    tmp = f"{path}.txt.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, f"{path}.txt")
+    write_text(f"{path}.txt", format_study(out))
     return out
 
 

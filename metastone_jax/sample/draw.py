@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from metastone_jax.sample.processors import (
+    NEG_INF,
     SamplingParams,
     _inverse_cdf,
     _inverse_cdf_from_blocks,
@@ -68,7 +69,7 @@ def draw(
     else:
         kept = top_k_mask(logits, params.top_k)
         if params.top_p < 1.0 and 1.0 - params.top_p <= REJECTION_MAX_DROP:
-            weights = shifted if params.top_k == 0 else jnp.exp(kept - top)
+            weights = shifted if params.top_k == 0 else jnp.where(kept == NEG_INF, 0.0, shifted)
             token = _nucleus_by_rejection(kept, weights, keys, params.top_p, rounds)
         else:
             token, _ = sample(top_p_mask(kept, params.top_p), keys, params)
