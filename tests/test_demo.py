@@ -4,6 +4,7 @@ demo's job, measured and reported in the README)."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,30 @@ def test_quick_demo_resumes_without_redoing_stages(quick_run, capsys):
     assert "SPRM head (filtered): reusing" in out and "SPRM head (bce): reusing" in out
     after = json.load(open(os.path.join(quick_run, "results.json")))
     assert after["table"] == before["table"]
+
+
+@pytest.mark.parametrize(
+    "override, key, stage",
+    [
+        ("--config.sft.lr=0.002", "sft.lr", "sft"),
+        ("--config.sampling.temperature=2.5", "sampling.temperature", "rollouts.npz"),
+        ("--config.spr.lr=0.01", "head.lr", "bce"),
+        ("--config.eval.samples=16", "eval.samples", "eval"),
+    ],
+)
+def test_resume_under_other_settings_is_refused(quick_run, override, key, stage):
+    """A finished stage is reused only under the settings it was made with: another value is an
+    error naming the setting and the stage's output, and nothing in the workdir changes."""
+
+    def snapshot():
+        return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+                for d, _, files in os.walk(quick_run) for f in files}  # fmt: skip
+
+    before = snapshot()
+    with pytest.raises(SystemExit, match=rf"{stage} was made with {re.escape(key)}="):
+        main(["metastone-jax", "demo", "--quick", f"--workdir={quick_run}",
+              "--config.progress=False", override])  # fmt: skip
+    assert snapshot() == before
 
 
 def test_ablation_head_on_another_backbone_is_refused(quick_run, tmp_path):

@@ -10,6 +10,8 @@ WORKDIR:
                                  history.json (the "aha" curve)
     WORKDIR/eval/                candidate pools (JSONL, resumable) and beam-search results
                                  (beam-<form>-k<k>.json, with the main head)
+    WORKDIR/<stage>.stage.json   the settings each stage was made with (`stamps`): reusing a
+                                 stage under other settings is an error naming the setting
 
 Why SFT then SPR on the policy's own rollouts (not GRPO + SPR): see README, "The demo".
 """
@@ -23,6 +25,7 @@ import numpy as np
 
 from metastone_jax.checkpoint import load_policy, write_policy
 from metastone_jax.data import synthetic
+from metastone_jax.demo import stamps
 
 SFT_DIR, SPR_DIR, EVAL_DIR = "sft", "spr", "eval"
 
@@ -72,6 +75,8 @@ def train_policy(cfg, workdir: str) -> str:
     run = os.path.join(workdir, SFT_DIR)
     export = os.path.join(run, "export")
     step_file = os.path.join(export, "train_step.json")
+    started = os.path.isdir(run) and bool(os.listdir(run))
+    stamps.claim(run, stamps.sft_settings(cfg), output_exists=started)
     if os.path.exists(step_file) and json.load(open(step_file))["step"] == int(cfg.sft.steps):
         _log(f"SFT policy: reusing {export}")
         return export
@@ -125,14 +130,16 @@ def collect_rollouts(
     from metastone_jax.evaluate.harness import encode_question
     from metastone_jax.train.rollout import grade_rollouts, pack_rollouts, sample_rollouts
 
+    count = int(cfg.spr.rollout_prompts) if count is None else int(count)
     path = os.path.join(workdir, SPR_DIR, name)
+    stamps.claim(path, stamps.rollout_settings(cfg, first, count),
+                 output_exists=os.path.exists(path))  # fmt: skip
     if os.path.exists(path):
         _log(f"rollouts: reusing {path}")
         return dict(np.load(path))
     from flax import nnx
     from tqdm import tqdm
 
-    count = int(cfg.spr.rollout_prompts) if count is None else int(count)
     records = train_records(cfg, first + count)[first:]
     if len(records) < count:
         raise ValueError(f"rollout prompts {first}..{first + count}: the SFT data has only "
@@ -199,6 +206,7 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
     for form in forms:
         ckpt = os.path.join(workdir, SPR_DIR, form)
         hist_path = os.path.join(ckpt, "history.json")
+        stamps.claim(ckpt, stamps.head_settings(cfg, form), output_exists=os.path.exists(hist_path))
         if os.path.exists(hist_path):
             _log(f"SPRM head ({form}): reusing {ckpt}")
             out[form] = {"ckpt": ckpt, "history": json.load(open(hist_path))}
@@ -235,7 +243,10 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
 
     records = held_out_records(cfg)
     e = cfg.eval
-    os.makedirs(os.path.join(workdir, EVAL_DIR), exist_ok=True)
+    eval_dir = os.path.join(workdir, EVAL_DIR)
+    started = os.path.isdir(eval_dir) and bool(os.listdir(eval_dir))
+    stamps.claim(eval_dir, stamps.eval_settings(cfg, list(heads)), output_exists=started)
+    os.makedirs(eval_dir, exist_ok=True)
     main = cfg.spr.form
     model, tokenizer, step = load_policy(heads[main]["ckpt"])
     paths = {form: os.path.join(workdir, EVAL_DIR, f"pool-{form}.jsonl") for form in heads}

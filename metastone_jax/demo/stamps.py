@@ -1,0 +1,82 @@
+"""The settings each cached demo stage was made with.
+
+The demo resumes by reusing finished stages (WORKDIR/sft, spr/*.npz, spr/<form>, eval). Before a
+stage runs or is reused, `claim` compares the settings it depends on (its own and every upstream
+stage's) with the stamp beside its output, `<output>.stage.json`: other settings over an existing
+output are an error that names the setting, so a changed config never mixes a stale stage into
+new results. A stage with no output yet takes the new stamp; an output without a stamp (a
+workdir from before stamps) is taken as made with the current settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _plain(section) -> object:
+    """ConfigDicts, dicts and tuples as JSON values (tuples become lists, as in the stamp)."""
+    return json.loads(json.dumps(section, default=lambda c: c.to_dict()))
+
+
+def sft_settings(cfg) -> dict:
+    return {"seed": int(cfg.seed), **{key: _plain(cfg[key]) for key in ("task", "model", "sft")}}
+
+
+def rollout_settings(cfg, first: int, count: int) -> dict:
+    return {**sft_settings(cfg), "sampling": _plain(cfg.sampling),
+            "rollouts": {"first_prompt": first, "prompts": count, "k": int(cfg.spr.k)}}  # fmt: skip
+
+
+def head_settings(cfg, form: str) -> dict:
+    s = cfg.spr
+    fit = {"form": form, "steps": int(s.steps), "batch": int(s.batch), "lr": float(s.lr),
+           "held_out_fraction": float(s.held_out_fraction),
+           "warmup_bce_steps": int(s.warmup_bce_steps) if form != "bce" else 0}  # fmt: skip
+    return {**rollout_settings(cfg, 0, int(s.rollout_prompts)), "head": fit}
+
+
+def eval_settings(cfg, forms) -> dict:
+    """Every head's settings, and the pool's questions and samples (the k lists and the batch
+    size do not change a candidate: beam results are kept per k)."""
+    e = cfg.eval
+    return {**rollout_settings(cfg, 0, int(cfg.spr.rollout_prompts)),
+            "heads": {form: head_settings(cfg, form)["head"] for form in forms},
+            "eval": {"questions": int(e.questions), "samples": int(e.samples)}}  # fmt: skip
+
+
+def stamp_path(output: str) -> str:
+    return os.path.splitext(os.path.normpath(output))[0] + ".stage.json"
+
+
+def _first_difference(old, new, key: str = "") -> tuple[str, object, object] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+            if diff:
+                return diff
+        return None
+    return None if old == new else (key, old, new)
+
+
+def claim(output: str, settings: dict, *, output_exists: bool) -> None:
+    """Raises if `output` exists and its stamp holds other settings than `settings`; otherwise
+    (re)writes the stamp, under a temporary name and renamed."""
+    path = stamp_path(output)
+    settings = _plain(settings)
+    if output_exists and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = _first_difference(old, settings)
+        if diff is None:
+            return
+        key, was, now = diff
+        raise ValueError(
+            f"{output} was made with {key}={was!r} and this run has {key}={now!r} ({path}); "
+            "use another --workdir, or remove it to make that stage again"
+        )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
