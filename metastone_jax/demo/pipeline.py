@@ -212,7 +212,7 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
             out[form] = {"ckpt": ckpt, "history": json.load(open(hist_path))}
             continue
         if features is None:
-            features = step_features(model, rows, step)
+            features = step_features(model, rows, step, progress=bool(cfg.progress))
             held = held_out_mask(cfg, rows["group"])
             train_set, held_set = features.take(~held), features.take(held)
         s = cfg.spr

@@ -140,11 +140,12 @@ def run_study(cfg, run: dict, workdir: str) -> dict:
         cfg, model, tokenizer, step, workdir, first=int(cfg.spr.rollout_prompts),
         count=int(st.fresh_prompts), name="fresh-rollouts.npz",
     )  # fmt: skip
-    own = step_features(model, own_rows, step)
+    own = step_features(model, own_rows, step, progress=bool(cfg.progress))
     held = held_out_mask(cfg, own_rows["group"])
     own_train, held_set, held_group = own.take(~held), own.take(held), own_rows["group"][held]
-    fresh = step_features(model, fresh_rows, step)
-    pool_feats = step_features(model, pool_rows(pool, tokenizer), step, mode="inference")
+    fresh = step_features(model, fresh_rows, step, progress=bool(cfg.progress))
+    pool_feats = step_features(model, pool_rows(pool, tokenizer), step, mode="inference",
+                               progress=bool(cfg.progress))  # fmt: skip
     check_pool_features(heads[main], pool_feats, pool)
 
     results = []

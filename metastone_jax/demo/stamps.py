@@ -73,7 +73,7 @@ def claim(output: str, settings: dict, *, output_exists: bool) -> None:
         key, was, now = diff
         raise ValueError(
             f"{output} was made with {key}={was!r} and this run has {key}={now!r} ({path}); "
-            "use another --workdir, or remove it to make that stage again"
+            "use another workdir, or remove it to make that stage again"
         )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"

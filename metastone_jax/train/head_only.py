@@ -58,11 +58,13 @@ class StepFeatures:
 
 
 def step_features(model, rows: dict[str, np.ndarray], step: StepTokens, *, batch: int = 64,
-                  mode: str = "train"):  # fmt: skip
+                  mode: str = "train", progress: bool = False):  # fmt: skip
     """Penultimate features at the step mask of packed rollout rows (`pack_rollouts`:
     tokens/valid [N, T], response_start [N], labels [N], include [N]) -> StepFeatures.
     mode: `sprm.step_mask`'s "train" (what the SPR loss sees) or "inference" (what the sampler
     scores; they differ only for responses with more than one think tag)."""
+    from tqdm import tqdm
+
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -74,7 +76,7 @@ def step_features(model, rows: dict[str, np.ndarray], step: StepTokens, *, batch
 
     n = len(rows["labels"])
     parts = []
-    for i in range(0, n, batch):
+    for i in tqdm(range(0, n, batch), desc="step features", unit="batch", disable=not progress):
         sl = slice(i, min(i + batch, n))
         size = sl.stop - sl.start
         pad = batch - size  # one compiled shape: the last batch is padded with its first row
