@@ -71,6 +71,30 @@ def atomic_dir(out: str, *, overwrite: bool = False):
         raise
 
 
+FINGERPRINT_VALUES = 64  # per array, spread evenly over it
+
+
+def params_fingerprint(module: nnx.Module) -> str:
+    """A short hex digest of `module`'s parameters: each array's path, shape, dtype and
+    FINGERPRINT_VALUES of its values at evenly spread positions. Exact values, no reduction, so
+    the same weights give the same digest on any mesh. It reads a few values per array, not the
+    weights: it tells checkpoints apart (any training moves them), it is not a hash of every
+    weight."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    for path, x in leaves[0]:
+        # A gather of the chosen elements: no reshaped copy of a sharded array.
+        at = np.unique(np.linspace(0, x.size - 1, FINGERPRINT_VALUES).astype(np.int64))
+        values = np.asarray(jax.device_get(x[np.unravel_index(at, x.shape)]))
+        digest.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}{x.dtype}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
     values = dataclasses.asdict(cfg)
     if isinstance(values.get("eos_token_id"), tuple):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from test_sample_cli import ckpt  # noqa: F401  (fixture: tiny Qwen2 checkpoint + BPE tokenizer)
@@ -199,6 +200,50 @@ def test_pool_resume_reproduces_an_uninterrupted_run(loaded, bench, tmp_path, mo
     assert pool(loaded, records, c) == full
     with pytest.raises(ValueError, match="was sampled with samples=3, now 4"):
         pool(loaded, records, c, samples=4)
+
+
+def test_pool_resumed_with_other_weights_is_refused(loaded, bench, tmp_path):
+    """The pool's meta holds the weights' fingerprint: another checkpoint (here one weight
+    moved) cannot resume it; a pool from before fingerprints resumes and gains one."""
+    from flax import nnx
+
+    model, tok, step, params, read_records = loaded
+    records = read_records(bench)[:2]
+    out = tmp_path / "candidates.jsonl"
+    first = pool(loaded, records, out)
+    meta_path = tmp_path / "candidates.meta.json"
+    fingerprint = json.loads(meta_path.read_text())["policy"]
+    graphdef, state = nnx.split(model)
+    other = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # a copy
+    other.embed[...] = other.embed[...].at[0, 0].add(1.0)  # the first value: always sampled
+    with pytest.raises(ValueError, match=f"was sampled with policy='{fingerprint}', now '"):
+        pool((other, tok, step, params, read_records), records, out)
+    legacy = json.loads(meta_path.read_text())
+    del legacy["policy"]
+    meta_path.write_text(json.dumps(legacy))
+    assert pool(loaded, records, out) == first
+    assert json.loads(meta_path.read_text())["policy"] == fingerprint
+
+
+def test_params_fingerprint_is_the_same_on_a_mesh_and_tells_weights_apart():
+    from flax import nnx
+
+    from metastone_jax.checkpoint import params_fingerprint
+    from metastone_jax.config import ModelConfig
+    from metastone_jax.model import create_model
+    from metastone_jax.sharding import make_mesh, state_shardings
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_len=32)  # fmt: skip
+    single = create_model(cfg, seed=0)
+    graphdef, state = nnx.split(single)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    assert len(sharded.embed[...].sharding.device_set) > 1
+    assert params_fingerprint(sharded) == params_fingerprint(single)
+    assert params_fingerprint(create_model(cfg, seed=1)) != params_fingerprint(single)
+    single.sprm.fc2.bias[...] = single.sprm.fc2.bias[...] + 1.0  # the head alone moved
+    assert params_fingerprint(sharded) != params_fingerprint(single)
 
 
 def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path):

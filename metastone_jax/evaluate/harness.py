@@ -78,19 +78,21 @@ def read_pool(path: str, *, repair: bool = False) -> list[dict]:
 
 
 def _check_meta(out_path: str, meta: dict) -> None:
-    """The pool's sampling settings live beside it; resuming with other settings is an error."""
+    """The pool's settings (and the weights' fingerprints) live beside it; resuming with others
+    is an error. A key the stored meta lacks (a pool from an older version) is added."""
     path = os.path.splitext(out_path)[0] + ".meta.json"
     meta = json.loads(json.dumps(meta))
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         for key in sorted(set(old) | set(meta)):
-            if old.get(key) != meta.get(key):
+            if key in old and old[key] != meta.get(key):
                 raise ValueError(
-                    f"{out_path} was sampled with {key}={old.get(key)!r}, now "
+                    f"{out_path} was sampled with {key}={old[key]!r}, now "
                     f"{meta.get(key)!r}: use another output directory to sample afresh"
                 )
-        return
+        if set(meta) <= set(old):
+            return
     _replace_file(path, json.dumps(meta, indent=1).encode("utf-8"))
 
 
@@ -169,6 +171,7 @@ def sample_pool(
     """
     from tqdm import tqdm
 
+    from metastone_jax.checkpoint import params_fingerprint
     from metastone_jax.sample import sampler
 
     if samples < 1 or batch_prompts < 1:
@@ -190,10 +193,13 @@ def sample_pool(
         "samples": samples, "seed": seed, "chat_template": chat_template,
         "sampling": dataclasses.asdict(sampling), "step": dataclasses.asdict(step),
     }  # fmt: skip
+    # Which weights sampled the candidates (and which head scored them), so that a pool is
+    # never resumed with another checkpoint's candidates.
+    meta["policy"] = params_fingerprint(model)
     done = {}  # pool path -> {question id: entry}
-    for path in heads:
+    for path, head in heads.items():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _check_meta(path, meta)
+        _check_meta(path, meta if head is None else {**meta, "head": params_fingerprint(head)})
         done[path] = {e["id"]: e for e in read_pool(path, repair=True)}
         _check_resumed(path, done[path], records, ids, samples)
     prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
