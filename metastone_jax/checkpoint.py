@@ -87,6 +87,7 @@ def params_fingerprint(module: nnx.Module) -> str:
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     for path, x in leaves[0]:
+        x = x[None] if x.ndim == 0 else x
         # A gather of the chosen elements: no reshaped copy of a sharded array.
         at = np.unique(np.linspace(0, x.size - 1, FINGERPRINT_VALUES).astype(np.int64))
         values = np.asarray(jax.device_get(x[np.unravel_index(at, x.shape)]))
