@@ -75,8 +75,7 @@ def claim(output: str, settings: dict, *, output_exists: bool) -> None:
             f"{output} was made with {key}={was!r} and this run has {key}={now!r} ({path}); "
             "use another workdir, or remove it to make that stage again"
         )
+    from metastone_jax.demo.pipeline import write_text  # here: pipeline imports this module
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(settings, indent=1))
