@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "k": 8,
                 "temperature": 0.6 if released else 1.0,
                 "top_p": 1.0,
+                "top_k": 0,  # 0 = off
                 "max_new_tokens": 8192 if released else 64,
                 "mini_batches": 4 if released else 1,  # updates per rollout batch
                 "clip_eps": 0.2,

@@ -81,6 +81,21 @@ def test_grpo_then_head_only_spr(sft_export, tmp_path):
     assert np.abs(after["sprm"]["fc1"]["kernel"] - before["sprm"]["fc1"]["kernel"]).max() > 0
 
 
+@pytest.mark.parametrize("top_k", [1, 0])
+def test_grpo_rollouts_follow_rl_top_k(sft_export, tmp_path, top_k):
+    """rl.top_k reaches the rollout sampler: at temperature 5, top-k 1 is greedy (every rollout
+    of a prompt the same), while without it the rollouts of a prompt differ."""
+    workdir = str(tmp_path / "grpo")
+    rl = {"top_k": top_k, "temperature": 5.0, "max_new_tokens": 16}
+    train(_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"),
+                  train={"steps": 1, "save_every": 1, "export": False},
+                  data={"save_rollouts": True}, rl=rl), workdir)  # fmt: skip
+    rows = np.load(os.path.join(workdir, "rollouts", "step_000001.npz"))
+    groups = rows["tokens"].reshape(-1, 4, rows["tokens"].shape[-1])  # tiny-grpo: rl.k = 4
+    same = [bool((g == g[0]).all()) for g in groups]
+    assert all(same) if top_k == 1 else not any(same)
+
+
 def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
     config = _config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="rollouts_dir"):

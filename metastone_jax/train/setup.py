@@ -196,6 +196,7 @@ def prepare(config, workdir: str, mesh) -> RunContext:
     sampling = SamplingParams(
         temperature=float(config.rl.temperature),
         top_p=float(config.rl.top_p),
+        top_k=int(config.rl.top_k),
         max_new_tokens=int(config.rl.max_new_tokens),
         stop_ids=tuple(eos),
     )
