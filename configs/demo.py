@@ -91,6 +91,21 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "lrs": (1e-3, 3e-4, 1e-4),
                 "batch": 64,
             },
+            # `metastone-jax demo --grpo-study` (demo/grpo_study.py): the head trained inside
+            # GRPO, as released, while the policy moves under it: from the SFT policy and the
+            # main head, one GRPO + SPR run per form in `forms` (`steps` steps of `prompts`
+            # prompts x spr.k rollouts at the demo's sampling), identical but for the SPR form.
+            "grpo_study": {
+                "forms": ("bce", "filtered"),
+                "steps": 200,
+                "prompts": 16,
+                # The policy's AdamW LR. Rollouts are top-k/top-p truncated but the PPO ratio is
+                # the untruncated softmax's (as in verl): at 3e-4 mass drains into tokens the
+                # sampler never draws and the reward falls within ten steps.
+                "lr": 1e-5,
+                "head_lr": 1e-3,  # as the demo's heads
+                "entropy_coef": 0.0,  # the bonus adds to the same drain
+            },
             "progress": True,
         }
     )
@@ -102,4 +117,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.eval.update(questions=8, beam_ks=(2, 8))
         c.sampling.max_new_tokens = 80
         c.study.update(fresh_prompts=32, lrs=(1e-3,), batch=16)
+        c.grpo_study.update(steps=2, prompts=4)
     return c

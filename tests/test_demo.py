@@ -194,6 +194,51 @@ def test_spr_study_refuses_a_pool_it_cannot_reproduce(quick_run):
         check_pool_features(model.sprm, feats, pool)
 
 
+def test_grpo_study_trains_heads_under_one_moving_policy(quick_run, capsys):
+    """`demo --grpo-study`: one GRPO + SPR run per form from the demo's main head. The policy
+    moves, both runs end with the same policy (the SPR gradient is kept out of the backbone) and
+    different heads, every head scores the same candidates, and the SFT rows are the demo's."""
+    import jax
+
+    from metastone_jax.checkpoint import load_params_numpy
+
+    main(["metastone-jax", "demo", "--quick", f"--workdir={quick_run}", "--grpo-study",
+          "--config.progress=False"])  # fmt: skip
+    assert "GRPO + SPR (filtered)" in capsys.readouterr().out
+    res = json.load(open(os.path.join(quick_run, "results.json")))
+    study = json.load(open(os.path.join(quick_run, "grpo_study.json")))
+    assert open(os.path.join(quick_run, "grpo_study.png"), "rb").read(8) == PNG_MAGIC
+    steps = res["config"]["grpo_study"]["steps"]
+    _, sft, _ = load_params_numpy(os.path.join(quick_run, "spr", "bce"))
+    runs = {f: load_params_numpy(os.path.join(quick_run, "grpo-study", f, "export"))[1]
+            for f in ("bce", "filtered")}  # fmt: skip
+    bce, filtered = ({k: v for k, v in runs[f].items() if k != "sprm"} for f in runs)
+    assert jax.tree.all(jax.tree.map(np.array_equal, bce, filtered))
+    assert not np.array_equal(bce["embed"], sft["embed"])  # GRPO moved the policy
+    assert not np.array_equal(runs["bce"]["sprm"]["fc1"]["kernel"],
+                              runs["filtered"]["sprm"]["fc1"]["kernel"])  # fmt: skip
+    for f in ("bce", "filtered"):
+        metrics = [json.loads(line) for line in
+                   open(os.path.join(quick_run, "grpo-study", f, "metrics.jsonl"))]  # fmt: skip
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        assert study["curves"][f][-1]["step"] == steps
+    pools = {f: read_pool(os.path.join(quick_run, "grpo-study", f"pool-{f}.jsonl"))
+             for f in ("bce", "filtered")}  # fmt: skip
+    texts = {f: [c["text"] for q in p for c in q["candidates"]] for f, p in pools.items()}
+    assert texts["bce"] == texts["filtered"]
+    rows = {(r["policy"], r.get("form", r["selector"])): r["accuracy"] for r in study["rows"]}
+    for key, form in (("sprm_geomean", "bce"), ("ablation", "filtered")):
+        want = {str(k): 100 * res["table"][key][str(k)]["mean"] for k in study["ks"]}
+        assert rows["SFT", form] == pytest.approx(want)
+    for (policy, _), acc in rows.items():
+        oracle = rows[policy, "oracle"]
+        assert all(0.0 <= acc[k] <= oracle[k] + 1e-9 for k in acc)
+    # Another setting of the study over its finished runs is refused, naming it.
+    with pytest.raises(SystemExit, match=r"grpo-study was made with grpo_study\.lr="):
+        main(["metastone-jax", "demo", "--quick", f"--workdir={quick_run}", "--grpo-study",
+              "--config.progress=False", "--config.grpo_study.lr=0.1"])  # fmt: skip
+
+
 def test_fresh_rollouts_beyond_the_sft_data_are_refused(tmp_path):
     from metastone_jax.demo.pipeline import collect_rollouts
     from metastone_jax.main import CONFIGS, _parse

@@ -1,11 +1,12 @@
-"""`metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--config.KEY=VALUE ...]` (what
-`make demo` runs).
+"""`metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--grpo-study] [--config.KEY=VALUE
+...]` (what `make demo` runs).
 
 Trains a small policy on the synthetic arithmetic task, trains its SPRM head from outcome labels
 alone, and prints test-time scaling on held-out problems; configs/demo.py has every setting.
 Re-running the same command resumes (finished stages are reused). --spr-study then runs the
 SPR-loss study on the workdir (demo/spr_study.py: the filtered SPR loss vs plain BCE on fresh
-rollouts) and prints its table.
+rollouts) and prints its table; --grpo-study compares the two losses with the head trained inside
+GRPO while the policy moves (demo/grpo_study.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import os
 import sys
 import time
 
-USAGE = "usage: metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--config.KEY=VALUE ...]"
+USAGE = (
+    "usage: metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--grpo-study] "
+    "[--config.KEY=VALUE ...]"
+)
 
 
 def main(argv: list[str]) -> None:
     from metastone_jax.main import CONFIGS, _parse
 
-    workdir, quick, study, overrides = None, False, False, []
+    workdir, quick, study, grpo_study, overrides = None, False, False, False, []
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__.strip() + "\n" + USAGE)
@@ -31,6 +35,8 @@ def main(argv: list[str]) -> None:
             quick = True
         elif arg == "--spr-study":
             study = True
+        elif arg == "--grpo-study":
+            grpo_study = True
         elif arg.startswith("--config."):
             overrides.append(arg)
         else:
@@ -66,4 +72,11 @@ def main(argv: list[str]) -> None:
         print()
         print(spr_study.format_study(out))
         print(f"wrote {os.path.join(workdir, spr_study.STUDY_FILE)}.json and .txt")
+    if grpo_study:
+        from metastone_jax.demo import grpo_study as grpo
+
+        out = grpo.run_grpo_study(cfg, run, workdir)
+        print()
+        print(grpo.format_grpo_study(out))
+        print(f"wrote {os.path.join(workdir, grpo.STUDY_FILE)}.json, .txt and .png")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)

@@ -46,11 +46,11 @@ def _write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
-def sft_config(cfg):
-    """configs/train.py:demo-sft with the demo's task, model and SFT settings."""
+def train_config(cfg, preset: str):
+    """configs/train.py:`preset` with the demo's seed, task, model and training prompts."""
     from metastone_jax.main import TRAIN_CONFIG, _parse
 
-    config = _parse(["demo", f"--config={TRAIN_CONFIG}:demo-sft"], "demo-sft", TRAIN_CONFIG)
+    config = _parse(["demo", f"--config={TRAIN_CONFIG}:{preset}"], preset, TRAIN_CONFIG)
     config.seed = int(cfg.seed)
     config.data.task.update(dict(cfg.task))
     for key, value in dict(cfg.model).items():
@@ -58,13 +58,20 @@ def sft_config(cfg):
             raise ValueError(f"demo config.model: unknown ModelConfig field {key!r}")
         config.model[key] = value
     s = cfg.sft
+    config.data.update(max_prompt_len=int(s.max_prompt_len),
+                       synthetic_size=int(s.synthetic_size))  # fmt: skip
+    config.train.progress = bool(cfg.progress)
+    return config
+
+
+def sft_config(cfg):
+    """configs/train.py:demo-sft with the demo's task, model and SFT settings."""
+    config = train_config(cfg, "demo-sft")
+    s = cfg.sft
     config.data.update(batch_size=int(s.batch_size), seq_len=int(s.seq_len),
-                       max_prompt_len=int(s.max_prompt_len),
-                       synthetic_size=int(s.synthetic_size),
                        unlearned_slips=bool(s.unlearned_slips))  # fmt: skip
     config.optim.lr = float(s.lr)
-    config.train.update(steps=int(s.steps), save_every=max(int(s.steps) // 4, 1),
-                        progress=bool(cfg.progress))  # fmt: skip
+    config.train.update(steps=int(s.steps), save_every=max(int(s.steps) // 4, 1))
     return config
 
 

@@ -122,9 +122,14 @@ def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
     plt.close(fig)
 
 
-def plot_aha(heads: dict[str, dict], path: str, warmup: int = 0) -> None:
-    """Mean held-out trajectory score of correct vs incorrect rollouts over head training;
-    a vertical line where the filtered form's BCE warm-up ends."""
+def plot_aha(
+    heads: dict[str, dict], path: str, warmup: int = 0, *,
+    xlabel: str = "SPRM head updates",
+    title: str = "SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)",
+) -> None:  # fmt: skip
+    """Mean held-out trajectory score of correct vs incorrect rollouts over head training
+    (`heads`: {form: {"history": [{step, score_correct, score_incorrect}]}}); a vertical line
+    where the filtered form's BCE warm-up ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,9 +148,7 @@ def plot_aha(heads: dict[str, dict], path: str, warmup: int = 0) -> None:
         ax.axvline(warmup, color="gray", lw=0.8, ls=":")
         ax.annotate("filter on", (warmup, ax.get_ylim()[0]), fontsize=7, color="gray",
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    _finish(fig, ax, path, "SPRM head updates",
-            "mean trajectory score (geomean of step scores)",
-            "SPRM on held-out rollouts: correct vs incorrect (the 'aha' gap)")  # fmt: skip
+    _finish(fig, ax, path, xlabel, "mean trajectory score (geomean of step scores)", title)
 
 
 def plot_compute(results: dict, path: str) -> None:

@@ -14,17 +14,17 @@ import json
 import os
 
 
-def _plain(section) -> object:
+def plain(section) -> object:
     """ConfigDicts, dicts and tuples as JSON values (tuples become lists, as in the stamp)."""
     return json.loads(json.dumps(section, default=lambda c: c.to_dict()))
 
 
 def sft_settings(cfg) -> dict:
-    return {"seed": int(cfg.seed), **{key: _plain(cfg[key]) for key in ("task", "model", "sft")}}
+    return {"seed": int(cfg.seed), **{key: plain(cfg[key]) for key in ("task", "model", "sft")}}
 
 
 def rollout_settings(cfg, first: int, count: int) -> dict:
-    return {**sft_settings(cfg), "sampling": _plain(cfg.sampling),
+    return {**sft_settings(cfg), "sampling": plain(cfg.sampling),
             "rollouts": {"first_prompt": first, "prompts": count, "k": int(cfg.spr.k)}}  # fmt: skip
 
 
@@ -63,7 +63,7 @@ def claim(output: str, settings: dict, *, output_exists: bool) -> None:
     """Raises if `output` exists and its stamp holds other settings than `settings`; otherwise
     (re)writes the stamp, under a temporary name and renamed."""
     path = stamp_path(output)
-    settings = _plain(settings)
+    settings = plain(settings)
     if output_exists and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)

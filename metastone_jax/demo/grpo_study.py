@@ -1,0 +1,200 @@
+"""The SPR loss inside GRPO, on a finished demo workdir: `metastone-jax demo --grpo-study`.
+
+`spr_study` trains heads on fresh rollouts of a frozen policy. In the released recipe the head
+learns inside GRPO, from each step's on-policy rollouts, while the policy moves under it. Here,
+from the demo's SFT policy and its main head (a sound start for the filter), one GRPO + SPR run
+per SPR loss form in `grpo_study.forms`: `steps` steps of `prompts` training prompts x `spr.k`
+rollouts at the demo's sampling, one policy update and one head update per step. The SPR
+gradient is kept out of the backbone (`spr.grad_scale=0`; the released 1e-4 barely moves it), so
+the runs differ in their heads only and end with the same policy (checked, bit for bit). One
+pool of that policy's candidates on the evaluation problems is scored by every run's head: the
+comparison is paired, as in the demo's table.
+
+Writes WORKDIR/grpo_study.json, .txt and .png (score of correct vs incorrect rollouts over the
+GRPO steps); the runs are WORKDIR/grpo-study/<form>/ (`metastone-jax train` workdirs, resumable)
+and the pools WORKDIR/grpo-study/pool-<form>.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from metastone_jax.demo import stamps
+from metastone_jax.evaluate.metrics import method_accuracy
+
+STUDY_DIR, STUDY_FILE = "grpo-study", "grpo_study"
+SMOOTH = 20  # GRPO steps per point of the curves and of the first/last summaries
+
+
+def grpo_config(cfg, form: str, init_ckpt: str):
+    """configs/train.py:demo-grpo on the demo's task and sampling, from `init_ckpt`."""
+    from metastone_jax.demo.pipeline import train_config
+
+    s, st = cfg.sampling, cfg.grpo_study
+    if float(s.repetition_penalty) != 1.0:
+        raise ValueError(
+            "demo --grpo-study: GRPO rollouts have no repetition penalty; "
+            f"sampling.repetition_penalty={s.repetition_penalty} must be 1.0"
+        )
+    config = train_config(cfg, "demo-grpo")
+    config.init_ckpt = init_ckpt
+    config.data.batch_size = int(st.prompts)
+    config.rl.update(k=int(cfg.spr.k), temperature=float(s.temperature), top_p=float(s.top_p),
+                     top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
+                     entropy_coef=float(st.entropy_coef))  # fmt: skip
+    config.optim.update(lr=float(st.lr), sprm_lr=float(st.head_lr))
+    config.spr.update(form=form, grad_scale=0.0)
+    steps = int(st.steps)
+    config.train.update(steps=steps, save_every=max(steps // 4, 1))
+    return config
+
+
+def study_settings(cfg) -> dict:
+    e = cfg.eval
+    return {
+        **stamps.head_settings(cfg, cfg.spr.form),
+        "grpo_study": stamps.plain(cfg.grpo_study),
+        "eval": {"questions": int(e.questions), "samples": int(e.samples)},
+    }
+
+
+def run_grpo(cfg, form: str, init_ckpt: str, workdir: str) -> str:
+    """One GRPO + SPR run (resumed if started) -> its export."""
+    from metastone_jax.demo.pipeline import _log
+    from metastone_jax.train.loop import train
+
+    export = os.path.join(workdir, "export")
+    step_file = os.path.join(export, "train_step.json")
+    steps = int(cfg.grpo_study.steps)
+    if os.path.exists(step_file) and json.load(open(step_file))["step"] == steps:
+        _log(f"GRPO + SPR ({form}): reusing {export}")
+        return export
+    _log(f"GRPO + SPR ({form}): {steps} steps of {cfg.grpo_study.prompts} prompts x "
+         f"{cfg.spr.k} rollouts -> {workdir}")  # fmt: skip
+    train(grpo_config(cfg, form, init_ckpt), workdir)
+    return export
+
+
+def curve(metrics_path: str) -> list[dict]:
+    """Per-step metrics of a run, averaged over windows of SMOOTH steps -> [{step, reward_mean,
+    score_correct, score_incorrect, score_gap, kl, spr_kept_fraction}] (step: the window's last)."""
+    from metastone_jax.train.metrics import read_metrics
+
+    rows = read_metrics(metrics_path)
+    keys = ("reward_mean", "score_correct", "score_incorrect", "score_gap", "kl",
+            "spr_kept_fraction")  # fmt: skip
+    out = []
+    for i in range(0, len(rows), SMOOTH):
+        win = rows[i : i + SMOOTH]
+        out.append({"step": int(win[-1]["step"]),
+                    **{k: float(np.mean([r[k] for r in win])) for k in keys}})  # fmt: skip
+    return out
+
+
+def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
+    """Both runs, the shared pool, every head's best-of-k -> results (also written to
+    WORKDIR/grpo_study.*)."""
+    from metastone_jax.checkpoint import load_policy
+    from metastone_jax.demo.pipeline import (
+        _log,
+        _same_backbone_head,
+        _write_json,
+        held_out_records,
+        sampling_params,
+        write_text,
+    )
+    from metastone_jax.demo.report import plot_aha
+    from metastone_jax.evaluate.harness import read_pool, sample_pool
+
+    st, e = cfg.grpo_study, cfg.eval
+    forms = [str(f) for f in st.forms]
+    if len(forms) != len(set(forms)) or not forms:
+        raise ValueError(f"grpo_study.forms must name distinct SPR forms, got {forms}")
+    study_dir = os.path.join(workdir, STUDY_DIR)
+    started = os.path.isdir(study_dir) and bool(os.listdir(study_dir))
+    stamps.claim(study_dir, study_settings(cfg), output_exists=started)
+    init = run["heads"][cfg.spr.form]["ckpt"]
+    exports = {f: run_grpo(cfg, f, init, os.path.join(study_dir, f)) for f in forms}
+
+    main = forms[0]
+    model, tokenizer, step = load_policy(exports[main])
+    paths = {f: os.path.join(study_dir, f"pool-{f}.jsonl") for f in forms}
+    extra = {paths[f]: _same_backbone_head(model, exports[f]) for f in forms[1:]}
+    records = held_out_records(cfg)
+    _log(f"GRPO study evaluation: {len(records)} questions x {e.samples} candidates of the "
+         "GRPO policy, scored by every run's head")  # fmt: skip
+    pools = {main: sample_pool(
+        model, tokenizer, records, samples=int(e.samples),
+        sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
+        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
+        extra_heads=extra,
+    )}  # fmt: skip
+    order = [str(r["id"]) for r in records]
+    for f in forms[1:]:
+        by_id = {q["id"]: q for q in read_pool(paths[f])}
+        pools[f] = [by_id[i] for i in order]
+
+    ks = [int(k) for k in e.ks]
+    sft_pools = run["eval"]["pools"]
+
+    def accuracy(pool, method):
+        return {str(k): 100 * method_accuracy(pool, k, method)["mean"] for k in ks}
+
+    rows = [{"policy": "SFT", "selector": f"{f} head (the demo's)", "form": f,
+             "accuracy": accuracy(pool, "sprm_geomean")}
+            for f, pool in sft_pools.items()]  # fmt: skip
+    sft_main = sft_pools[cfg.spr.form]
+    rows += [{"policy": "SFT", "selector": name, "accuracy": accuracy(sft_main, method)}
+             for name, method in (("majority vote", "vote"), ("oracle", "oracle"))]  # fmt: skip
+    curves = {}
+    for f in forms:
+        curves[f] = curve(os.path.join(study_dir, f, "metrics.jsonl"))
+        rows.append({"policy": "GRPO", "selector": f"{f} head (trained in GRPO)", "form": f,
+                     "accuracy": accuracy(pools[f], "sprm_geomean")})  # fmt: skip
+    rows += [{"policy": "GRPO", "selector": name, "accuracy": accuracy(pools[main], method)}
+             for name, method in (("majority vote", "vote"), ("oracle", "oracle"))]  # fmt: skip
+    out = {
+        "rows": rows, "ks": ks, "curves": curves, "smooth": SMOOTH,
+        "settings": {**stamps.plain(st), "k": int(cfg.spr.k), "init": init},
+        "questions": len(records), "samples": int(e.samples),
+    }  # fmt: skip
+    path = os.path.join(workdir, STUDY_FILE)
+    _write_json(f"{path}.json", out)
+    write_text(f"{path}.txt", format_grpo_study(out))
+    plot_aha({f: {"history": c} for f, c in curves.items()}, f"{path}.png",
+             xlabel="GRPO steps (one head update each, on that step's fresh rollouts)",
+             title=f"SPRM inside GRPO: score of correct vs incorrect rollouts "
+             f"(means over {SMOOTH} steps)")  # fmt: skip
+    return out
+
+
+def format_grpo_study(out: dict) -> str:
+    st, ks = out["settings"], out["ks"]
+    head = f"{'policy':7s} {'selector':30s} " + " ".join(f"{f'k={k}':>6s}" for k in ks)
+    lines = [
+        f"Accuracy in % on the evaluation problems ({out['questions']} x {out['samples']}; "
+        f"k = 1: a random candidate, k > 1: best-of-k by geomean for a head). GRPO: "
+        f"{st['steps']} steps of {st['prompts']} prompts x {st['k']} rollouts from the SFT "
+        f"policy and its main head, policy LR {st['lr']:g}, head LR {st['head_lr']:g}, the SPR "
+        "gradient kept out of the backbone; one policy, every head scoring its candidates.",
+        head, "-" * len(head),
+    ]  # fmt: skip
+    for r in out["rows"]:
+        cells = " ".join(f"{r['accuracy'][str(k)]:6.1f}" for k in ks)
+        lines.append(f"{r['policy']:7s} {r['selector']:30s} {cells}")
+    n = out["smooth"]
+    lines.append("")
+    lines.append(
+        f"Over the GRPO steps (means of the first and last {n}): reward, score of "
+        "correct - incorrect rollouts, SPR kept fraction, KL to the SFT policy"
+    )
+    for form, c in out["curves"].items():
+        a, b = c[0], c[-1]
+        lines.append(f"  {form:9s} reward {a['reward_mean']:.3f} -> {b['reward_mean']:.3f}, "
+                     f"gap {a['score_gap']:+.3f} -> {b['score_gap']:+.3f}, kept "
+                     f"{a['spr_kept_fraction']:.2f} -> {b['spr_kept_fraction']:.2f}, "
+                     f"kl {b['kl']:.4f}")  # fmt: skip
+    return "\n".join(lines)
