@@ -97,17 +97,14 @@ def curve(metrics_path: str) -> list[dict]:
 def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
     """Both runs, the shared pool, every head's best-of-k -> results (also written to
     WORKDIR/grpo_study.*)."""
-    from metastone_jax.checkpoint import load_policy
     from metastone_jax.demo.pipeline import (
         _log,
-        _same_backbone_head,
         _write_json,
         held_out_records,
-        sampling_params,
+        shared_pool,
         write_text,
     )
     from metastone_jax.demo.report import plot_aha
-    from metastone_jax.evaluate.harness import read_pool, sample_pool
 
     st, e = cfg.grpo_study, cfg.eval
     forms = [str(f) for f in st.forms]
@@ -120,22 +117,10 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
     exports = {f: run_grpo(cfg, f, init, os.path.join(study_dir, f)) for f in forms}
 
     main = forms[0]
-    model, tokenizer, step = load_policy(exports[main])
-    paths = {f: os.path.join(study_dir, f"pool-{f}.jsonl") for f in forms}
-    extra = {paths[f]: _same_backbone_head(model, exports[f]) for f in forms[1:]}
     records = held_out_records(cfg)
     _log(f"GRPO study evaluation: {len(records)} questions x {e.samples} candidates of the "
          "GRPO policy, scored by every run's head")  # fmt: skip
-    pools = {main: sample_pool(
-        model, tokenizer, records, samples=int(e.samples),
-        sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
-        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
-        extra_heads=extra,
-    )}  # fmt: skip
-    order = [str(r["id"]) for r in records]
-    for f in forms[1:]:
-        by_id = {q["id"]: q for q in read_pool(paths[f])}
-        pools[f] = [by_id[i] for i in order]
+    pools, _ = shared_pool(cfg, exports, main, study_dir, records)
 
     ks = [int(k) for k in e.ks]
     sft_pools = run["eval"]["pools"]

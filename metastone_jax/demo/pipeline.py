@@ -246,7 +246,7 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
     the main head and scored by every head (the other heads read the step features the sampler
     kept), and beam search with the main head.
     -> {"pools": {form: [...]}, "beam": {k: [...]}, "records": [...]}."""
-    from metastone_jax.evaluate.harness import beam_eval, read_pool, sample_pool
+    from metastone_jax.evaluate.harness import beam_eval
 
     records = held_out_records(cfg)
     e = cfg.eval
@@ -255,23 +255,11 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
     stamps.claim(eval_dir, stamps.eval_settings(cfg, list(heads)), output_exists=started)
     os.makedirs(eval_dir, exist_ok=True)
     main = cfg.spr.form
-    model, tokenizer, step = load_policy(heads[main]["ckpt"])
-    paths = {form: os.path.join(workdir, EVAL_DIR, f"pool-{form}.jsonl") for form in heads}
-    extra = {paths[form]: _same_backbone_head(model, head["ckpt"])
-             for form, head in heads.items() if form != main}  # fmt: skip
     _log(f"evaluation ({', '.join(heads)} heads): {len(records)} questions x {e.samples} "
          "candidates")  # fmt: skip
-    pools = {main: sample_pool(
-        model, tokenizer, records, samples=int(e.samples),
-        sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
-        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
-        extra_heads=extra,
-    )}  # fmt: skip
-    order = [str(r["id"]) for r in records]
-    for form in heads:
-        if form != main:  # the other heads' pools, in the records' order
-            by_id = {q["id"]: q for q in read_pool(paths[form])}
-            pools[form] = [by_id[i] for i in order]
+    pools, (model, tokenizer, step) = shared_pool(
+        cfg, {form: head["ckpt"] for form, head in heads.items()}, main, eval_dir, records
+    )
     beams = {}
     for k in e.beam_ks:
         path = os.path.join(workdir, EVAL_DIR, f"beam-{main}-k{k}.json")
@@ -285,6 +273,32 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
         )  # fmt: skip
         _write_json(path, beams[int(k)])
     return {"pools": pools, "beam": beams, "records": records}
+
+
+def shared_pool(cfg, ckpts: dict[str, str], main: str, directory: str, records: list[dict]):
+    """`eval.samples` candidates per record from the policy at `ckpts[main]`, scored by the head
+    of every checkpoint in `ckpts` (each checked to sit on the same backbone): one sampling, one
+    resumable pool file per head, DIRECTORY/pool-<name>.jsonl.
+    -> ({name: pool entries in `records` order}, (model, tokenizer, step) of the main policy)."""
+    from metastone_jax.evaluate.harness import read_pool, sample_pool
+
+    e = cfg.eval
+    model, tokenizer, step = load_policy(ckpts[main])
+    paths = {name: os.path.join(directory, f"pool-{name}.jsonl") for name in ckpts}
+    extra = {paths[name]: _same_backbone_head(model, ckpt)
+             for name, ckpt in ckpts.items() if name != main}  # fmt: skip
+    pools = {main: sample_pool(
+        model, tokenizer, records, samples=int(e.samples),
+        sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
+        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
+        extra_heads=extra,
+    )}  # fmt: skip
+    order = [str(r["id"]) for r in records]
+    for name in ckpts:
+        if name != main:  # the other heads' pools, in the records' order
+            by_id = {q["id"]: q for q in read_pool(paths[name])}
+            pools[name] = [by_id[i] for i in order]
+    return pools, (model, tokenizer, step)
 
 
 def _same_backbone_head(model, ckpt: str):
