@@ -150,9 +150,8 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
     _write_json(f"{path}.json", out)
     write_text(f"{path}.txt", format_grpo_study(out))
     plot_aha({f: {"history": c} for f, c in curves.items()}, f"{path}.png",
-             xlabel="GRPO steps (one head update each, on that step's fresh rollouts)",
-             title=f"SPRM inside GRPO: score of correct vs incorrect rollouts "
-             f"(means over {SMOOTH} steps)")  # fmt: skip
+             xlabel=f"GRPO steps (one head update each; means over {SMOOTH} steps)",
+             title="SPRM trained inside GRPO: correct vs incorrect rollouts")  # fmt: skip
     return out
 
 
