@@ -97,13 +97,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # prompts x spr.k rollouts at the demo's sampling), identical but for the SPR form.
             "grpo_study": {
                 "forms": ("bce", "filtered"),
-                # Rollouts are top-k/top-p truncated but the policy gradient is the untruncated
-                # softmax's (as in verl): mass drains out of the top token, the nucleus widens
-                # and the reward falls. At LR 1e-5 the reward holds (0.62-0.64) for 100 steps
-                # (KL 0.04), then falls to 0.06 by step 200 (KL 0.9): the study stops at 100.
-                "steps": 100,
+                "steps": 200,
                 "prompts": 16,
-                "lr": 1e-5,  # the policy's AdamW LR; at 3e-4 the reward falls within 10 steps
+                # rl.logprob_support: the rollouts are drawn from the top-k/top-p cut. Scored
+                # under the whole softmax ("full", as verl) the reward holds for 100 steps at LR
+                # 1e-5, then falls to 0.06 by step 200 (KL 0.9); "sampled" scores them under the
+                # distribution they were drawn from (README, "The filtered SPR loss").
+                "logprob_support": "sampled",
+                "lr": 1e-5,  # the policy's AdamW LR; at 3e-4 ("full") the reward fell in 10 steps
                 "head_lr": 1e-3,  # as the demo's heads
                 "entropy_coef": 0.0,  # the bonus adds to the same drain
             },

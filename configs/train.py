@@ -101,6 +101,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "temperature": 0.6 if released else 1.0,
                 "top_p": 1.0,
                 "top_k": 0,  # 0 = off
+                # Whose log-probs the ratio, KL and entropy use: "full" softmax (as verl) or the
+                # top-k/top-p distribution the rollouts were "sampled" from.
+                "logprob_support": "full",
                 "max_new_tokens": 8192 if released else 64,
                 "mini_batches": 4 if released else 1,  # updates per rollout batch
                 "clip_eps": 0.2,

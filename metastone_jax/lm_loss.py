@@ -23,6 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from metastone_jax.rl import support_logits
 from metastone_jax.sharding import constrain
 
 
@@ -71,9 +72,12 @@ def chunked_logprobs(
     *,
     chunk: int,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """log softmax(h @ w / temperature)[targets] and its entropy, C positions at a time.
+    """log softmax(h @ w / temperature)[targets] and its entropy, C positions at a time; with
+    top_k / top_p, of the truncated distribution the sampler draws from (`rl.support_logits`).
 
     h [N, T, D]; w [D, V]; targets [N, T] int -> (logp [N, T] fp32, entropy [N, T] fp32 or None).
     Equal to `rl.token_logprobs` / `rl.entropy_from_logits` on the full logits.
@@ -83,7 +87,7 @@ def chunked_logprobs(
 
     @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def one(w, hc, tc):
-        z = _logits(hc, w) / temperature
+        z = support_logits(_logits(hc, w) / temperature, tc, top_k, top_p)
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1) if with_entropy else None

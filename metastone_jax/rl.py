@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from metastone_jax.sample.processors import top_k_mask, top_p_mask
+
 ADV_EPS = 1e-6
 # |log ratio| bound before exp: exp(20) ~ 4.9e8 is finite in fp32, so neither the value nor its
 # backward (where a masked-out or clipped position multiplies the derivative by 0) can be inf*0.
@@ -41,23 +43,54 @@ def group_advantages(rewards) -> jnp.ndarray:
     return (r - mean) / (std + ADV_EPS)
 
 
-def token_logprobs(logits, targets, temperature: float = 1.0) -> jnp.ndarray:
+# Logit of a token outside the sampled support: finite, so that p * z stays 0 (not 0 * -inf)
+# and its gradient 0; exp of it underflows to exactly 0 in fp32.
+OUTSIDE_SUPPORT = -1e30
+
+
+def support_logits(z, targets, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
+    """Tempered logits z [..., V] restricted to the support the sampler draws from: top-k, then
+    top-p, as `sample/processors.py` cuts them (HF order), with the target [...] always kept (a
+    token drawn at the boundary stays drawable when the logits are recomputed). The cut is a
+    constant: no gradient flows through which tokens it keeps. top_k 0 and top_p 1 are no-ops.
+    """
+    if top_k <= 0 and top_p >= 1.0:
+        return z
+    v = z.shape[-1]
+    cut = jax.lax.stop_gradient(z).reshape(-1, v)
+    if top_k > 0:
+        cut = top_k_mask(cut, top_k)
+    cut = top_p_mask(cut, top_p)
+    ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    keep = jnp.isfinite(cut).reshape(z.shape) | (ids == jnp.asarray(targets)[..., None])
+    return jnp.where(keep, z, OUTSIDE_SUPPORT)
+
+
+def token_logprobs(
+    logits, targets, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jnp.ndarray:
     """log softmax(logits / temperature)[targets]: logits [N, T, V], targets [N, T] -> [N, T].
 
-    Computed as gathered logit minus logsumexp, so no [N, T, V] log-softmax is kept (XLA fuses
-    the scaling into the reduction).
+    With top_k / top_p: the log-prob under the truncated, renormalised distribution the sampler
+    draws from (`support_logits`). Computed as gathered logit minus logsumexp, so no [N, T, V]
+    log-softmax is kept (XLA fuses the scaling into the reduction).
     """
-    z = _f32(logits) / temperature
+    z = support_logits(_f32(logits) / temperature, targets, top_k, top_p)
     picked = jnp.take_along_axis(z, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)
     return picked[..., 0] - jax.nn.logsumexp(z, axis=-1)
 
 
-def entropy_from_logits(logits, temperature: float = 1.0) -> jnp.ndarray:
-    """Entropy of softmax(logits / temperature): logits [N, T, V] -> [N, T].
+def entropy_from_logits(
+    logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, targets=None
+) -> jnp.ndarray:
+    """Entropy of softmax(logits / temperature): logits [N, T, V] -> [N, T]; with top_k / top_p
+    that of the truncated distribution (`support_logits`, with `targets` [N, T] kept).
 
     H = logsumexp(z) - sum(softmax(z) * z), stable for large logits (no log of a tiny p).
     """
     z = _f32(logits) / temperature
+    if top_k > 0 or top_p < 1.0:
+        z = support_logits(z, targets, top_k, top_p)
     p = jax.nn.softmax(z, axis=-1)
     return jax.nn.logsumexp(z, axis=-1) - jnp.sum(p * z, axis=-1)
 

@@ -224,3 +224,19 @@ def test_bf16_compute_chunks_match_full_logits_within_bf16_rounding():
 
     full, chunked = float(loss(0)(params)), float(loss(4)(params))
     assert abs(chunked - full) <= 2**-7 * abs(full), (full, chunked)
+
+
+def test_chunked_rollout_logprobs_with_a_sampled_support_equal_full_logits():
+    """rl.logprob_support="sampled": the chunked path cuts the same support as the full one, and
+    the cut lowers no log-prob of a drawn token (the support renormalises upwards)."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
+    model = create_model(CFG, seed=0, mesh=mesh)
+    graphdef, params = nnx.graphdef(model), pure_params(model)
+    batch = {k: v[None] for k, v in _batch("sft", np.random.default_rng(2)).items()}
+    cut = {"temperature": 3.0, "top_k": 3, "top_p": 0.85}
+    full, _ = rollout_logprobs_fn(graphdef, mesh, **cut)(params, None, batch)
+    chunked, _ = rollout_logprobs_fn(graphdef, mesh, logits_chunk=5, **cut)(params, None, batch)
+    np.testing.assert_allclose(chunked, full, atol=2e-5)
+    whole, _ = rollout_logprobs_fn(graphdef, mesh, temperature=3.0)(params, None, batch)
+    assert (np.asarray(full) >= np.asarray(whole) - 1e-5).all()
+    assert (np.asarray(full) > np.asarray(whole) + 1e-3).mean() > 0.5

@@ -179,3 +179,71 @@ def test_grpo_loss_combination_and_grads():
     assert np.isfinite(g).all()
     np.testing.assert_array_equal(g[~mask], 0.0)
     assert np.abs(g[mask]).sum() > 0
+
+
+def _hf_truncated_logprobs(logits, targets, temperature, top_k, top_p):
+    """log-probs under HF's temperature -> top-k -> top-p warpers, renormalised (torch)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    z = torch.tensor(np.asarray(logits, np.float32)).reshape(-1, logits.shape[-1])
+    z = TemperatureLogitsWarper(temperature)(None, z)
+    z = TopKLogitsWarper(top_k)(None, z)
+    z = TopPLogitsWarper(top_p)(None, z)
+    logp = torch.log_softmax(z, dim=-1).numpy().reshape(logits.shape)
+    return np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0], logp
+
+
+def test_sampled_support_logprobs_match_hf_warpers():
+    """Log-probs of the distribution the sampler draws from (rl.logprob_support="sampled"):
+    HF's temperature, top-k and top-p warpers then log-softmax, for targets inside the cut; a
+    target outside it is kept (its own mass is added to the support), and the entropy is the
+    truncated distribution's."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 2
+    t, k, p = 3.0, 4, 0.85
+    _, hf = _hf_truncated_logprobs(logits, np.zeros((3, 5), int), t, k, p)
+    inside = np.isfinite(hf)
+    # One target inside the support and one outside it, per position.
+    t_in = np.argmax(np.where(inside, rng.random(hf.shape), -1), -1)
+    t_out = np.argmax(np.where(inside, -1, rng.random(hf.shape)), -1)
+    assert (~inside).any(-1).all()
+    got = np.asarray(jax.jit(token_logprobs, static_argnums=(2, 3, 4))(logits, t_in, t, k, p))
+    np.testing.assert_allclose(got, np.take_along_axis(hf, t_in[..., None], -1)[..., 0],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    # Outside: the support plus the target, renormalised (by hand from the tempered softmax).
+    z = logits / t
+    keep = inside | (np.arange(11) == t_out[..., None])
+    zk = np.where(keep, z, -np.inf)
+    want_out = np.take_along_axis(zk, t_out[..., None], -1)[..., 0] - np.log(np.exp(zk).sum(-1))
+    np.testing.assert_allclose(token_logprobs(logits, t_out, t, k, p), want_out, rtol=1e-5)
+    hf_in = np.where(inside, hf, 0.0)
+    want_ent = -(np.exp(hf_in) * hf_in * inside).sum(-1)
+    np.testing.assert_allclose(entropy_from_logits(logits, t, k, p, t_in), want_ent, rtol=1e-5)
+    # Without a cut it is the whole softmax, as before.
+    np.testing.assert_allclose(token_logprobs(logits, t_in, t, 0, 1.0),
+                               token_logprobs(logits, t_in, t), rtol=0)  # fmt: skip
+
+
+def test_sampled_support_gives_no_gradient_outside_the_cut():
+    """Pushing a drawn token down moves mass only among the tokens the sampler could draw:
+    logits outside the cut get exactly zero gradient (with the whole softmax they do not)."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 9)) * 2, jnp.float32)
+    targets = jnp.asarray(jnp.argmax(logits, -1))
+
+    def loss(z, k, p):
+        return jnp.sum(token_logprobs(z, targets, 2.0, k, p)) + jnp.sum(
+            entropy_from_logits(z, 2.0, k, p, targets)
+        )
+
+    g = np.asarray(jax.grad(loss)(logits, 3, 0.9))
+    _, hf = _hf_truncated_logprobs(np.asarray(logits), np.asarray(targets), 2.0, 3, 0.9)
+    outside = ~np.isfinite(hf)
+    assert outside.sum() >= 2 * 3 * 6
+    np.testing.assert_array_equal(g[outside], 0.0)
+    assert np.isfinite(g).all() and np.abs(g[~outside]).sum() > 0
+    assert np.abs(np.asarray(jax.grad(loss)(logits, 0, 1.0))[outside]).min() > 0

@@ -96,6 +96,27 @@ def test_grpo_rollouts_follow_rl_top_k(sft_export, tmp_path, top_k):
     assert all(same) if top_k == 1 else not any(same)
 
 
+def test_grpo_logprob_support_scores_the_sampled_distribution(sft_export, tmp_path):
+    """rl.logprob_support="sampled" reaches the step: the same rollouts (same seed) get the
+    entropy of the top-k 3 distribution they were drawn from (at most log 3), the whole
+    softmax's is higher; an unknown value names the key."""
+    entropy = {}
+    for support in ("full", "sampled"):
+        rl = {"top_k": 3, "temperature": 2.0, "max_new_tokens": 16, "logprob_support": support}
+        workdir = str(tmp_path / support)
+        once = {"steps": 1, "save_every": 1, "export": False}
+        init = os.path.join(sft_export, "export")
+        train(_config("tiny-grpo", init_ckpt=init, train=once, rl=rl), workdir)
+        (row,) = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        assert np.isfinite(row["loss"])
+        entropy[support] = row["entropy"]
+    assert entropy["sampled"] <= np.log(3) + 1e-5 < entropy["full"]
+    rl = {"logprob_support": "nucleus"}
+    with pytest.raises(ValueError, match="rl.logprob_support='nucleus'"):
+        train(_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"), rl=rl),
+              str(tmp_path / "bad"))  # fmt: skip
+
+
 def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
     config = _config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="rollouts_dir"):

@@ -44,7 +44,8 @@ def grpo_config(cfg, form: str, init_ckpt: str):
     config.data.batch_size = int(st.prompts)
     config.rl.update(k=int(cfg.spr.k), temperature=float(s.temperature), top_p=float(s.top_p),
                      top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
-                     entropy_coef=float(st.entropy_coef))  # fmt: skip
+                     entropy_coef=float(st.entropy_coef),
+                     logprob_support=str(st.logprob_support))  # fmt: skip
     config.optim.update(lr=float(st.lr), sprm_lr=float(st.head_lr))
     config.spr.update(form=form, grad_scale=0.0)
     steps = int(st.steps)

@@ -96,10 +96,25 @@ def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+LOGPROB_SUPPORTS = ("full", "sampled")
+
+
+def _logprob_support(rl) -> dict:
+    """rl.logprob_support -> StepConfig's support fields: "sampled" scores rollouts under the
+    top-k/top-p distribution they were drawn from, "full" (as verl) under the whole softmax."""
+    support = str(rl.logprob_support)
+    if support not in LOGPROB_SUPPORTS:
+        raise ValueError(f"rl.logprob_support={support!r}; expected one of {LOGPROB_SUPPORTS}")
+    if support == "full":
+        return {}
+    return {"support_top_k": int(rl.top_k), "support_top_p": float(rl.top_p)}
+
+
 def step_config(config, step_tokens) -> StepConfig:
     return StepConfig(
         kind=config.kind,
         temperature=float(config.rl.temperature),
+        **_logprob_support(config.rl),
         clip_eps=float(config.rl.clip_eps),
         kl_coef=float(config.rl.kl_coef),
         entropy_coef=float(config.rl.entropy_coef),
@@ -173,8 +188,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     total = int(config.train.steps)
     step_fn = compile_step(graphdef, step_cfg, tx, mesh, shardings)
     logprobs = rollout_logprobs_fn(
-        graphdef, mesh, temperature=step_cfg.temperature, logits_chunk=step_cfg.logits_chunk
-    )
+        graphdef, mesh, temperature=step_cfg.temperature, logits_chunk=step_cfg.logits_chunk,
+        top_k=step_cfg.support_top_k, top_p=step_cfg.support_top_p,
+    )  # fmt: skip
     if ctx.workdir != workdir and jax.process_index() == 0:
         print(f"metastone-jax train: checkpoints in {workdir}, other files in {ctx.workdir}")
     writer = MetricsWriter(

@@ -44,6 +44,10 @@ class StepConfig:
 
     kind: str = "sft"
     temperature: float = 1.0  # log-probs of rollouts use the sampling temperature (as verl)
+    # > 0 / < 1: log-probs (ratio, KL, entropy) of the truncated distribution the rollouts were
+    # drawn from (rl.support_logits); 0 / 1: of the whole softmax, as verl.
+    support_top_k: int = 0
+    support_top_p: float = 1.0
     clip_eps: float = 0.2
     kl_coef: float = 0.001
     entropy_coef: float = 0.001
@@ -95,18 +99,20 @@ def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     return loss, {"loss": loss, "tokens": jnp.sum(mask).astype(jnp.float32)}
 
 
-def _logprobs_entropy(model, out, tokens, *, temperature, chunk, with_entropy):
-    """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at `temperature`, from the
-    full logits (chunk 0) or in chunks of `chunk` positions."""
+def _logprobs_entropy(model, out, tokens, *, temperature, chunk, top_k, top_p, with_entropy):
+    """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at `temperature` (within the
+    top_k / top_p support, if set), from the full logits (chunk 0) or `chunk` positions at a
+    time."""
+    t, k, p = temperature, top_k, top_p
     if chunk > 0:
         logp, entropy = lm_loss.chunked_logprobs(
             out.hidden, model.head_kernel(), jnp.roll(tokens, -1, axis=1),
-            chunk=chunk, temperature=temperature, with_entropy=with_entropy,
+            chunk=chunk, temperature=t, top_k=k, top_p=p, with_entropy=with_entropy,
         )  # fmt: skip
         return logp[:, :-1], (entropy[:, :-1] if with_entropy else None)
-    logits = out.logits[:, :-1]
-    logp = rl.token_logprobs(logits, tokens[:, 1:], temperature)
-    return logp, (rl.entropy_from_logits(logits, temperature) if with_entropy else None)
+    logits, targets = out.logits[:, :-1], tokens[:, 1:]
+    logp = rl.token_logprobs(logits, targets, t, k, p)
+    return logp, (rl.entropy_from_logits(logits, t, k, p, targets) if with_entropy else None)
 
 
 def _spr_terms(model, features, batch, key, cfg: StepConfig):
@@ -133,7 +139,7 @@ def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     out = model(batch["tokens"], valid=batch["valid"], with_logits=cfg.logits_chunk == 0)
     logp, entropy = _logprobs_entropy(
         model, out, batch["tokens"], temperature=cfg.temperature, chunk=cfg.logits_chunk,
-        with_entropy=True,
+        top_k=cfg.support_top_k, top_p=cfg.support_top_p, with_entropy=True,
     )  # fmt: skip
     mask = batch["response_mask"][:, 1:] & batch["valid"][:, 1:]
     ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
@@ -257,7 +263,10 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
     }
 
 
-def rollout_logprobs_fn(graphdef, mesh, *, temperature: float, logits_chunk: int = 0):
+def rollout_logprobs_fn(
+    graphdef, mesh, *, temperature: float, logits_chunk: int = 0, top_k: int = 0,
+    top_p: float = 1.0,
+):  # fmt: skip
     """Jitted (params, ref_params | None, batch [A, b, T]) -> (old_logp, ref_logp | None), each
     [A, b, T-1]: the log-probs the policy and the frozen reference gave the sampled tokens,
     computed once before the updates (the PPO ratio's denominator and the KL's reference)."""
@@ -267,7 +276,7 @@ def rollout_logprobs_fn(graphdef, mesh, *, temperature: float, logits_chunk: int
         out = model(mb["tokens"], valid=mb["valid"], with_logits=logits_chunk == 0)
         return _logprobs_entropy(
             model, out, mb["tokens"], temperature=temperature, chunk=logits_chunk,
-            with_entropy=False,
+            top_k=top_k, top_p=top_p, with_entropy=False,
         )[0]  # fmt: skip
 
     @jax.jit
