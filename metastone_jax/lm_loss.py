@@ -80,7 +80,7 @@ def chunked_logprobs(
     top_k / top_p, of the truncated distribution the sampler draws from (`rl.support_logits`).
 
     h [N, T, D]; w [D, V]; targets [N, T] int -> (logp [N, T] fp32, entropy [N, T] fp32 or None).
-    Equal to `rl.token_logprobs` / `rl.entropy_from_logits` on the full logits.
+    Equal to `rl.token_logprobs` / `rl.entropy_from_logits` on the full logits (cut alike).
     """
     _check(h, w, targets, chunk)
     t = h.shape[1]

@@ -66,31 +66,25 @@ def support_logits(z, targets, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarra
     return jnp.where(keep, z, OUTSIDE_SUPPORT)
 
 
-def token_logprobs(
-    logits, targets, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> jnp.ndarray:
+def token_logprobs(logits, targets, temperature: float = 1.0) -> jnp.ndarray:
     """log softmax(logits / temperature)[targets]: logits [N, T, V], targets [N, T] -> [N, T].
 
-    With top_k / top_p: the log-prob under the truncated, renormalised distribution the sampler
-    draws from (`support_logits`). Computed as gathered logit minus logsumexp, so no [N, T, V]
-    log-softmax is kept (XLA fuses the scaling into the reduction).
+    Computed as gathered logit minus logsumexp, so no [N, T, V] log-softmax is kept (XLA fuses
+    the scaling into the reduction). Logits cut by `support_logits` give the log-prob under the
+    renormalised distribution the sampler draws from.
     """
-    z = support_logits(_f32(logits) / temperature, targets, top_k, top_p)
+    z = _f32(logits) / temperature
     picked = jnp.take_along_axis(z, jnp.asarray(targets)[..., None].astype(jnp.int32), axis=-1)
     return picked[..., 0] - jax.nn.logsumexp(z, axis=-1)
 
 
-def entropy_from_logits(
-    logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, targets=None
-) -> jnp.ndarray:
-    """Entropy of softmax(logits / temperature): logits [N, T, V] -> [N, T]; with top_k / top_p
-    that of the truncated distribution (`support_logits`, with `targets` [N, T] kept).
+def entropy_from_logits(logits, temperature: float = 1.0) -> jnp.ndarray:
+    """Entropy of softmax(logits / temperature): logits [N, T, V] -> [N, T] (of the truncated
+    distribution, for logits cut by `support_logits`).
 
     H = logsumexp(z) - sum(softmax(z) * z), stable for large logits (no log of a tiny p).
     """
     z = _f32(logits) / temperature
-    if top_k > 0 or top_p < 1.0:
-        z = support_logits(z, targets, top_k, top_p)
     p = jax.nn.softmax(z, axis=-1)
     return jax.nn.logsumexp(z, axis=-1) - jnp.sum(p * z, axis=-1)
 

@@ -13,6 +13,7 @@ from metastone_jax.rl import (
     grpo_loss,
     low_var_kl,
     masked_mean,
+    support_logits,
     token_logprobs,
 )
 
@@ -211,7 +212,11 @@ def test_sampled_support_logprobs_match_hf_warpers():
     t_in = np.argmax(np.where(inside, rng.random(hf.shape), -1), -1)
     t_out = np.argmax(np.where(inside, -1, rng.random(hf.shape)), -1)
     assert (~inside).any(-1).all()
-    got = np.asarray(jax.jit(token_logprobs, static_argnums=(2, 3, 4))(logits, t_in, t, k, p))
+
+    def cut_logprobs(x, targets, k, p):
+        return token_logprobs(support_logits(x / t, targets, k, p), targets)
+
+    got = np.asarray(jax.jit(cut_logprobs, static_argnums=(2, 3))(logits, t_in, k, p))
     np.testing.assert_allclose(got, np.take_along_axis(hf, t_in[..., None], -1)[..., 0],
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     # Outside: the support plus the target, renormalised (by hand from the tempered softmax).
@@ -219,13 +224,13 @@ def test_sampled_support_logprobs_match_hf_warpers():
     keep = inside | (np.arange(11) == t_out[..., None])
     zk = np.where(keep, z, -np.inf)
     want_out = np.take_along_axis(zk, t_out[..., None], -1)[..., 0] - np.log(np.exp(zk).sum(-1))
-    np.testing.assert_allclose(token_logprobs(logits, t_out, t, k, p), want_out, rtol=1e-5)
+    np.testing.assert_allclose(cut_logprobs(logits, t_out, k, p), want_out, rtol=1e-5)
     hf_in = np.where(inside, hf, 0.0)
     want_ent = -(np.exp(hf_in) * hf_in * inside).sum(-1)
-    np.testing.assert_allclose(entropy_from_logits(logits, t, k, p, t_in), want_ent, rtol=1e-5)
+    np.testing.assert_allclose(entropy_from_logits(support_logits(logits / t, t_in, k, p)),
+                               want_ent, rtol=1e-5)  # fmt: skip
     # Without a cut it is the whole softmax, as before.
-    np.testing.assert_allclose(token_logprobs(logits, t_in, t, 0, 1.0),
-                               token_logprobs(logits, t_in, t), rtol=0)  # fmt: skip
+    np.testing.assert_array_equal(support_logits(logits / t, t_in, 0, 1.0), logits / t)
 
 
 def test_sampled_support_gives_no_gradient_outside_the_cut():
@@ -236,9 +241,8 @@ def test_sampled_support_gives_no_gradient_outside_the_cut():
     targets = jnp.asarray(jnp.argmax(logits, -1))
 
     def loss(z, k, p):
-        return jnp.sum(token_logprobs(z, targets, 2.0, k, p)) + jnp.sum(
-            entropy_from_logits(z, 2.0, k, p, targets)
-        )
+        cut = support_logits(z / 2.0, targets, k, p)
+        return jnp.sum(token_logprobs(cut, targets)) + jnp.sum(entropy_from_logits(cut))
 
     g = np.asarray(jax.grad(loss)(logits, 3, 0.9))
     _, hf = _hf_truncated_logprobs(np.asarray(logits), np.asarray(targets), 2.0, 3, 0.9)

@@ -103,16 +103,17 @@ def _logprobs_entropy(model, out, tokens, *, temperature, chunk, top_k, top_p, w
     """(log p(tokens[t + 1]) [b, T-1], entropy [b, T-1] or None) at `temperature` (within the
     top_k / top_p support, if set), from the full logits (chunk 0) or `chunk` positions at a
     time."""
-    t, k, p = temperature, top_k, top_p
     if chunk > 0:
         logp, entropy = lm_loss.chunked_logprobs(
-            out.hidden, model.head_kernel(), jnp.roll(tokens, -1, axis=1),
-            chunk=chunk, temperature=t, top_k=k, top_p=p, with_entropy=with_entropy,
+            out.hidden, model.head_kernel(), jnp.roll(tokens, -1, axis=1), chunk=chunk,
+            temperature=temperature, top_k=top_k, top_p=top_p, with_entropy=with_entropy,
         )  # fmt: skip
         return logp[:, :-1], (entropy[:, :-1] if with_entropy else None)
-    logits, targets = out.logits[:, :-1], tokens[:, 1:]
-    logp = rl.token_logprobs(logits, targets, t, k, p)
-    return logp, (rl.entropy_from_logits(logits, t, k, p, targets) if with_entropy else None)
+    targets = tokens[:, 1:]
+    # One cut (a no-op without top_k / top_p), shared by the log-probs and the entropy.
+    z = out.logits[:, :-1].astype(jnp.float32) / temperature
+    z = rl.support_logits(z, targets, top_k, top_p)
+    return rl.token_logprobs(z, targets), (rl.entropy_from_logits(z) if with_entropy else None)
 
 
 def _spr_terms(model, features, batch, key, cfg: StepConfig):
