@@ -109,12 +109,27 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "clip_eps": 0.2,
                 "kl_coef": 0.001,
                 "entropy_coef": 0.001,
+                # Reward 0 unless the response (with a think span the prompt opens) holds
+                # exactly one <think> and one </think>, in order: the released reward's check.
+                # Off by default: the answer alone decides (the project's reward so far).
+                "format_check": False,
             },
             "spr": {
                 "coef": 1.0 if grpo else 0.0,
                 "form": "filtered",  # filtered | paper | bce
                 "grad_scale": 1e-4,
                 "dropout": True,
+                # Class counts and normalisation: "batch" = over each micro-batch on all devices
+                # (default: one pool per update when data.grad_accum=1); "rank" = the released
+                # actor's: per data-parallel rank, counts summed over ranks + 1 per rank.
+                "scope": "batch",
+                # "rank" scope: the ranks to emulate (0 = the mesh's data x fsdp size; the
+                # released 1.5B run had 4: 8 GPUs, sequence parallel 2).
+                "ranks": 0,
+                # Truncated wrong rollouts: "exclude" them from the SPR loss (the method's
+                # stated rule, default) or train on them as "negative"s, which is what the
+                # released runs did (an in-place zeroing undid their exclusion).
+                "truncated": "exclude",
             },
             "train": {
                 "steps": 200 if not released else 1000,

@@ -4,9 +4,10 @@ Shapes: N trajectories (rows), T positions. ``logits`` [N, T] are SPRM head logi
 positions, ``mask`` [N, T] marks the scored positions (``sprm.shift_for_scoring`` of the step
 mask), ``labels`` [N] is the outcome (1: final answer correct), ``include`` [N] is False for
 trajectories left out of the loss (truncated and wrong). Pure jnp in fp32, runs under ``jit``
-(``form`` is static). Counts are sums over the whole arrays passed in: under ``jit`` with sharded
-inputs they are global-batch counts, as the released code's all-reduce; called per micro-batch
-they are micro-batch counts.
+(``form`` and ``ranks`` are static). Counts are sums over the whole arrays passed in: under
+``jit`` with sharded inputs they span all devices, as the released code's all-reduce; called
+per micro-batch they are micro-batch counts. ``ranks`` > 1 also normalises per data-parallel
+rank, as the released actor does (``spr_loss``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def bce_with_logits(s, y) -> jnp.ndarray:
     return (1.0 - y) * s - jax.nn.log_sigmoid(s)
 
 
-def spr_loss(logits, mask, labels, include, *, form: str = "filtered"):
+def spr_loss(logits, mask, labels, include, *, form: str = "filtered", ranks: int = 1):
     """SPR loss over scored steps -> (loss scalar, metrics).
 
     form "filtered" (released code, default): keep a step iff its prediction agrees with the
@@ -49,9 +50,25 @@ def spr_loss(logits, mask, labels, include, *, form: str = "filtered"):
     carries gradient (class weights are data, as torch's ``weight=``); stop_gradient makes that
     explicit. metrics: spr_loss, spr_kept_fraction (kept / eligible, 0 if none), spr_kept_pos,
     spr_kept_neg, spr_steps (eligible = mask & include).
+
+    ``ranks`` = R > 1: the released actor's scope (``dp_actor.py``). The N rows are R
+    consecutive blocks of N/R rows, one per data-parallel rank (as ('data', 'fsdp') sharding
+    lays them). With K+_r / K-_r the kept positive / negative steps of rank r, every rank adds
+    1 to its counts before the all-reduce, so pos = sum_r (K+_r + 1) = K+ + R and
+    neg = K- + R; the weights w+ = 1.5 neg / (pos + neg), w- = pos / (pos + neg) are shared,
+    but each rank normalises its own steps, L_r = sum_{kept on r} w * bce / (sum_{kept on r}
+    w + 1e-5), and DDP averages the ranks' gradients: loss = (1/R) sum_r L_r. "paper"/"bce":
+    L_r is the plain mean over rank r's kept steps (0 if none). R = 1 is the pooled form above.
     """
     if form not in FORMS:
         raise ValueError(f"unknown SPR loss form {form!r}; expected one of {FORMS}")
+    if not (isinstance(ranks, int) and ranks >= 1):
+        raise ValueError(f"ranks: expected an integer >= 1, got {ranks!r}")
+    if ranks > 1 and (len(jnp.shape(logits)) != 2 or jnp.shape(logits)[0] % ranks):
+        raise ValueError(
+            f"SPR logits {jnp.shape(logits)}: expected [N, T] rows that {ranks} data-parallel "
+            "ranks split evenly"
+        )
     s = jnp.asarray(logits, jnp.float32)
     y = jnp.broadcast_to(jnp.asarray(labels, jnp.float32)[:, None], s.shape)
     eligible = jnp.asarray(mask, bool) & jnp.asarray(include, bool)[:, None]
@@ -66,15 +83,22 @@ def spr_loss(logits, mask, labels, include, *, form: str = "filtered"):
     n_neg = jnp.sum(kept & ~positive).astype(jnp.float32)
     n_kept = n_pos + n_neg
     bce = bce_with_logits(s, y)
+
+    def by_rank(x):  # [N, T] -> [R, N/R * T]: rank r's rows
+        return x.reshape(ranks, -1)
+
     if form == "filtered":
-        pos, neg = n_pos + 1.0, n_neg + 1.0
+        pos, neg = n_pos + ranks, n_neg + ranks
         total = pos + neg
         w = jnp.where(positive, POS_WEIGHT * neg / total, pos / total)
         w = jax.lax.stop_gradient(jnp.where(kept, w, 0.0))
         # where (not w * bce): a masked-out position with an inf/NaN logit must not leak in.
-        loss = jnp.sum(jnp.where(kept, w * bce, 0.0)) / (jnp.sum(w) + WEIGHT_EPS)
+        num = jnp.sum(by_rank(jnp.where(kept, w * bce, 0.0)), axis=1)
+        per_rank = num / (jnp.sum(by_rank(w), axis=1) + WEIGHT_EPS)
     else:
-        loss = jnp.sum(jnp.where(kept, bce, 0.0)) / jnp.maximum(n_kept, 1.0)
+        num = jnp.sum(by_rank(jnp.where(kept, bce, 0.0)), axis=1)
+        per_rank = num / jnp.maximum(jnp.sum(by_rank(kept), axis=1), 1.0)
+    loss = jnp.mean(per_rank)
     n_steps = jnp.sum(eligible).astype(jnp.float32)
     metrics = {
         "spr_loss": loss,

@@ -164,11 +164,20 @@ def step_mask(
     3. train: first ``<think>`` <= t <= last ``</think>``; a missing ``<think>`` puts the lower
        bound at the sequence start and a missing ``</think>`` the upper bound at its end, as
        the released training code (its argmax falls back to 0 / L-1), so no think tags means
-       the whole sequence. Inference: ``<think>`` < t < ``</think>``, each bound taken only
-       when that tag occurs exactly once, else the sequence start/end (released scorer);
+       the whole sequence. Inference, as the released scorer (``test/score_model_queue.py``),
+       which bounds *feature* positions p = t-1 to start < p < end: start is the ``<think>``
+       when the sequence holds exactly one, else its first real token; end is the
+       ``</think>`` when it holds exactly one, else past the sequence. In token positions:
+       start + 1 < t <= end. So without exactly one ``<think>`` the second real token is
+       never scored (t = start + 1 after ``<think>`` is rule 2 anyway), and a ``</think>``
+       is itself in range (it only matters when the tag is also a step id);
     4. t >= response_start;
     5. x[t-1] is a real token: its feature is what scores x[t] (``shift_for_scoring``), so the
        first real token can never be scored (the released code never scores it either).
+
+    "The sequence" at inference is what the released scorer re-tokenises: the chat-templated
+    prompt and the response, so its first two tokens are prompt tokens. Pass the prompt too
+    (left-padded rows are fine: padding is not a real token).
     """
     if mode not in MODES:
         raise ValueError(f"unknown step_mask mode {mode!r}; expected one of {MODES}")
@@ -190,9 +199,11 @@ def step_mask(
         hi = jnp.where(is_close.any(-1), last_close, T - 1)
         in_range = (pos >= lo[..., None]) & (pos <= hi[..., None])
     else:
-        lo = jnp.where(is_open.sum(-1) == 1, jnp.argmax(is_open, axis=-1), -1)
+        # The fallback lower bound is the second real token: t must lie past it.
+        second_real = jnp.argmax(jnp.cumsum(valid, axis=-1) >= 2, axis=-1)
+        lo = jnp.where(is_open.sum(-1) == 1, jnp.argmax(is_open, axis=-1), second_real)
         hi = jnp.where(is_close.sum(-1) == 1, jnp.argmax(is_close, axis=-1), T)
-        in_range = (pos > lo[..., None]) & (pos < hi[..., None])
+        in_range = (pos > lo[..., None]) & (pos <= hi[..., None])
     mask &= in_range
     if response_start is not None:
         mask &= pos >= jnp.asarray(response_start)[..., None]

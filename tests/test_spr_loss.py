@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tolerances import fp32_reduction_tol
 
 from metastone_jax.spr_loss import scale_gradient, score_gap, spr_loss
 
@@ -122,7 +123,68 @@ def test_counts_are_global_under_sharding():
     rows = NamedSharding(mesh, PartitionSpec("data"))
     args = [jax.device_put(a, rows) for a in (logits, mask, labels, include)]
     loss, _ = spr_jit(*args)
-    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    # Numerator and denominator: sums of up to 16 x 12 one-signed terms over 8 devices; the
+    # ratio's relative error is at most the sum of theirs.
+    np.testing.assert_allclose(loss, want, rtol=fp32_reduction_tol(2 * logits.size, 1.0))
+
+
+# Released scope hand case: 4 rows on 2 data-parallel ranks (rows 0-1 rank 0, rows 2-3 rank 1).
+RANK_LOGITS = np.array(
+    [
+        [2.0, -1.0, 0.5],  # y=1: keep 2.0, 0.5
+        [-3.0, 1.0, -0.2],  # y=0: keep -3.0, -0.2
+        [1.5, 0.0, -2.0],  # y=1: keep 1.5
+        [-1.0, 4.0, 2.0],  # y=0, excluded (truncated)
+    ],
+    np.float32,
+)
+RANK_LABELS, RANK_INCLUDE = np.array([1, 0, 1, 0]), np.array([True, True, True, False])
+
+
+def test_released_per_rank_scope_hand_case():
+    # Counts summed over ranks, +1 per rank: pos = 3 + 2 = 5, neg = 2 + 2 = 4, total 9.
+    w_pos, w_neg = 1.5 * 4 / 9, 5 / 9
+    rank0 = (w_pos * (bce_pos(2.0) + bce_pos(0.5)) + w_neg * (bce_neg(-3.0) + bce_neg(-0.2))) / (
+        2 * w_pos + 2 * w_neg + 1e-5
+    )
+    rank1 = w_pos * bce_pos(1.5) / (w_pos + 1e-5)  # rank 1 normalises its one kept step
+    want = (rank0 + rank1) / 2  # DDP averages the ranks' gradients
+    mask = np.ones_like(RANK_LOGITS, bool)
+    loss, m = spr_loss(RANK_LOGITS, mask, RANK_LABELS, RANK_INCLUDE, ranks=2)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert float(m["spr_kept_pos"]) == 3 and float(m["spr_kept_neg"]) == 2
+    # The pooled scope (one rank): pos 4, neg 3, one normalisation over all five kept steps.
+    p_pos, p_neg = 1.5 * 3 / 7, 4 / 7
+    num = p_pos * (bce_pos(2.0) + bce_pos(0.5) + bce_pos(1.5))
+    num += p_neg * (bce_neg(-3.0) + bce_neg(-0.2))
+    pooled = num / (3 * p_pos + 2 * p_neg + 1e-5)
+    loss1, _ = spr_loss(RANK_LOGITS, mask, RANK_LABELS, RANK_INCLUDE, ranks=1)
+    np.testing.assert_allclose(loss1, pooled, rtol=1e-6)
+    assert abs(want - pooled) > 1e-2  # the scopes differ on this case
+
+
+def test_released_per_rank_scope_paper_form_and_empty_rank():
+    # paper: each rank's plain mean over its kept steps; a rank with none contributes 0.
+    include = np.array([True, True, False, False])  # rank 1 keeps nothing
+    mask = np.ones_like(RANK_LOGITS, bool)
+    rank0 = (bce_pos(2.0) + bce_pos(0.5) + bce_neg(-3.0) + bce_neg(-0.2)) / 4
+    loss, _ = spr_loss(RANK_LOGITS, mask, RANK_LABELS, include, form="paper", ranks=2)
+    np.testing.assert_allclose(loss, rank0 / 2, rtol=1e-6)
+    # filtered, rank 1 empty: pos = 2 + 2, neg = 2 + 2; rank 1's loss is 0/(0 + 1e-5) = 0.
+    w = 1.5 * 4 / 8, 4 / 8
+    rank0 = (w[0] * (bce_pos(2.0) + bce_pos(0.5)) + w[1] * (bce_neg(-3.0) + bce_neg(-0.2))) / (
+        2 * w[0] + 2 * w[1] + 1e-5
+    )
+    loss, _ = spr_loss(RANK_LOGITS, mask, RANK_LABELS, include, ranks=2)
+    np.testing.assert_allclose(loss, rank0 / 2, rtol=1e-6)
+
+
+def test_ranks_must_split_the_rows():
+    mask = np.ones_like(RANK_LOGITS, bool)
+    with pytest.raises(ValueError, match=r"\(4, 3\): expected \[N, T\] rows that 3 data-parallel"):
+        spr_loss(RANK_LOGITS, mask, RANK_LABELS, RANK_INCLUDE, ranks=3)
+    with pytest.raises(ValueError, match="ranks: expected an integer >= 1, got 0"):
+        spr_loss(RANK_LOGITS, mask, RANK_LABELS, RANK_INCLUDE, ranks=0)
 
 
 def test_scale_gradient_isolates_backbone():

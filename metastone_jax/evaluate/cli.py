@@ -13,6 +13,7 @@ import os
 import sys
 
 from metastone_jax.evaluate.harness import STRATEGIES, STRATEGY_METHOD
+from metastone_jax.evaluate.metrics import GROUP_COUNTS
 from metastone_jax.sample.cli import add_sampling_args, sampling_from_args
 
 
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None,
                    help="candidates per question (M >= the largest k; not for beam)")  # fmt: skip
     p.add_argument("--strategy", default="best_of_k", help="|".join(STRATEGIES))
+    p.add_argument("--groups", default="per_question",
+                   help="groups of k per question when candidate counts differ: per_question "
+                   "(floor(M/k) each) or common (floor(min M/k) for all: the released "
+                   "metric)")  # fmt: skip
     p.add_argument("--out", default=None,
                    help="output directory (default: eval/<ckpt name>/<benchmark>)")  # fmt: skip
     add_sampling_args(p, max_new_tokens=32768)  # the released evaluation's budget
@@ -52,6 +57,8 @@ def main(argv: list[str]) -> None:
     sampling, step_ids = sampling_from_args(args)
     if args.strategy not in STRATEGIES:
         raise ValueError(f"--strategy: expected one of {STRATEGIES}, got {args.strategy!r}")
+    if args.groups not in GROUP_COUNTS:
+        raise ValueError(f"--groups: expected one of {GROUP_COUNTS}, got {args.groups!r}")
     if not os.path.isdir(args.ckpt):
         raise ValueError(f"--ckpt: {args.ckpt}: no such directory")
     if not os.path.isfile(args.benchmark):
@@ -64,7 +71,7 @@ def main(argv: list[str]) -> None:
     report = evaluate(
         args.ckpt, args.benchmark, modes=modes, ks=ks, samples=args.samples,
         strategy=args.strategy, out_dir=out, sampling=sampling, step_ids=step_ids,
-        batch_prompts=args.batch_prompts, seed=args.seed, limit=args.limit,
+        batch_prompts=args.batch_prompts, seed=args.seed, limit=args.limit, groups=args.groups,
         chat_template=not args.no_chat_template, progress=not args.no_progress,
     )  # fmt: skip
     if args.json:

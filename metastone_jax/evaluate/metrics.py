@@ -2,9 +2,14 @@
 
 A question is a dict with "candidates": [{"answer", "correct", "step_scores", "tokens", ...}]
 (the pool lines of `harness.sample_pool`). For a question with M candidates and a given k, the
-candidates are split into floor(M/k) disjoint consecutive groups of k; a method selects one
-candidate per group; the question's accuracy is the share of groups whose selection is correct,
-and a metric is the mean over questions (SPRM.md section 5), with a 95% interval.
+candidates are split into disjoint consecutive groups of k; a method selects one candidate per
+group; the question's accuracy is the share of groups whose selection is correct, and a metric
+is the mean over questions (SPRM.md section 5), with a 95% interval.
+
+How many groups (``GROUP_COUNTS``), when questions hold different numbers of candidates:
+"per_question" (default): floor(M/k) for each question, every candidate used; "common": the
+first floor(min over questions of M / k) groups for every question, as the released
+``test/compute_metric.py`` (candidates past them are left out). With equal M they agree.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ METHODS = (
     "sprm_product",
     "oracle",  # any candidate of the group correct: pass@k
 )
+GROUP_COUNTS = ("per_question", "common")
 LOG_CLAMP = 1e-10  # geomean: log(max(p, 1e-10)), as sprm.aggregate and the released scorer
 Z95 = 1.959963984540054
 
@@ -67,13 +73,21 @@ def select_candidate(group: list[dict], method: str) -> int:
     return int(np.argmax(scores))  # the first of equal maxima
 
 
-def question_accuracy(question: dict, k: int, method: str) -> float:
-    """Share of the floor(M/k) consecutive groups of k whose selected candidate is correct."""
+def question_accuracy(question: dict, k: int, method: str, n_groups: int | None = None) -> float:
+    """Share of the first ``n_groups`` (default floor(M/k)) consecutive groups of k whose
+    selected candidate is correct."""
     cands = question["candidates"]
-    n_groups = len(cands) // k if k >= 1 else 0
-    if n_groups == 0:
+    most = len(cands) // k if k >= 1 else 0
+    if most == 0:
         raise ValueError(
             f"question {question.get('id')!r}: {len(cands)} candidates, need at least k={k}"
+        )
+    if n_groups is None:
+        n_groups = most
+    elif not 1 <= n_groups <= most:
+        raise ValueError(
+            f"question {question.get('id')!r}: {n_groups} groups of k={k} asked, but its "
+            f"{len(cands)} candidates hold 1..{most}"
         )
     hits = 0
     for g in range(n_groups):
@@ -98,10 +112,34 @@ def summarize(values) -> dict:
     }
 
 
-def method_accuracy(questions: list[dict], k: int, method: str) -> dict:
-    """``summarize`` of ``question_accuracy`` over the questions, plus "n_groups" (total)."""
-    out = summarize([question_accuracy(q, k, method) for q in questions])
-    out["n_groups"] = sum(len(q["candidates"]) // k for q in questions)
+def group_counts(questions: list[dict], k: int, groups: str = "per_question") -> list[int]:
+    """Groups of k per question under the ``groups`` rule (``GROUP_COUNTS``)."""
+    if groups not in GROUP_COUNTS:
+        raise ValueError(f"groups: expected one of {GROUP_COUNTS}, got {groups!r}")
+    if k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    counts = [len(q["candidates"]) // k for q in questions]
+    for q, n in zip(questions, counts, strict=True):
+        if n == 0:
+            raise ValueError(
+                f"question {q.get('id')!r}: {len(q['candidates'])} candidates, need at least k={k}"
+            )
+    if groups == "common" and counts:
+        counts = [min(counts)] * len(counts)
+    return counts
+
+
+def method_accuracy(
+    questions: list[dict], k: int, method: str, groups: str = "per_question"
+) -> dict:
+    """``summarize`` of ``question_accuracy`` over the questions, plus "n_groups" (total);
+    ``groups``: how many groups each question contributes (``GROUP_COUNTS``)."""
+    counts = group_counts(questions, k, groups)
+    per_question = [
+        question_accuracy(q, k, method, n) for q, n in zip(questions, counts, strict=True)
+    ]
+    out = summarize(per_question)
+    out["n_groups"] = sum(counts)
     return out
 
 
@@ -112,11 +150,11 @@ def tokens_per_question(questions: list[dict], k: int) -> float:
     return float(k * np.mean(per_q)) if per_q else 0.0
 
 
-def pool_metrics(questions: list[dict], ks, methods=METHODS) -> dict:
+def pool_metrics(questions: list[dict], ks, methods=METHODS, groups: str = "per_question") -> dict:
     """{k: {"methods": {method: method_accuracy}, "tokens_per_question": float}}."""
     return {
         int(k): {
-            "methods": {m: method_accuracy(questions, int(k), m) for m in methods},
+            "methods": {m: method_accuracy(questions, int(k), m, groups) for m in methods},
             "tokens_per_question": tokens_per_question(questions, int(k)),
         }
         for k in ks

@@ -238,8 +238,9 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
                 jnp.where(is_step[:, None], s.next_feature, old)
             )
         # The running aggregate (for search) counts steps inside the think span so far, or all
-        # with no <think>; the final mask (final_step_mask) is decided on the whole sequence.
-        in_span = (s.n_open == 0) | inside
+        # with no <think> but the sequence's second token (never scored, final_step_mask); the
+        # final mask is decided on the whole sequence.
+        in_span = ((s.n_open == 0) & (pos > 1)) | inside
         running = s.running.update(score, is_step & in_span)
 
         is_open = active & is_id(token, step.think_open)
@@ -290,15 +291,18 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
 
 
 def final_step_mask(state: DecodeState) -> jax.Array:
-    """[N, S] bool: recorded steps that the released inference scorer counts: strictly after
-    the `<think>` if the sequence holds exactly one (else from the start), strictly before the
-    `</think>` if it holds exactly one (else to the end) (SPRM.md section 2, rule 3)."""
+    """[N, S] bool: recorded steps that the released inference scorer counts, as
+    `sprm.step_mask(mode="inference")` on the prompt + response: after the `<think>` if the
+    sequence holds exactly one, else after its second token (the released fallback never
+    scores that one); up to the `</think>` (inclusive) if it holds exactly one, else to the end
+    (SPRM.md section 2, rule 3). Positions count the real tokens only (0: the first prompt
+    token), so left padding does not move them."""
     s_max = state.step_scores.shape[1]
     recorded = jnp.arange(s_max)[None, :] < jnp.minimum(state.n_steps, s_max)[:, None]
     pos = state.prompt_len[:, None] + state.step_index
-    lo = jnp.where(state.n_open == 1, state.open_pos, -1)[:, None]
+    lo = jnp.where(state.n_open == 1, state.open_pos, 1)[:, None]
     hi = jnp.where(state.n_close == 1, state.close_pos, jnp.iinfo(jnp.int32).max)[:, None]
-    return recorded & (pos > lo) & (pos < hi)
+    return recorded & (pos > lo) & (pos <= hi)
 
 
 @functools.lru_cache(maxsize=32)

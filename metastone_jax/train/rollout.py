@@ -40,11 +40,56 @@ def sample_rollouts(
     )  # fmt: skip
 
 
-def grade_rollouts(texts: list[list[str]], answers: list[str]) -> np.ndarray:
-    """[B, k] float32 rule-based reward: 1 when the candidate's final answer matches."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TRUNCATED = ("exclude", "negative")  # spr.truncated
+
+
+def well_formed(text: str, prefix: str = "") -> bool:
+    """The released reward's format check (``math_v2.validate_response_structure``): the
+    assistant's turn ``prefix + text`` holds exactly one ``<think>`` and one ``</think>``, in
+    that order."""
+    turn = prefix + text
+    if turn.count(THINK_OPEN) != 1 or turn.count(THINK_CLOSE) != 1:
+        return False
+    return turn.find(THINK_OPEN) < turn.find(THINK_CLOSE)
+
+
+def assistant_prefix(prompt_text: str) -> str:
+    """The part of a prompt that belongs to the assistant's turn, for the format check: the
+    tail from the prompt's last ``<think>`` when no ``</think>`` follows it (a chat template
+    that opens the think span for the model, as R1-style "<｜Assistant｜><think>\n"), else "".
+    The released check reads the text after the assistant header, so tags the prompt opens
+    count and tags in the user's message do not."""
+    i = prompt_text.rfind(THINK_OPEN)
+    if i < 0 or THINK_CLOSE in prompt_text[i:]:
+        return ""
+    return prompt_text[i:]
+
+
+def grade_rollouts(
+    texts: list[list[str]],
+    answers: list[str],
+    *,
+    format_check: bool = False,
+    prompts: Sequence[str] | None = None,
+) -> np.ndarray:
+    """[B, k] float32 rule-based reward: 1 when the candidate's final answer matches.
+
+    ``format_check`` (config rl.format_check; the released reward): 0 unless the response is
+    ``well_formed``, counting the think tags the prompt text ``prompts[b]`` opens for it
+    (``assistant_prefix``; no prompts: the response alone)."""
+    if prompts is not None and len(prompts) != len(texts):
+        raise ValueError(f"grade_rollouts: {len(prompts)} prompts for {len(texts)} rows")
+    prefixes = [assistant_prefix(p) for p in prompts] if prompts is not None else [""] * len(texts)
+
+    def reward(text: str, answer: str, prefix: str) -> float:
+        if format_check and not well_formed(text, prefix):
+            return 0.0
+        return float(answers_match(extract_final_answer(text), answer))
+
     return np.array(
-        [[float(answers_match(extract_final_answer(t), a)) for t in row]
-         for row, a in zip(texts, answers, strict=True)],
+        [[reward(t, a, pre) for t in row]
+         for row, a, pre in zip(texts, answers, prefixes, strict=True)],
         np.float32,
     )  # fmt: skip
 
@@ -56,13 +101,24 @@ def pack_rollouts(
     *,
     prompt_width: int,
     pad_id: int,
+    truncated: str = "exclude",
 ) -> dict[str, np.ndarray]:
     """Train rows [B*k, P+G] from prompts, candidates [B, k, G] and rewards [B, k].
 
     tokens/valid/response_mask [N, P+G]; response_start [N] (= P); advantages [N] (group
     advantages over each prompt's k rollouts); labels [N] (reward, the SPR target); include [N]
-    (False for truncated-and-wrong rollouts, which the SPR loss excludes).
+    (rows the SPR loss uses).
+
+    ``truncated`` (config spr.truncated): what the SPR loss does with wrong rollouts that ran
+    out of tokens (finish "length"). "exclude" (default): every one is left out (include
+    False), as SPRM.md section 3 states the method. "negative": all rows are used, the
+    truncated wrong ones as negatives (label 0), which is what the released runs did: their
+    reward gives 0.1 to a truncated, well-formed, answered wrong rollout (``math_v2.py``) so
+    that the SPR loss drops it (``reward != 0.1``), but ``ray_trainer.py`` first zeroes the
+    0.1 values in place on the tensor the SPR labels are read from, so nothing was dropped.
     """
+    if truncated not in TRUNCATED:
+        raise ValueError(f"spr.truncated={truncated!r}; expected one of {TRUNCATED}")
     b, k, g = cands.tokens.shape
     width = prompt_width + g
     n = b * k
@@ -81,7 +137,8 @@ def pack_rollouts(
     valid[:, prompt_width:] = live
     response[:, prompt_width:] = live
     labels = rewards.reshape(n).astype(np.float32)
-    truncated = cands.finish.reshape(n) == LENGTH
+    cut = cands.finish.reshape(n) == LENGTH
+    include = ~(cut & (labels == 0)) if truncated == "exclude" else np.ones(n, bool)
     return {
         "tokens": tokens,
         "valid": valid,
@@ -89,7 +146,7 @@ def pack_rollouts(
         "response_start": np.full((n,), prompt_width, np.int32),
         "advantages": np.asarray(group_advantages(rewards)).reshape(n).astype(np.float32),
         "labels": labels,
-        "include": ~(truncated & (labels == 0)),
+        "include": include,
     }
 
 

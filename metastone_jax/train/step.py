@@ -13,8 +13,11 @@ Loss at position t means "predict tokens[t] from tokens[:t]", so masks over toke
 to the [.., T-1] log-prob arrays as mask[:, 1:].
 
 SPR class weights are computed over each micro-batch across all devices (the whole batch when
-A = 1, as in the released recipe); the filter needs the current logits, so global weights over
-several micro-batches would cost a second forward pass.
+A = 1); the filter needs the current logits, so global weights over several micro-batches would
+cost a second forward pass. `spr_scope="rank"` normalises as the released actor instead: per
+data-parallel rank within each micro-batch, counts summed over the ranks (+1 per rank), ranks'
+losses averaged (`spr_loss.spr_loss(ranks=R)`). The A micro-batches' gradients are averaged,
+as verl does (each micro-batch's loss x its rows / the rank's mini-batch rows, here 1/A).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from metastone_jax.train.state import TrainState
 
 KINDS = ("sft", "grpo", "spr")
 SPR_FORMS = ("filtered", "paper", "bce")
+SPR_SCOPES = ("batch", "rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,11 @@ class StepConfig:
     entropy_coef: float = 0.001
     spr_coef: float = 1.0  # 0 turns the SPR loss off in grpo
     spr_form: str = "filtered"
+    # "batch": SPR class counts and one normalisation over each micro-batch (all devices);
+    # "rank": the released per-rank normalisation over spr_ranks ranks (0: the mesh's
+    # data x fsdp size, read when the step is traced).
+    spr_scope: str = "batch"
+    spr_ranks: int = 0
     spr_grad_scale: float = 1e-4
     sprm_dropout: bool = True
     step: StepTokens | None = None  # needed by grpo (with spr_coef > 0) and spr
@@ -65,6 +74,13 @@ class StepConfig:
             raise ValueError(f"step kind {self.kind!r}; expected one of {KINDS}")
         if self.spr_form not in SPR_FORMS:
             raise ValueError(f"spr_form {self.spr_form!r}; expected one of {SPR_FORMS}")
+        if self.spr_scope not in SPR_SCOPES:
+            raise ValueError(f"spr.scope={self.spr_scope!r}; expected one of {SPR_SCOPES}")
+        if not (isinstance(self.spr_ranks, int) and self.spr_ranks >= 0):
+            raise ValueError(
+                f"spr.ranks={self.spr_ranks!r}; expected an integer >= 0 (0: the mesh's "
+                "data x fsdp size)"
+            )
         if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 0):
             raise ValueError(f"logits_chunk must be an integer >= 0, got {self.logits_chunk!r}")
         if self.uses_spr and self.step is None:
@@ -128,10 +144,32 @@ def _spr_terms(model, features, batch, key, cfg: StepConfig):
     drop = key if cfg.sprm_dropout else None
     logits = model.sprm_logits(feats, dropout_rng=drop)
     labels, include = batch["labels"], batch["include"]
-    loss, metrics = spr_loss.spr_loss(logits, feat_mask, labels, include, form=cfg.spr_form)
+    ranks = _spr_ranks(cfg, rows=tokens.shape[0])
+    loss, metrics = spr_loss.spr_loss(
+        logits, feat_mask, labels, include, form=cfg.spr_form, ranks=ranks
+    )
     clean = model.sprm_logits(jax.lax.stop_gradient(features))
     metrics = {**metrics, **spr_loss.score_gap(clean, feat_mask, labels, include)}
     return loss, metrics
+
+
+def _spr_ranks(cfg: StepConfig, rows: int) -> int:
+    """Data-parallel ranks the SPR loss normalises over (1 for the "batch" scope); checked
+    against the micro-batch's rows at trace time."""
+    if cfg.spr_scope == "batch":
+        return 1
+    ranks = cfg.spr_ranks
+    if ranks == 0:
+        mesh = jax.sharding.get_abstract_mesh()
+        shape = {} if mesh.empty else dict(mesh.shape)
+        ranks = shape.get("data", 1) * shape.get("fsdp", 1)
+    if rows % ranks:
+        raise ValueError(
+            f"spr.scope='rank': a micro-batch of {rows} rows cannot be split over {ranks} "
+            "data-parallel ranks (spr.ranks, 0 = the mesh's data x fsdp); change spr.ranks, "
+            "data.grad_accum or the batch"
+        )
+    return ranks
 
 
 def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
