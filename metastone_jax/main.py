@@ -153,8 +153,12 @@ def cmd_train(argv: list[str]) -> None:
         raise SystemExit("metastone-jax train: --workdir=DIR is required (re-run it to resume)")
     config = _parse([argv[0], *rest], default_preset="tiny-sft", config_file=TRAIN_CONFIG)
     from metastone_jax.train.loop import Preempted, train
+    from metastone_jax.train.setup import files_dir
+    from metastone_jax.train.validate import check_workdir, validate_train_config
 
     try:
+        validate_train_config(config)  # as built from the flags (train() checks it again)
+        check_workdir(workdir, files_dir(workdir, config.train.local_dir))
         metrics = train(config, workdir)
     except Preempted as e:
         print(f"metastone-jax train: {e}", file=sys.stderr)

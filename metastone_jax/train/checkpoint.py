@@ -5,7 +5,8 @@ RNG), `data` (the data iterator's position, JSON) and `meta` (the run's config, 
 asynchronous (the train loop goes on while arrays are written); keep-last-N plus the best one by
 a chosen metric. Orbax writes each step to a temporary directory and renames it when complete, so
 a run killed mid-save leaves the previous steps restorable. `gs://` workdirs go straight to orbax.
-Every process takes part in saving and restoring.
+Every process takes part in saving and restoring. A damaged step (train/checkpoint_integrity.py)
+is set aside by renaming it to `<step>.damaged-<UTC time>`, a name orbax does not take for a step.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as managers
 
 from metastone_jax.train.state import TrainState
@@ -25,6 +29,25 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def tensor_name(path) -> str:
+    """A tree path as orbax names the saved array: keys and indices joined by '.'."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def tensor_shapes(state: TrainState) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a (possibly abstract) TrainState, named as orbax saves it."""
+    leaves = jax.tree_util.tree_leaves_with_path(_as_tree(state))
+    return {tensor_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 class TrainCheckpointer:
@@ -62,15 +85,51 @@ class TrainCheckpointer:
         if not path.startswith("gs://"):
             path = os.path.abspath(path)
         self.directory = path
-        self.manager = ocp.CheckpointManager(
-            path, item_names=("state", "data", "meta"), options=options
-        )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }  # registered up front, so that one item's metadata can be read before a restore
+        self.manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return f"{self.directory}/{step}"
+
+    def read_meta(self, step: int) -> dict:
+        """The run config saved with `step` (the `meta` item alone; no arrays are read)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{tensor name: shape} of the TrainState saved with `step`, from its tree metadata."""
+        tree = self.manager.item_metadata(step)["state"]
+        return {
+            tensor_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    def set_aside(self, step: int) -> str:
+        """Renames the step's directory to `<step>.damaged-<UTC time>` (nothing is deleted) and
+        forgets the step; returns the new path. Call it on one process only."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        source = epath.Path(self.step_dir(step))
+        target = source.parent / f"{step}.damaged-{stamp}"
+        suffix = 1
+        while target.exists():
+            target, suffix = source.parent / f"{step}.damaged-{stamp}-{suffix}", suffix + 1
+        source.rename(target)
+        self.manager.reload()
+        return target.as_posix()
+
+    def reload(self) -> None:
+        """Re-reads the step list (after another process set a step aside)."""
+        self.manager.reload()
 
     def save(
         self,

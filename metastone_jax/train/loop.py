@@ -29,6 +29,7 @@ from metastone_jax.sharding import (
 from metastone_jax.train import setup
 from metastone_jax.train.checkpoint import TrainCheckpointer
 from metastone_jax.train.metrics import MetricsWriter
+from metastone_jax.train.resume import restore_newest
 from metastone_jax.train.rollout import (
     LENGTH,
     SavedRollouts,
@@ -47,6 +48,8 @@ from metastone_jax.train.state import (
     state_shardings,
 )
 from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn
+from metastone_jax.train.validate import check_workdir, validate_train_config
+from metastone_jax.train.workdir_lock import WorkdirLock
 
 ROLLOUTS_DIR = "rollouts"
 
@@ -120,6 +123,8 @@ def step_config(config, step_tokens) -> StepConfig:
         entropy_coef=float(config.rl.entropy_coef),
         spr_coef=float(config.spr.coef),
         spr_form=config.spr.form,
+        spr_scope=config.spr.scope,
+        spr_ranks=int(config.spr.ranks),
         spr_grad_scale=float(config.spr.grad_scale),
         sprm_dropout=bool(config.spr.dropout),
         step=step_tokens,
@@ -135,26 +140,25 @@ def optim_config(config) -> OptimConfig:
     )
 
 
-def _check_resume(meta: dict, model_cfg_json: dict, where: str) -> None:
-    saved = meta.get("model", {})
-    diff = sorted(
-        k for k in set(saved) | set(model_cfg_json) if saved.get(k) != model_cfg_json.get(k)
-    )
-    if diff:
-        raise ValueError(
-            f"{where}: the checkpoint's model config differs from this run's in {diff}; "
-            "resume with the same config or use a new --workdir"
-        )
-
-
 def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the configured training; returns the last step's metrics.
 
-    With config.train.tpu set (e.g. "v5e-8"), the memory plan is checked first: a run that
-    cannot fit the chips' HBM is refused (ValueError naming the shortfall) before anything is
-    allocated or built."""
+    The config's settings are checked first (train/validate.py); with config.train.tpu set
+    (e.g. "v5e-8") so is the memory plan: a run that cannot fit the chips' HBM is refused
+    (ValueError naming the shortfall) before anything is allocated or built. Then the run takes
+    the workdir's lock (train/workdir_lock.py; process 0), so a second run on it is refused.
+    Resuming takes the newest intact checkpoint (train/resume.py)."""
+    validate_train_config(config)
+    check_workdir(workdir, setup.files_dir(workdir, config.train.local_dir))
     maybe_initialize_distributed()
     check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
+    if jax.process_index() != 0:
+        return _train(config, workdir)
+    with WorkdirLock(setup.files_dir(workdir, config.train.local_dir)):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict[str, Any]:
     mesh = make_mesh(dict(config.mesh))
     ctx = setup.prepare(config, workdir, mesh)
     graphdef = ctx.graphdef
@@ -175,10 +179,18 @@ def train(config, workdir: str) -> dict[str, Any]:
         asynchronous=bool(config.train.async_checkpoint),
     )
     meta = {"model": ctx.model_cfg_json, "config": json.loads(config.to_json_best_effort())}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state, saved_meta = ckpt.restore(latest, sharded_abstract(abstract, shardings))
-        _check_resume(saved_meta, ctx.model_cfg_json, ckpt.directory)
+    try:
+        resumed = restore_newest(
+            ckpt, sharded_abstract(abstract, shardings), ctx.model_cfg_json, meta["config"],
+            workdir=workdir,
+        )  # fmt: skip
+    except BaseException:
+        ckpt.close()
+        raise
+    latest = None
+    if resumed is not None:
+        state, data_state = resumed
+        latest = int(state.step)
         ctx.iterator.restore(data_state)
     else:
         params = ctx.init_params()
@@ -264,10 +276,15 @@ def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, ste
         step=ctx.sampler_step, seeds=seeds, pad_id=ctx.pad_id, mesh=mesh,
     )  # fmt: skip
     rollout_s = time.perf_counter() - t0
-    rewards = grade_rollouts(cands.texts(ctx.tokenizer), answers)
-    rows = pack_rollouts(
-        prompts, cands, rewards, prompt_width=int(config.data.max_prompt_len), pad_id=ctx.pad_id
+    format_check = bool(config.rl.format_check)
+    prompt_texts = [ctx.tokenizer.decode(p) for p in prompts] if format_check else None
+    rewards = grade_rollouts(
+        cands.texts(ctx.tokenizer), answers, format_check=format_check, prompts=prompt_texts
     )
+    rows = pack_rollouts(
+        prompts, cands, rewards, prompt_width=int(config.data.max_prompt_len), pad_id=ctx.pad_id,
+        truncated=config.spr.truncated,
+    )  # fmt: skip
     if config.data.save_rollouts and jax.process_index() == 0:
         save_rollouts(os.path.join(ctx.workdir, ROLLOUTS_DIR), step, rows)
     mbs = [split_micro(mb, int(config.data.grad_accum))
