@@ -6,17 +6,24 @@
                              config, the original config.json), so export and sampling keep working
 
 A checkpoint is written to a temporary sibling directory and renamed at the end, so a failure
-never leaves a half-written CKPT. Restoring places each array straight into its sharding.
+never leaves a half-written CKPT. Restoring places each array straight into its sharding. A
+missing, damaged or mismatched checkpoint is one ValueError line naming the path and what is
+wrong (a missing file, a tensor's shape, tensorstore's reason), without orbax's noise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import uuid
+import warnings
 from typing import Any
 
 import jax
@@ -28,6 +35,7 @@ from metastone_jax.config import ModelConfig, model_config_from_dict
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 HF_FILES_DIR = "hf"
+OCDBT_ROOT = "manifest.ocdbt"  # the root of orbax's OCDBT store, in PARAMS_DIR
 
 
 def temp_sibling(path: str) -> str:
@@ -129,31 +137,169 @@ def write_params_checkpoint(
         json.dump({"model": config_to_json(cfg), **(meta or {})}, f, indent=2)
 
 
-def read_checkpoint_meta(ckpt: str) -> tuple[ModelConfig, dict[str, Any]]:
-    path = os.path.join(ckpt, CONFIG_FILE)
-    if not os.path.isdir(ckpt):
+def check_checkpoint_dir(ckpt: str, *, tokenizer: bool = False) -> None:
+    """Cheap checks that `ckpt` looks like a params checkpoint, before anything is read: the
+    directory, model_config.json, params/ (and hf/ with `tokenizer`). ValueError naming what is
+    missing; damage inside params/ is found (and named) by the restore itself."""
+    if not os.path.exists(ckpt):
         raise ValueError(f"{ckpt}: no such checkpoint directory")
-    if not os.path.exists(path):
-        raise ValueError(f"{ckpt}: not a metastone-jax checkpoint (missing {CONFIG_FILE})")
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"{ckpt}: not a directory (expected a params checkpoint)")
+    if not os.listdir(ckpt):
+        raise ValueError(
+            f"{ckpt}: empty directory, not a params checkpoint (expected {CONFIG_FILE}, "
+            f"{PARAMS_DIR}/ and {HF_FILES_DIR}/)"
+        )
+    if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
+        raise ValueError(f"{ckpt}: not a params checkpoint (missing {CONFIG_FILE})")
+    if not os.path.isdir(os.path.join(ckpt, PARAMS_DIR)):
+        raise ValueError(
+            f"{ckpt}: parameters do not match {CONFIG_FILE}: no {PARAMS_DIR}/ directory"
+        )
+    if tokenizer and not os.path.isdir(os.path.join(ckpt, HF_FILES_DIR)):
+        raise ValueError(
+            f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
+        )
+
+
+def read_checkpoint_meta(ckpt: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, the rest of model_config.json) of checkpoint `ckpt`."""
+    check_checkpoint_dir(ckpt)
+    path = os.path.join(ckpt, CONFIG_FILE)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed, not JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f'{path}: malformed, expected an object with a "model" object')
+    try:
         cfg = model_config_from_dict(meta.pop("model"), where=f"{path}: model")
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}: malformed ({e!r})") from None
+    except TypeError as e:  # a missing or misspelt field of ModelConfig or rope_scaling
+        raise ValueError(f"{path}: model: {e}") from None
     return cfg, meta
 
 
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line, without tensorstore's driver chain and spec dump."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = re.split(r" \[tensorstore_spec", str(error))[0].strip()
+    text = re.sub(r'Error opening "\w+" driver: ', "", text)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _abandoned_read_report(info) -> bool:
+    """Whether an unraisable exception reports a read that a failed restore abandoned: orbax
+    closes its event loop at the first error while tensorstore completes the other reads, each
+    then hitting "RuntimeError: Event loop is closed"; and orbax's coroutines of those reads,
+    once collected, raise their own error again."""
+    value, code = info.exc_value, getattr(info.object, "cr_code", None)
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+class _MessageFilter(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads():
+    """Drops the reports of `_abandoned_read_report` (tracebacks on stderr after the real
+    error) during an orbax read and, after it failed, for the rest of the process. The failed
+    read's leftovers are collected at once, their complaints (asyncio's "exception was never
+    retrieved", "coroutine ... was never awaited") muted, rather than at exit. Anything else
+    reaches the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(info):
+        if not _abandoned_read_report(info):
+            previous(info)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        asyncio_log = logging.getLogger("asyncio")
+        never_retrieved = _MessageFilter("exception was never retrieved")
+        asyncio_log.addFilter(never_retrieved)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+                gc.collect()
+        finally:
+            asyncio_log.removeFilter(never_retrieved)
+        raise  # the hook stays: abandoned reads may still finish
+    if sys.unraisablehook is hook:
+        sys.unraisablehook = previous
+
+
+def tensor_name(path) -> str:
+    """A tree path as orbax names the stored array: keys, indices, attributes joined by '.'."""
+    return ".".join(
+        str(next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k)) for k in path
+    )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    """The first `n` names, and how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _check_stored_shapes(ckpt: str, target) -> None:
+    """Compares the stored arrays' names and shapes (orbax's metadata) with `target`'s, so that
+    a mismatch names the tensor. Without readable metadata the restore alone decides (given a
+    target it needs none)."""
+    from etils import epath
+
+    try:
+        with quiet_abandoned_reads():  # it reads the store, which may be damaged
+            stored = ocp.PyTreeCheckpointHandler().metadata(
+                epath.Path(os.path.abspath(os.path.join(ckpt, PARAMS_DIR)))
+            )
+    except Exception:  # noqa: BLE001  (optional; real damage is reported by the restore)
+        return
+    stored = getattr(stored, "tree", stored)  # the tree of ArrayMetadata
+    flat = jax.tree_util.tree_flatten_with_path
+    have = {tensor_name(p): getattr(x, "shape", None) for p, x in flat(stored)[0]}
+    want = {tensor_name(p): tuple(x.shape) for p, x in flat(target)[0]}
+    where = f"{ckpt}: parameters do not match {CONFIG_FILE}"
+    if missing := sorted(set(want) - set(have)):
+        raise ValueError(f"{where}: {PARAMS_DIR}/ lacks {_first(missing)}")
+    if extra := sorted(set(have) - set(want)):
+        raise ValueError(f"{where}: {PARAMS_DIR}/ holds unexpected {_first(extra)}")
+    for name, shape in sorted(want.items()):
+        if have[name] is not None and tuple(have[name]) != shape:
+            raise ValueError(
+                f"{where}: {name} has shape {list(have[name])} in {PARAMS_DIR}/, "
+                f"{CONFIG_FILE} implies {list(shape)}"
+            )
+
+
 def _restore(ckpt: str, target, restore_args, concurrent_gb: float):
+    """The parameter tree of `ckpt` restored into `target`'s shapes. ValueError naming the
+    checkpoint and what is wrong: a tensor of another shape, a damaged or missing file."""
     handler = ocp.PyTreeCheckpointHandler(
         restore_concurrent_gb=_concurrent_gb(target, concurrent_gb)
     )
     args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+    _check_stored_shapes(ckpt, target)
     try:
-        with ocp.Checkpointer(handler) as ckptr:
+        with quiet_abandoned_reads(), ocp.Checkpointer(handler) as ckptr:
             return ckptr.restore(os.path.abspath(os.path.join(ckpt, PARAMS_DIR)), args=args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ValueError(f"{ckpt}: parameters do not match {CONFIG_FILE}: {e}") from None
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise bare Exception too)
+        reason = _reason(e)
+        if "OCDBT" in reason and not os.path.exists(os.path.join(ckpt, PARAMS_DIR, OCDBT_ROOT)):
+            reason = f"{PARAMS_DIR}/{OCDBT_ROOT} is missing ({reason})"
+        raise ValueError(
+            f"{ckpt}: cannot read {PARAMS_DIR}/ (damaged or incomplete checkpoint): {reason}"
+        ) from None
 
 
 def load_params_numpy(ckpt: str, *, concurrent_gb: float = 0.05):
@@ -220,12 +366,8 @@ def load_policy(ckpt: str, *, mesh: jax.sharding.Mesh | None = None, step_ids=No
     from metastone_jax.data.tokenizer import load_tokenizer
     from metastone_jax.sprm import StepTokens
 
-    hf_dir = os.path.join(ckpt, HF_FILES_DIR)
-    if not os.path.isdir(hf_dir):
-        raise ValueError(
-            f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
-        )
-    tokenizer = load_tokenizer(hf_dir)
+    check_checkpoint_dir(ckpt, tokenizer=True)
+    tokenizer = load_tokenizer(os.path.join(ckpt, HF_FILES_DIR))
     model, _ = load_params_checkpoint(ckpt, mesh=mesh)
     if step_ids:
         step = StepTokens.from_tokenizer(tokenizer, step_text=[int(i) for i in step_ids])

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from metastone_jax.evaluate.grading import extract_final_answer, grade_detail
-from metastone_jax.evaluate.metrics import pool_metrics, summarize
+from metastone_jax.evaluate.metrics import GROUP_COUNTS, pool_metrics, summarize
 
 # The pass@1 method of each pool strategy; "beam" searches instead of sampling a pool.
 STRATEGY_METHOD = {"best_of_k": "sprm_geomean", "vote": "vote", "weighted_vote": "weighted_vote"}
@@ -77,23 +77,35 @@ def read_pool(path: str, *, repair: bool = False) -> list[dict]:
     return entries
 
 
-def _check_meta(out_path: str, meta: dict) -> None:
-    """The pool's settings (and the weights' fingerprints) live beside it; resuming with others
-    is an error. A key the stored meta lacks (a pool from an older version) is added."""
-    path = os.path.splitext(out_path)[0] + ".meta.json"
+def meta_path(out_path: str) -> str:
+    """Where the settings of pool ``out_path`` are kept: ``<out_path stem>.meta.json``."""
+    return os.path.splitext(out_path)[0] + ".meta.json"
+
+
+def _check_meta(out_path: str, meta: dict, has_entries: bool) -> bool:
+    """The pool's settings (and the weights' fingerprints) live beside it; resuming its entries
+    with others is an error. A stored meta beside no entries describes no sampled data (a run
+    that failed or was killed before its first entry): it is replaced, not compared. -> whether
+    ``meta`` is to be written: for no entries (with the first), or for entries under no meta
+    or a meta without some of its keys (from an older version)."""
+    path = meta_path(out_path)
+    if not has_entries or not os.path.exists(path):
+        return True
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
     meta = json.loads(json.dumps(meta))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        for key in sorted(set(old) | set(meta)):
-            if key in old and old[key] != meta.get(key):
-                raise ValueError(
-                    f"{out_path} was sampled with {key}={old[key]!r}, now "
-                    f"{meta.get(key)!r}: use another output directory to sample afresh"
-                )
-        if set(meta) <= set(old):
-            return
-    _replace_file(path, json.dumps(meta, indent=1).encode("utf-8"))
+    for key in sorted(set(old) | set(meta)):
+        if key in old and old[key] != meta.get(key):
+            raise ValueError(
+                f"{out_path} was sampled with {key}={old[key]!r}, now "
+                f"{meta.get(key)!r}: use another output directory to sample afresh"
+            )
+    return not set(meta) <= set(old)
+
+
+def _write_meta(out_path: str, meta: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _replace_file(meta_path(out_path), json.dumps(meta, indent=1).encode("utf-8"))
 
 
 def encode_question(record: dict, tokenizer, chat_template: bool = True) -> list[int]:
@@ -167,7 +179,9 @@ def sample_pool(
     rounding of a differently shaped batch (bit for bit when the limit is a multiple of
     ``batch_prompts``). Each chunk's entries are appended and flushed together. Questions
     already in the file (by id) are skipped; a torn last line is dropped first. The sampling
-    settings are kept in ``<out_path stem>.meta.json`` and must match on resume.
+    settings are kept in ``<out_path stem>.meta.json`` and must match on resume; it is written
+    with the first entry (a meta beside no entries binds nothing), and everything, every
+    prompt's length included, is checked before anything is written.
     """
     from tqdm import tqdm
 
@@ -189,6 +203,8 @@ def sample_pool(
                 f"features, got {type(head).__name__}"
                 + (f" with fc1 kernel {tuple(width.shape)}" if width is not None else "")
             )
+    prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
+                       sampling.max_new_tokens)  # fmt: skip
     meta = {
         "samples": samples, "seed": seed, "chat_template": chat_template,
         "sampling": dataclasses.asdict(sampling), "step": dataclasses.asdict(step),
@@ -196,14 +212,21 @@ def sample_pool(
     # Which weights sampled the candidates (and which head scored them), so that a pool is
     # never resumed with another checkpoint's candidates.
     meta["policy"] = params_fingerprint(model)
+    metas = {path: meta if head is None else {**meta, "head": params_fingerprint(head)}
+             for path, head in heads.items()}  # fmt: skip
+    # Everything is checked before anything is written; a pool's meta is written with its
+    # first entry, so a run that samples nothing leaves nothing behind.
+    stale = {}  # pool path -> whether its meta is to be written (before any new entry)
+    for path in heads:
+        entries = read_pool(path)
+        stale[path] = _check_meta(path, metas[path], has_entries=bool(entries))
+        _check_resumed(path, {e["id"]: e for e in entries}, records, ids, samples)
     done = {}  # pool path -> {question id: entry}
-    for path, head in heads.items():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _check_meta(path, meta if head is None else {**meta, "head": params_fingerprint(head)})
-        done[path] = {e["id"]: e for e in read_pool(path, repair=True)}
-        _check_resumed(path, done[path], records, ids, samples)
-    prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
-                       sampling.max_new_tokens)  # fmt: skip
+    for path in heads:
+        done[path] = {e["id"]: e for e in read_pool(path, repair=True)}  # drops a torn line
+        if done[path] and stale[path]:  # entries kept: their meta is brought up to date now
+            _write_meta(path, metas[path])
+            stale[path] = False
     initial = sum(all(i in d for d in done.values()) for i in ids)
     bar = tqdm(total=len(records), initial=initial, unit="question", desc="sampling",
                disable=not progress)  # fmt: skip
@@ -231,6 +254,9 @@ def sample_pool(
                                                                scores)  # fmt: skip
                 done[path][ids[i]] = entry
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            if stale[path]:
+                _write_meta(path, metas[path])
+                stale[path] = False
             _append(path, lines)
         bar.update(len(needed))
     bar.close()
@@ -381,6 +407,7 @@ def evaluate(
     chat_template: bool = True,
     progress: bool = True,
     mesh=None,
+    groups: str = "per_question",
 ) -> dict:
     """Test-time scaling of checkpoint ``ckpt`` on ``benchmark`` (``read_records`` formats).
 
@@ -392,11 +419,15 @@ def evaluate(
     answer's accuracy. ``sampling``: a SamplingParams (default: SPRM.md section 5, temperature
     0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids become the
     tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
-    ``limit``: the first N questions. Writes ``out_dir/metrics.json`` (temp + rename) and
-    returns the same dict. Bad arguments raise ValueError before anything is loaded.
+    ``limit``: the first N questions. ``groups``: how many groups of k each question counts
+    when candidate counts differ (``metrics.GROUP_COUNTS``; "common" is the released metric).
+    Writes ``out_dir/metrics.json`` (temp + rename) and returns the same dict. Bad arguments
+    raise ValueError before anything is loaded.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if groups not in GROUP_COUNTS:
+        raise ValueError(f"groups: expected one of {GROUP_COUNTS}, got {groups!r}")
     want = targets(modes, ks)
     if strategy != "beam":
         label, need = max(want.items(), key=lambda kv: kv[1])
@@ -407,21 +438,27 @@ def evaluate(
             )
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected >= 1 questions, got {limit}")
-    from metastone_jax.checkpoint import HF_FILES_DIR, load_policy
+    from metastone_jax.checkpoint import (
+        HF_FILES_DIR,
+        check_checkpoint_dir,
+        load_policy,
+        read_checkpoint_meta,
+    )
     from metastone_jax.data.builders import read_records
+    from metastone_jax.data.tokenizer import load_tokenizer
     from metastone_jax.sample.processors import SamplingParams
 
-    if not os.path.isdir(os.path.join(ckpt, HF_FILES_DIR)):
-        raise ValueError(
-            f"{ckpt}: not a params checkpoint (no {HF_FILES_DIR}/ tokenizer directory)"
-        )
+    check_checkpoint_dir(ckpt, tokenizer=True)
     records = read_records(benchmark)[:limit]
     if not records:
         raise ValueError(f"{benchmark}: no questions")
-    model, tokenizer, step = load_policy(ckpt, mesh=mesh, step_ids=step_ids)
     if sampling is None:
         sampling = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
                                   max_new_tokens=32768)  # fmt: skip
+    # Every prompt fits the model's budget: checked before the weights are read.
+    _prompts(records, load_tokenizer(os.path.join(ckpt, HF_FILES_DIR)), chat_template,
+             read_checkpoint_meta(ckpt)[0].max_len, sampling.max_new_tokens)  # fmt: skip
+    model, tokenizer, step = load_policy(ckpt, mesh=mesh, step_ids=step_ids)
     if not sampling.stop_ids:
         sampling = dataclasses.replace(sampling, stop_ids=tuple(tokenizer.eos_ids))
     common = dict(sampling=sampling, step=step, batch_prompts=batch_prompts, seed=seed,
@@ -429,13 +466,13 @@ def evaluate(
     report = {
         "ckpt": os.path.abspath(ckpt), "benchmark": os.path.abspath(benchmark),
         "n_questions": len(records), "strategy": strategy, "seed": seed,
-        "samples": samples if strategy != "beam" else None,
+        "samples": samples if strategy != "beam" else None, "groups": groups,
         "sampling": dataclasses.asdict(sampling), "modes": {},
     }  # fmt: skip
-    os.makedirs(out_dir, exist_ok=True)
     if strategy == "beam":
         for label, k in want.items():
             entries = beam_eval(model, tokenizer, records, k=k, **common)
+            os.makedirs(out_dir, exist_ok=True)  # only now: a failed run leaves nothing
             path = os.path.join(out_dir, f"beam_k{k}.jsonl")
             lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
             _replace_file(path, lines.encode("utf-8"))
@@ -448,7 +485,7 @@ def evaluate(
     else:
         out_path = os.path.join(out_dir, "candidates.jsonl")
         pool = sample_pool(model, tokenizer, records, samples=samples, out_path=out_path, **common)
-        metrics = pool_metrics(pool, sorted(set(want.values())))
+        metrics = pool_metrics(pool, sorted(set(want.values())), groups=groups)
         method = STRATEGY_METHOD[strategy]
         for label, k in want.items():
             m = metrics[k]["methods"]
@@ -457,5 +494,6 @@ def evaluate(
                 "pass@k": m["oracle"], "tokens_per_question": metrics[k]["tokens_per_question"],
             }  # fmt: skip
         report["pool"] = {str(k): v for k, v in metrics.items()}
+    os.makedirs(out_dir, exist_ok=True)
     _replace_file(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2).encode())
     return report
