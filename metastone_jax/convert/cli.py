@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from metastone_jax.convert.hf import DEFAULT_MAX_SHARD_SIZE
 
@@ -70,4 +72,6 @@ def main(argv: list[str]) -> None:
             args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
             score_format=args.score_module, overwrite=args.overwrite,
         )  # fmt: skip
-        print(f"wrote {args.out}: {', '.join(files)}")
+        with open(os.path.join(args.out, hf.CONFIG_FILE)) as f:
+            architectures = json.load(f).get("architectures") or ["?"]
+        print(f"wrote {args.out} ({', '.join(architectures)}): {', '.join(files)}")

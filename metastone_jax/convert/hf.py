@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from metastone_jax import checkpoint
 from metastone_jax.config import ModelConfig
-from metastone_jax.convert import score_module
+from metastone_jax.convert import score_module, spm_to_hf
 from metastone_jax.convert.mapping import (
     BACKBONE_RULES,
     IGNORED_HF_SUFFIXES,
@@ -30,6 +31,7 @@ from metastone_jax.convert.mapping import (
     Rule,
     active_rules,
     expected_hf_tensors,
+    zero_hf_tensors,
 )
 from metastone_jax.convert.safetensors_io import (
     SafetensorsReader,
@@ -103,6 +105,7 @@ def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig) -> None:
             f"tie_word_embeddings={cfg.tie_embeddings}, bias={cfg.qkv_bias})"
         )
     tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tolerated |= {name for name, _ in zero_hf_tensors(cfg)}  # checked when read
     unexpected = sorted(
         n for n in present - set(expected) - tolerated if not n.endswith(IGNORED_HF_SUFFIXES)
     )
@@ -112,6 +115,12 @@ def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig) -> None:
             f"{where}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
             f"; {config_path} disagrees with the weights ({_shape_hint(cfg)}, bias={cfg.qkv_bias})"
         )
+    for name, want in zero_hf_tensors(cfg):
+        if name in present and (reader.shape(name) != want or np.any(reader.read(name) != 0)):
+            raise ValueError(
+                f"{reader.file_of[name]}: tensor {name} must be zeros of shape {list(want)} "
+                f"(this model has no o_proj bias; {config_path} sets attention_bias=true)"
+            )
     for name, rule in expected.items():
         want = rule.transform.hf_shape(cfg)
         if reader.shape(name) != want:
@@ -292,8 +301,12 @@ def export_hf(
     specs = [
         (name, rule.transform.hf_shape(cfg), host_dtype) for name, (rule, _) in sources.items()
     ]
+    zeros = dict(zero_hf_tensors(cfg))
+    specs += [(name, shape, host_dtype) for name, shape in zeros.items()]
 
     def produce(name):  # a view of our parameter; written out in small row blocks
+        if name in zeros:
+            return np.zeros(zeros[name], host_dtype)
         rule, layer = sources[name]
         value = np.asarray(_get(params, rule.path))
         return rule.transform.to_hf(value if layer is None else value[layer], cfg)
@@ -334,13 +347,24 @@ def jax_to_hf(
     """Exports a params checkpoint as an HF directory that `from_pretrained` loads as-is.
 
     The dtype defaults to that of the HF checkpoint the params came from (else the param dtype);
-    tokenizer and generation files carried in the checkpoint are copied back."""
+    tokenizer and generation files carried in the checkpoint are copied back. A SentencePiece
+    tokenizer without tokenizer.json (a model trained from scratch) gets one with the same ids
+    (convert/spm_to_hf.py), and its model is written as LlamaForCausalLM (see below)."""
     checkpoint.check_output_free(out, overwrite)
+    carried = os.path.join(ckpt, checkpoint.HF_FILES_DIR)
+    tokenizer_files = _sentencepiece_to_hf(carried)  # before the (long) read of the weights
     cfg, params, meta = checkpoint.load_params_numpy(ckpt)
-    source = meta.get("source") or {}
+    # An HF conversion records its source as a dict; a `train` export records its workdir.
+    source = meta.get("source")
+    source = source if isinstance(source, dict) else {}
     dtype = canonical_dtype(dtype or source.get("dtype") or cfg.param_dtype)
     score_dtype = (source.get("score_module") or {}).get("dtype") or "float32"
-    carried = os.path.join(ckpt, checkpoint.HF_FILES_DIR)
+    if tokenizer_files and cfg.arch == "qwen2":
+        # transformers 5 gives every qwen2 checkpoint its byte-level Qwen2Tokenizer, rebuilt
+        # from tokenizer.json's vocabulary alone (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in
+        # tokenization_auto.py), which cannot reproduce SentencePiece's ids. The same network
+        # as a Llama (zero o_proj biases) keeps tokenizer.json as written.
+        cfg = cfg.replace(arch="llama")
     base_config = None
     if os.path.exists(os.path.join(carried, CONFIG_FILE)):
         with open(os.path.join(carried, CONFIG_FILE)) as f:
@@ -359,9 +383,29 @@ def jax_to_hf(
         )
         if os.path.isdir(carried):  # config.json was rewritten by export_hf
             _carry_files(carried, tmp, skip=(CONFIG_FILE,))
+        for name, text in tokenizer_files.items():  # replaces the carried tokenizer_config.json
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        files += list(tokenizer_files)
         if not os.path.exists(os.path.join(tmp, GENERATION_CONFIG_FILE)):
             _write_generation_config(tmp, cfg)
     return files
+
+
+def _sentencepiece_to_hf(carried: str) -> dict[str, str]:
+    """tokenizer.json and its config files for a SentencePiece tokenizer that lacks them; none
+    when there is nothing to convert or the model is not one tokenizer.json reproduces (then
+    tokenizer.model is carried as it is, as before, and transformers builds its own)."""
+    if not spm_to_hf.needs_conversion(carried):
+        return {}
+    try:
+        return spm_to_hf.hf_tokenizer_files(carried)
+    except spm_to_hf.NotConvertible as e:
+        print(
+            f"metastone-jax convert: warning: {e}; copying it without a tokenizer.json",
+            file=sys.stderr,
+        )
+        return {}
 
 
 def _write_generation_config(out_dir: str, cfg: ModelConfig) -> None:

@@ -134,6 +134,15 @@ SPRM_RULES: tuple[Rule, ...] = (
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def zero_hf_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of HF tensors that must be zero for `cfg`: HF Llama's `attention_bias`
+    biases o_proj as well as q/k/v, and our attention has no o_proj bias (Qwen2's layout), so a
+    Llama with q/k/v biases is written with zero o_proj biases and read only if they are zero."""
+    if cfg.arch != "llama" or not cfg.qkv_bias:
+        return []
+    return [(_L.format(layer=i) + "self_attn.o_proj.bias", _d(cfg)) for i in range(cfg.n_layers)]
+
+
 def active_rules(rules: tuple[Rule, ...], cfg: ModelConfig) -> list[Rule]:
     return [r for r in rules if r.when(cfg)]
 
