@@ -247,3 +247,39 @@ def test_fresh_rollouts_beyond_the_sft_data_are_refused(tmp_path):
     cfg = _parse(["t", f"--config={demo}:quick"], "quick", demo)
     with pytest.raises(ValueError, match="sft.synthetic_size=1024"):
         collect_rollouts(cfg, None, None, None, str(tmp_path), first=1000, count=64)
+
+
+def test_grpo_study_released_settings_reach_the_train_config(tmp_path):
+    """`grpo_study.head_init=random`, `spr_scope=rank` and `tag` (the released head start and
+    SPR normalisation): the runs start from the SFT export's untrained head, train with the
+    released scope, and write beside the default study, not over it."""
+    from metastone_jax.demo import grpo_study
+    from metastone_jax.main import CONFIGS, _parse
+    from metastone_jax.train.validate import validate_train_config
+
+    demo = os.path.join(CONFIGS, "demo.py")
+    overrides = [
+        "--config.grpo_study.head_init=random",
+        "--config.grpo_study.spr_scope=rank",
+        "--config.grpo_study.spr_ranks=4",
+        "--config.grpo_study.grad_accum=2",
+        "--config.grpo_study.head_lr=1e-5",
+        "--config.grpo_study.tag=released",
+    ]
+    cfg = _parse(["t", f"--config={demo}:quick", *overrides], "quick", demo)  # fmt: skip
+    run = {"policy": "SFT", "heads": {cfg.spr.form: {"ckpt": "HEAD"}}}
+    assert grpo_study.initial_head(cfg, run) == "SFT"
+    config = grpo_study.grpo_config(cfg, "filtered", "SFT")
+    assert (config.spr.scope, config.spr.ranks, config.data.grad_accum) == ("rank", 4, 2)
+    assert config.optim.sprm_lr == 1e-5 and config.init_ckpt == "SFT"
+    validate_train_config(config)  # quick: 4 prompts x 4 rollouts / 2 micro-batches / 4 ranks
+    paths = grpo_study.study_paths(cfg, str(tmp_path))
+    assert paths == (str(tmp_path / "grpo-study-released"), str(tmp_path / "grpo_study-released"))
+    cfg.grpo_study.head_init = "main"
+    assert grpo_study.initial_head(cfg, run) == "HEAD"
+    cfg.grpo_study.head_init = "warm"
+    with pytest.raises(ValueError, match=r"grpo_study.head_init='warm'; expected one of"):
+        grpo_study.initial_head(cfg, run)
+    cfg.grpo_study.tag = "../x"
+    with pytest.raises(ValueError, match=r"grpo_study.tag='../x'"):
+        grpo_study.study_paths(cfg, str(tmp_path))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from tolerances import fp32_reduction_tol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["train", "--config=configs/train.py:tiny-sft", "--config.train.progress=False",
@@ -79,7 +80,13 @@ def test_two_processes_match_one_process_through_save_and_restore(tmp_path):
     assert "export skipped" in outs[0]  # multi-process: the checkpoint holds the params
     want, got = _losses(single), _losses(multi)
     assert sorted(got) == sorted(want) == list(range(1, 7))
-    np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
-                               rtol=1e-5)  # fmt: skip
+    # Both runs execute one SPMD program per device on the same 8-device mesh; what differs is
+    # the order in which gloo (across processes) or one process adds the 8 devices' partial
+    # losses and gradients: 2 sums of 8 terms per step, and step s's loss carries s steps of
+    # them (an update passes its gradient's relative change on with gain ~1; Adam entries whose
+    # gradient is at rounding level move the loss only to second order).
+    for s in range(1, 7):
+        rtol = fp32_reduction_tol(2 * 8 * s, 1.0)  # one-signed means: relative to the loss
+        np.testing.assert_allclose(got[s], want[s], rtol=rtol, err_msg=f"step {s}")
     steps = sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints")) if d.isdigit())
     assert steps[-1] == 6 and 3 in steps
