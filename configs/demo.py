@@ -107,6 +107,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "lr": 1e-5,  # the policy's AdamW LR; at 3e-4 ("full") the reward fell in 10 steps
                 "head_lr": 1e-3,  # as the demo's heads
                 "entropy_coef": 0.0,  # the bonus adds to the same drain
+                # "main": start from the demo's main (BCE) head, a sound start for the filter;
+                # "random": the SFT export's untrained head, as the released runs start theirs.
+                "head_init": "main",
+                # The SPR loss's normalisation scope (configs/train.py spr.scope/spr.ranks):
+                # "batch" pools the counts over the whole update; "rank" as released, per
+                # micro-batch of `grad_accum` and per emulated data-parallel rank.
+                "spr_scope": "batch",
+                "spr_ranks": 4,  # the released 1.5B run: 8 GPUs, sequence parallel 2
+                "grad_accum": 1,  # micro-batches per update (rank scope: rows per rank = 128/(4A))
+                # A name for the study's outputs: WORKDIR/grpo-study[-tag], grpo_study[-tag].*,
+                # so studies under other settings sit beside each other.
+                "tag": "",
             },
             "progress": True,
         }

@@ -78,5 +78,5 @@ def main(argv: list[str]) -> None:
         out = grpo.run_grpo_study(cfg, run, workdir)
         print()
         print(grpo.format_grpo_study(out))
-        print(f"wrote {os.path.join(workdir, grpo.STUDY_FILE)}.json, .txt and .png")
+        print(f"wrote {grpo.study_paths(cfg, workdir)[1]}.json, .txt and .png")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)

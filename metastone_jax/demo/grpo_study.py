@@ -26,6 +26,7 @@ from metastone_jax.demo import stamps
 from metastone_jax.evaluate.metrics import method_accuracy
 
 STUDY_DIR, STUDY_FILE = "grpo-study", "grpo_study"
+HEAD_INITS = ("main", "random")
 SMOOTH = 20  # GRPO steps per point of the curves and of the first/last summaries
 
 
@@ -47,10 +48,30 @@ def grpo_config(cfg, form: str, init_ckpt: str):
                      entropy_coef=float(st.entropy_coef),
                      logprob_support=str(st.logprob_support))  # fmt: skip
     config.optim.update(lr=float(st.lr), sprm_lr=float(st.head_lr))
-    config.spr.update(form=form, grad_scale=0.0)
+    config.spr.update(form=form, grad_scale=0.0, scope=str(st.spr_scope),
+                      ranks=int(st.spr_ranks))  # fmt: skip
+    config.data.grad_accum = int(st.grad_accum)
     steps = int(st.steps)
     config.train.update(steps=steps, save_every=max(steps // 4, 1))
     return config
+
+
+def study_paths(cfg, workdir: str) -> tuple[str, str]:
+    """(the runs' directory, the results' path without extension) for `grpo_study.tag`."""
+    tag = str(cfg.grpo_study.tag)
+    suffix = f"-{tag}" if tag else ""
+    if tag and not tag.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"grpo_study.tag={tag!r}: letters, digits, '-' and '_' only")
+    return os.path.join(workdir, STUDY_DIR + suffix), os.path.join(workdir, STUDY_FILE + suffix)
+
+
+def initial_head(cfg, run: dict) -> str:
+    """The checkpoint both runs start from: the SFT policy with the main head or its own
+    untrained (randomly initialised) one."""
+    head_init = str(cfg.grpo_study.head_init)
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"grpo_study.head_init={head_init!r}; expected one of {HEAD_INITS}")
+    return run["heads"][cfg.spr.form]["ckpt"] if head_init == "main" else run["policy"]
 
 
 def study_settings(cfg) -> dict:
@@ -111,10 +132,10 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
     forms = [str(f) for f in st.forms]
     if len(forms) != len(set(forms)) or not forms:
         raise ValueError(f"grpo_study.forms must name distinct SPR forms, got {forms}")
-    study_dir = os.path.join(workdir, STUDY_DIR)
+    study_dir, path = study_paths(cfg, workdir)
     started = os.path.isdir(study_dir) and bool(os.listdir(study_dir))
     stamps.claim(study_dir, study_settings(cfg), output_exists=started)
-    init = run["heads"][cfg.spr.form]["ckpt"]
+    init = initial_head(cfg, run)
     exports = {f: run_grpo(cfg, f, init, os.path.join(study_dir, f)) for f in forms}
 
     main = forms[0]
@@ -147,7 +168,6 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
         "settings": {**stamps.plain(st), "k": int(cfg.spr.k), "init": init},
         "questions": len(records), "samples": int(e.samples),
     }  # fmt: skip
-    path = os.path.join(workdir, STUDY_FILE)
     _write_json(f"{path}.json", out)
     write_text(f"{path}.txt", format_grpo_study(out))
     plot_aha({f: {"history": c} for f, c in curves.items()}, f"{path}.png",
@@ -163,8 +183,9 @@ def format_grpo_study(out: dict) -> str:
         f"Accuracy in % on the evaluation problems ({out['questions']} x {out['samples']}; "
         f"k = 1: a random candidate, k > 1: best-of-k by geomean for a head). GRPO: "
         f"{st['steps']} steps of {st['prompts']} prompts x {st['k']} rollouts from the SFT "
-        f"policy and its main head, policy LR {st['lr']:g}, head LR {st['head_lr']:g}, the SPR "
-        "gradient kept out of the backbone; one policy, every head scoring its candidates.",
+        f"policy and {_HEAD_TEXT[st.get('head_init', 'main')]}, policy LR {st['lr']:g}, head LR "
+        f"{st['head_lr']:g}, SPR normalisation {_scope_text(st)}, the SPR gradient kept out of "
+        "the backbone; one policy, every head scoring its candidates.",
         head, "-" * len(head),
     ]  # fmt: skip
     for r in out["rows"]:
@@ -183,3 +204,13 @@ def format_grpo_study(out: dict) -> str:
                      f"{a['spr_kept_fraction']:.2f} -> {b['spr_kept_fraction']:.2f}, "
                      f"kl {b['kl']:.4f}")  # fmt: skip
     return "\n".join(lines)
+
+
+_HEAD_TEXT = {"main": "its main head", "random": "a random head"}
+
+
+def _scope_text(st: dict) -> str:
+    if st.get("spr_scope", "batch") == "batch":
+        return "over the whole batch"
+    return (f"per micro-batch ({st['grad_accum']} per update) and rank ({st['spr_ranks']} "
+            "ranks), as released")  # fmt: skip
