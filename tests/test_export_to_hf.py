@@ -3,7 +3,6 @@ SentencePiece tokenizer) -> `metastone-jax convert jax-to-hf` -> transformers' A
 AutoModelForCausalLM load the directory as it is, with the same token ids (plain text and chat
 template) and the same fp32 logits as our tokenizer and model; and the directory converts back."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from config_files import train_config
 from hf_reference import tiny_hf_model
 from safetensors.numpy import load_file, save_file
 from test_spm_to_hf import raw_spm_model
@@ -49,24 +49,11 @@ CONVERSATIONS = [
 ]
 
 
-def _config(preset, **sections):
-    spec = importlib.util.spec_from_file_location(
-        "train_cfg", os.path.join(ROOT, "configs", "train.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
-    config.train.progress = False
-    for name, values in sections.items():
-        config[name].update(values)
-    return config
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(our export, the HF directory `convert jax-to-hf` made from it)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    train(_config("tiny-sft", train={"steps": 2, "save_every": 2}), workdir)
+    train(train_config("tiny-sft", train={"steps": 2, "save_every": 2}), workdir)
     export = os.path.join(workdir, "export")
     out = str(tmp_path_factory.mktemp("hf") / "hf")
     main(["metastone-jax", "convert", "jax-to-hf", f"--ckpt={export}", f"--out={out}"])

@@ -2,7 +2,6 @@
 type parsing, refusal of a plan that cannot fit (by `plan` and by `train`), and the CLI."""
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from config_files import config_module
 
 from metastone_jax.main import main
 from metastone_jax.planning.from_config import check_train_config, plan_config
@@ -31,14 +31,7 @@ RELEASED = {  # mesh preset -> model
 }
 
 
-def _meshes():
-    spec = importlib.util.spec_from_file_location("meshes", os.path.join(CONFIGS, "meshes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MESHES = _meshes()
+MESHES = config_module("meshes")
 
 
 @functools.cache
@@ -328,10 +321,7 @@ def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
 def test_full_logits_that_cannot_fit_point_to_logits_chunk():
     """1.5B SFT rows of 9216 tokens on a v5e-8: the full [T, V] logits of one row (fp32 loss
     pieces) do not fit; the refusal names train.logits_chunk, and with chunks the plan fits."""
-    spec = importlib.util.spec_from_file_location("train_cfg", os.path.join(CONFIGS, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("sft-1.5b")
+    config = config_module("train").get_config("sft-1.5b")
     config.train.tpu = "v5e-8"
     config.mesh.update(data=1, fsdp=8, tensor=1)
     config.model.remat = "full"

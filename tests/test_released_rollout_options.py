@@ -2,11 +2,11 @@
 (rl.format_check) and truncated rollouts in the SPR loss (spr.truncated), plus their path from
 the config to the train step (loop.step_config)."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from config_files import train_config
 
 from metastone_jax.sample.sampler import LENGTH, STOPPED, Candidates
 from metastone_jax.sprm import StepTokens
@@ -20,12 +20,8 @@ from metastone_jax.train.rollout import (
 from metastone_jax.train.validate import validate_train_config
 
 
-def train_config(preset="tiny-grpo"):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "train.py")
-    spec = importlib.util.spec_from_file_location("train_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+def tiny_grpo():
+    return train_config("tiny-grpo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ STEP = StepTokens(step_ids=(5,), think_open=6, think_close=7)
 
 
 def test_defaults_keep_the_project_behaviour():
-    c = train_config()
+    c = tiny_grpo()
     assert (c.rl.format_check, c.spr.scope, c.spr.ranks, c.spr.truncated) == (
         False, "batch", 0, "exclude",
     )  # fmt: skip
@@ -129,7 +125,7 @@ def test_defaults_keep_the_project_behaviour():
 
 
 def test_released_options_reach_the_step_config():
-    c = train_config()
+    c = tiny_grpo()
     c.spr.scope, c.spr.ranks = "rank", 4
     cfg = step_config(c, STEP)
     assert (cfg.spr_scope, cfg.spr_ranks) == ("rank", 4)
@@ -145,14 +141,14 @@ def test_released_options_reach_the_step_config():
     ],
 )  # fmt: skip
 def test_bad_values_fail_when_the_config_is_built_naming_the_key(key, value, message):
-    c = train_config()
+    c = tiny_grpo()
     c.spr[key] = value
     with pytest.raises(ValueError, match=message):
         validate_train_config(c)
 
 
 def test_rank_scope_needs_ranks_that_divide_a_micro_batch():
-    c = train_config()  # tiny-grpo: 8 prompts x 4 rollouts, one micro-batch of 32 rows
+    c = tiny_grpo()  # tiny-grpo: 8 prompts x 4 rollouts, one micro-batch of 32 rows
     c.spr.scope, c.spr.ranks = "rank", 3
     with pytest.raises(ValueError, match=r"config.spr.ranks=3: expected a divisor of the 32"):
         validate_train_config(c)
@@ -168,7 +164,7 @@ def test_options_reach_the_rollouts_of_a_grpo_step(tmp_path):
     from metastone_jax.train.loop import train
     from metastone_jax.train.metrics import read_metrics
 
-    c = train_config()
+    c = tiny_grpo()
     c.train.update(steps=1, save_every=1, progress=False, export=False)
     c.data.update(save_rollouts=True, synthetic_size=64)
     c.rl.update(max_new_tokens=6, format_check=True)  # 6 tokens: most rollouts are cut

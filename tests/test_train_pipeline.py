@@ -1,11 +1,11 @@
 """The train pipeline in process on the 8 simulated devices: SFT -> export -> GRPO + SPR from the
 export (metrics, saved rollouts) -> a head-only SPR run on those rollouts (frozen backbone)."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from config_files import train_config
 
 from metastone_jax.checkpoint import load_params_numpy
 from metastone_jax.train.loop import train
@@ -14,26 +14,10 @@ from metastone_jax.train.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(preset, **sections):
-    spec = importlib.util.spec_from_file_location(
-        "train_cfg", os.path.join(ROOT, "configs", "train.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
-    config.train.progress = False
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            config[name].update(values)
-        else:
-            config[name] = values
-    return config
-
-
 @pytest.fixture(scope="module")
 def sft_export(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sft"))
-    train(_config("tiny-sft", train={"steps": 150, "save_every": 150}), workdir)
+    train(train_config("tiny-sft", train={"steps": 150, "save_every": 150}), workdir)
     return workdir
 
 
@@ -42,7 +26,7 @@ def test_grpo_then_head_only_spr(sft_export, tmp_path):
     assert os.path.isfile(os.path.join(export, "hf", "tokenizer.model"))
     grpo_dir = str(tmp_path / "grpo")
     train(
-        _config(
+        train_config(
             "tiny-grpo",
             init_ckpt=export,
             train={"steps": 2, "save_every": 1},
@@ -63,7 +47,7 @@ def test_grpo_then_head_only_spr(sft_export, tmp_path):
     assert sorted(os.listdir(rollouts)) == ["step_000001.npz", "step_000002.npz"]
 
     spr_dir = str(tmp_path / "spr")
-    config = _config(
+    config = train_config(
         "tiny-grpo",
         kind="spr",
         init_ckpt=os.path.join(grpo_dir, "export"),
@@ -87,7 +71,7 @@ def test_grpo_rollouts_follow_rl_top_k(sft_export, tmp_path, top_k):
     of a prompt the same), while without it the rollouts of a prompt differ."""
     workdir = str(tmp_path / "grpo")
     rl = {"top_k": top_k, "temperature": 5.0, "max_new_tokens": 16}
-    train(_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"),
+    train(train_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"),
                   train={"steps": 1, "save_every": 1, "export": False},
                   data={"save_rollouts": True}, rl=rl), workdir)  # fmt: skip
     rows = np.load(os.path.join(workdir, "rollouts", "step_000001.npz"))
@@ -106,19 +90,19 @@ def test_grpo_logprob_support_scores_the_sampled_distribution(sft_export, tmp_pa
         workdir = str(tmp_path / support)
         once = {"steps": 1, "save_every": 1, "export": False}
         init = os.path.join(sft_export, "export")
-        train(_config("tiny-grpo", init_ckpt=init, train=once, rl=rl), workdir)
+        train(train_config("tiny-grpo", init_ckpt=init, train=once, rl=rl), workdir)
         (row,) = read_metrics(os.path.join(workdir, "metrics.jsonl"))
         assert np.isfinite(row["loss"])
         entropy[support] = row["entropy"]
     assert entropy["sampled"] <= np.log(3) + 1e-5 < entropy["full"]
     rl = {"logprob_support": "nucleus"}
     with pytest.raises(ValueError, match="rl.logprob_support='nucleus'"):
-        train(_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"), rl=rl),
+        train(train_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"), rl=rl),
               str(tmp_path / "bad"))  # fmt: skip
 
 
 def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
-    config = _config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
+    config = train_config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="rollouts_dir"):
         train(config, str(tmp_path / "w"))
 
@@ -131,7 +115,7 @@ def test_gs_workdir_keeps_checkpoints_there_and_other_files_local(tmp_path):
     assert files_dir("gs://bucket/runs/a").endswith(
         os.path.join("metastone-jax-runs", "bucket_runs_a")
     )
-    config = _config("tiny-sft", train={"local_dir": str(tmp_path)})
+    config = train_config("tiny-sft", train={"local_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="gs:// workdir .* needs config.tokenizer.path"):
         train(config, "gs://bucket/runs/a")
 

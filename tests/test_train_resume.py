@@ -2,7 +2,6 @@
 reproduce the uninterrupted run step for step; a non-finite loss stops the run naming the step
 and keeps the last good checkpoint; a wrong config key lists the valid ones."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from config_files import config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
@@ -124,21 +124,12 @@ def test_sigkill_and_resume_reproduces_the_run(reference, tmp_path):
     _same_losses(_metrics(workdir), want)
 
 
-def _train_config(preset):
-    spec = importlib.util.spec_from_file_location(
-        "train_cfg", os.path.join(ROOT, "configs", "train.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def test_non_finite_loss_stops_naming_the_step(reference, tmp_path):
     from metastone_jax.train.checkpoint import TrainCheckpointer
     from metastone_jax.train.loop import train
 
     ref_dir, _ = reference
-    config = _train_config("tiny-sft")
+    config = config_module("train").get_config("tiny-sft")
     config.tokenizer.path = os.path.join(ref_dir, "tokenizer")
     config.train.update(steps=40, save_every=2, progress=False, export=False)
     # Warm-up towards an absurd learning rate: finite for a step or two, then the loss overflows.

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from config_files import config_module
 
 from metastone_jax.main import main
 
@@ -241,11 +242,7 @@ def test_a_file_as_workdir_is_refused(tmp_path):
 
 
 def _preset(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_config", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module("train")
     return module.get_config(name), module.PRESETS
 
 
