@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as managers
 
+from metastone_jax.checkpoint import tensor_name
 from metastone_jax.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -29,19 +30,6 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def _as_tree(state: TrainState) -> dict[str, Any]:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-
-
-def tensor_name(path) -> str:
-    """A tree path as orbax names the saved array: keys and indices joined by '.'."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
 
 
 def tensor_shapes(state: TrainState) -> dict[str, tuple[int, ...]]:
