@@ -200,22 +200,26 @@ def _abandoned_read_report(info) -> bool:
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
-class _MessageFilter(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
+class _AbandonedTaskFilter(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" for the reads a failed
+    restore abandoned: orbax's tasks and tensorstore's futures on the OCDBT store."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        message = record.getMessage()
+        ours = any(name in message for name in ("orbax", "OCDBT", "tensorstore"))
+        return not ("exception was never retrieved" in message and ours)
+
+
+_ABANDONED_TASKS = _AbandonedTaskFilter()
 
 
 @contextlib.contextmanager
 def quiet_abandoned_reads():
     """Drops the reports of `_abandoned_read_report` (tracebacks on stderr after the real
     error) during an orbax read and, after it failed, for the rest of the process. The failed
-    read's leftovers are collected at once, their complaints (asyncio's "exception was never
-    retrieved", "coroutine ... was never awaited") muted, rather than at exit. Anything else
-    reaches the previous hook."""
+    read's leftovers are collected at once, "coroutine ... was never awaited" muted, and
+    asyncio's "exception was never retrieved" for orbax's reads is dropped from then on (a read
+    still running may end later, at exit). Anything else reaches the previous hook."""
     previous = sys.unraisablehook
 
     def hook(info):
@@ -226,16 +230,11 @@ def quiet_abandoned_reads():
     try:
         yield
     except BaseException:
-        asyncio_log = logging.getLogger("asyncio")
-        never_retrieved = _MessageFilter("exception was never retrieved")
-        asyncio_log.addFilter(never_retrieved)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-                gc.collect()
-        finally:
-            asyncio_log.removeFilter(never_retrieved)
-        raise  # the hook stays: abandoned reads may still finish
+        logging.getLogger("asyncio").addFilter(_ABANDONED_TASKS)  # once: filters are a set
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            gc.collect()
+        raise  # the hook and the filter stay: abandoned reads may still finish
     if sys.unraisablehook is hook:
         sys.unraisablehook = previous
 
@@ -245,6 +244,18 @@ def tensor_name(path) -> str:
     return ".".join(
         str(next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k)) for k in path
     )
+
+
+def shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
+    """{tensor name (as orbax stores it): shape} of a tree of arrays or shape structs."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tensor_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's first line (its type when it has no text), for a one-line message."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit].rstrip("; ")
 
 
 def _first(names: list[str], n: int = 5) -> str:
@@ -268,7 +279,7 @@ def _check_stored_shapes(ckpt: str, target) -> None:
     stored = getattr(stored, "tree", stored)  # the tree of ArrayMetadata
     flat = jax.tree_util.tree_flatten_with_path
     have = {tensor_name(p): getattr(x, "shape", None) for p, x in flat(stored)[0]}
-    want = {tensor_name(p): tuple(x.shape) for p, x in flat(target)[0]}
+    want = shapes_by_name(target)
     where = f"{ckpt}: parameters do not match {CONFIG_FILE}"
     if missing := sorted(set(want) - set(have)):
         raise ValueError(f"{where}: {PARAMS_DIR}/ lacks {_first(missing)}")
