@@ -17,12 +17,11 @@ import os
 import time
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as managers
 
-from metastone_jax.checkpoint import tensor_name
+from metastone_jax.checkpoint import shapes_by_name
 from metastone_jax.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -34,8 +33,7 @@ def _as_tree(state: TrainState) -> dict[str, Any]:
 
 def tensor_shapes(state: TrainState) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} of a (possibly abstract) TrainState, named as orbax saves it."""
-    leaves = jax.tree_util.tree_leaves_with_path(_as_tree(state))
-    return {tensor_name(path): tuple(leaf.shape) for path, leaf in leaves}
+    return shapes_by_name(_as_tree(state))
 
 
 class TrainCheckpointer:
@@ -96,11 +94,7 @@ class TrainCheckpointer:
 
     def stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{tensor name: shape} of the TrainState saved with `step`, from its tree metadata."""
-        tree = self.manager.item_metadata(step)["state"]
-        return {
-            tensor_name(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-        }
+        return shapes_by_name(self.manager.item_metadata(step)["state"])
 
     def set_aside(self, step: int) -> str:
         """Renames the step's directory to `<step>.damaged-<UTC time>` (nothing is deleted) and

@@ -16,6 +16,8 @@ import json
 
 from etils import epath
 
+from metastone_jax.checkpoint import first_line
+
 STATE_ITEM = "state"
 JSON_FILES = ("state/_METADATA", "data/metadata", "meta/metadata")
 MANIFEST = "state/manifest.ocdbt"
@@ -44,13 +46,8 @@ def _json_problem(path: epath.Path) -> str | None:
     try:
         json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"is unreadable ({_first_line(e)})"
+        return f"is unreadable ({first_line(e)})"
     return None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200].rstrip("; ")
 
 
 def _database_damage(state_dir: epath.Path) -> str | None:
@@ -61,7 +58,7 @@ def _database_damage(state_dir: epath.Path) -> str | None:
         base = ts.KvStore.open(_kvstore_url(state_dir)).result()
         manifest = ts.ocdbt.dump(base).result()
     except Exception as e:  # tensorstore raises ValueError with a status text
-        return f"{MANIFEST} is unreadable ({_first_line(e)})"
+        return f"{MANIFEST} is unreadable ({first_line(e)})"
     versions = manifest.get("versions") or []
     root = versions[-1].get("root", {}).get("location") if versions else None
     if not root:
@@ -79,7 +76,7 @@ def _database_damage(state_dir: epath.Path) -> str | None:
         try:
             node = ts.ocdbt.dump(base, location).result()
         except Exception as e:
-            return f"{STATE_ITEM}/{relative} is unreadable ({_first_line(e)})"
+            return f"{STATE_ITEM}/{relative} is unreadable ({first_line(e)})"
         for entry in node.get("entries", []):
             for value in entry.values():
                 if isinstance(value, str) and value.startswith(("btreenode:", "value:")):

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from metastone_jax.checkpoint import first_line
 from metastone_jax.train.checkpoint import TrainCheckpointer, tensor_shapes
 from metastone_jax.train.checkpoint_integrity import step_damage
 from metastone_jax.train.setup import RUNTIME_FIELDS
@@ -76,15 +77,10 @@ def restore_newest(
 def _unreadable(ckpt: TrainCheckpointer, step: int, error: Exception) -> str:
     """Sets aside a step that passed the file check but failed to read; an error that is not
     about the step's files (or any error with several processes) stops the run instead."""
-    reason = _first_line(_root_cause(error))
+    reason = first_line(_root_cause(error))
     if jax.process_count() > 1 or not _reads_step_files(error, ckpt.step_dir(step)):
         raise ValueError(f"cannot restore step {step} in {ckpt.directory}: {reason}") from None
     return _set_aside(ckpt, step, reason)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300].rstrip("; ")
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -111,7 +107,7 @@ def _set_aside(ckpt: TrainCheckpointer, step: int, reason: str) -> str:
     except Exception as e:  # e.g. a gs:// directory the filesystem layer cannot rename
         raise ValueError(
             f"step {step} in {ckpt.directory} is damaged ({reason}) and could not be set aside "
-            f"({_first_line(e)}); move {ckpt.step_dir(step)} away by hand and re-run"
+            f"({first_line(e)}); move {ckpt.step_dir(step)} away by hand and re-run"
         ) from None
     _say(f"step {step} in {ckpt.directory} is damaged: {reason}; set aside as {moved}")
     return f"step {step} -> {moved}"
