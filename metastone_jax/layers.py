@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from metastone_jax.config import ModelConfig, RopeScaling
 from metastone_jax.sharding import constrain
@@ -128,6 +128,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+@struct.dataclass
+class PagedLayer:
+    """One layer's page pool and what a paged decode step reads and writes (sample/paged.py):
+    k_pool, v_pool (layout by `impl`); page_table [B, W]; kv_len [B] tokens to attend (the new
+    one included); write_page, write_offset [B] where the new token goes (page < 0: nowhere)."""
+
+    k_pool: jax.Array
+    v_pool: jax.Array
+    page_table: jax.Array
+    kv_len: jax.Array
+    write_page: jax.Array
+    write_offset: jax.Array
+    impl: str = struct.field(pytree_node=False, default="xla")
+
+
 # Query block of the causal-blocked attention used without a cache (training, full forwards).
 CAUSAL_BLOCK = 64
 
@@ -162,6 +177,7 @@ class Attention(nnx.Module):
         v_cache: jax.Array | None = None,
         write_index: jax.Array | None = None,
         prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        paged: PagedLayer | None = None,
     ):
         """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
 
@@ -172,6 +188,10 @@ class Attention(nnx.Module):
 
         prefix (decode only): (k [P,K,hd,Sp], v [P,K,Sp,hd], valid [P,Sp]) of P prompts, each
         shared by B/P consecutive rows, attended to before the cache (`KVCache.with_prefix`).
+
+        paged (decode only, T = 1): this layer's page pool and the rows' pages
+        (`PagedLayer`); the token is written into its page and attends over the row's pages
+        (sample/paged.py). Returns (y, the updated (k_pool, v_pool)).
         """
         q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
         k = apply_rope(self.k_proj(x), cos, sin)  # [B,T,K,hd]
@@ -181,6 +201,8 @@ class Attention(nnx.Module):
         kh = self.n_kv_heads
         # KV-head-major layouts keep (b, k) as the leading batch dims of every contraction.
         q = q.reshape(b, t, kh, h // kh, hd).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,hd]
+        if paged is not None:
+            return self._decode_paged(q, k, v, paged)
         k = k.transpose(0, 2, 1, 3)  # [B,K,T,hd]
         v = v.transpose(0, 2, 1, 3)
         if k_cache is not None:
@@ -219,6 +241,18 @@ class Attention(nnx.Module):
         else:
             out = self._attend(q, k, v, mask)
         return self.o_proj(out), (k, v)
+
+    def _decode_paged(self, q, k, v, paged: PagedLayer):
+        """q [B,K,G,1,hd]; k, v [B,1,K,hd]: write the token, attend over the row's pages."""
+        from metastone_jax.sample import paged as pg
+
+        b, kh, g, _, hd = q.shape
+        k_pool, v_pool = pg.write(paged.k_pool, paged.v_pool, k, v, paged.write_page[:, None],
+                                  paged.write_offset[:, None], paged.impl)  # fmt: skip
+        out = pg.attend(q[:, :, :, 0], k_pool, v_pool, paged.page_table, paged.kv_len,
+                        self.scale, paged.impl)  # fmt: skip
+        out = out.astype(q.dtype).reshape(b, 1, kh * g, hd)
+        return self.o_proj(out), (k_pool, v_pool)
 
     def _decode_with_prefix(self, q, scores, v, prefix):
         """One softmax over a shared prefix and each row's own slots.

@@ -57,9 +57,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(
-        self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None, prefix=None
-    ):
-        y, kv = self.attn(self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index, prefix)
+        self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None, prefix=None,
+        paged=None,
+    ):  # fmt: skip
+        y, kv = self.attn(
+            self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index, prefix, paged
+        )
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed")), kv
@@ -248,6 +251,56 @@ class Transformer(nnx.Module):
             kvs.append(kv)
         kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
         return carry[0], carry[1], kv
+
+    def prefill_kv(self, tokens: jax.Array, valid: jax.Array):
+        """A cacheless forward that also returns every layer's keys and values (for a paged
+        cache). tokens, valid [B,T] (right-padded: position t of a row is its token t).
+        -> (hidden [B,T,D] final-normed, features [B,T,D], (k, v) each [L,B,K,T,hd])."""
+        cfg = self.cfg
+        valid = valid.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        t = tokens.shape[1]
+        mask = (jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]) & valid[:, None, :]
+        cos, sin = rope_cos_sin(positions, cfg)
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_jnp_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        x, features, kv = self._run_blocks(x, cos, sin, mask, None, None)
+        return self.final_norm(x), features, kv
+
+    def decode_paged(self, token: jax.Array, kv, active: jax.Array, layers: tuple | None = None):
+        """One decode step over a paged cache (sample/paged.py `PagedKV`, S rows).
+
+        token [S] int; active [S] bool (inactive rows write nothing and keep their length).
+        Each active row's token goes to position kv.kv_len (its rotary position), in the page
+        the row's page table lists there, which the caller has assigned.
+        -> (logits [S,V] f32, features [S,D], the updated kv)."""
+        from metastone_jax.layers import PagedLayer
+
+        cfg = self.cfg
+        page = kv.page_size
+        pos = kv.kv_len
+        col = jnp.minimum(pos // page, kv.page_table.shape[1] - 1)
+        write_page = jnp.where(active, jnp.take_along_axis(kv.page_table, col[:, None], 1)[:, 0],
+                               -1)  # fmt: skip
+        cos, sin = rope_cos_sin(pos[:, None], cfg)
+        x = jnp.take(constrain(self.embed[...], ("vocab", None)), token[:, None], axis=0)
+        x = constrain(x.astype(cfg.compute_jnp_dtype), ("batch", "length", "embed"))
+        graphdef, params = nnx.split(self.blocks)
+        feat = jnp.zeros_like(x)
+        ks, vs = [], []
+        for i in range(cfg.n_layers):
+            if i == cfg.n_layers - 1:
+                feat = x
+            p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
+            layer = PagedLayer(kv.k[i], kv.v[i], kv.page_table, pos + 1, write_page, pos % page,
+                               kv.impl)  # fmt: skip
+            x, (k_pool, v_pool) = nnx.merge(graphdef, p)(x, cos, sin, None, paged=layer)
+            ks.append(k_pool)
+            vs.append(v_pool)
+        h = self.final_norm(x)
+        kv = kv.replace(k=tuple(ks), v=tuple(vs), kv_len=pos + active.astype(pos.dtype))
+        return self.lm_logits(h)[:, 0], feat[:, 0], kv
 
     def sprm_logits(
         self, features: jax.Array, *, dropout_rng: jax.Array | None = None

@@ -43,6 +43,7 @@ class DecodeState:
     next_feature: jax.Array  # [N, D]: penultimate feature at the same position
     tokens: jax.Array  # [N, G] int32 generated tokens (pad after the end)
     length: jax.Array  # [N] int32 tokens generated so far
+    limit: jax.Array  # [N] int32 the row's length cap (max_new_tokens, or less per request)
     prompt_len: jax.Array  # [N] int32 real prompt tokens
     prev: jax.Array  # [N] int32 the last token of the sequence so far
     done: jax.Array  # [N] bool
@@ -156,6 +157,7 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
         cache=KVCache.init(cfg, b * k, cache_len).with_prefix(out.cache),
         tokens=jnp.full((n, g), opts.pad_id, jnp.int32),
         length=jnp.zeros((n,), jnp.int32),
+        limit=jnp.full((n,), g, jnp.int32),
         done=jnp.zeros((n,), bool),
         paused=jnp.zeros((n,), bool),
         finish=jnp.zeros((n,), jnp.int32),
@@ -186,7 +188,6 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
     Jit with `opts` static and `state` donated; `model_state` (the params) is an argument, so
     one compilation serves any weights of the same shapes.
     """
-    params, step = opts.params, opts.step
     limit = state.clock + (state.cache.max_len - state.cache.index)  # the cache's free slots
     # The per-layer weights are sliced out of the stacked ones once, here: on XLA:CPU a slice in
     # the loop body copies every weight matrix each step (Transformer.layer_params). Not on
@@ -200,84 +201,12 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
         active = ~s.done & ~s.paused
         return jnp.any(active) & (s.clock < limit)
 
-    def body(s: DecodeState) -> DecodeState:
-        model = nnx.merge(graphdef, model_state)
-        active = ~s.done & ~s.paused
-        # A candidate's j-th token uses fold_in(its key, j): independent of batch scheduling
-        # (beam search pauses rows), so a kept beam continues exactly as it would alone.
-        keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
-        inside = (s.n_open > 0) & (s.n_close == 0)
-        forced = None
-        if params.think_budget is not None and step.think_close is not None:
-            # Controllable thinking length: past the budget, `</think>` is forced.
-            force = inside & (s.think_tokens >= params.think_budget)
-            forced = jnp.where(force, step.think_close, -1)
-        token, logprob = draw(s.next_logits, s.seen, keys, params, forced)
-        token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
-        pos = s.prompt_len + s.length  # sequence position of this token
-
-        # Step token under the inference rules (first of a run, not right after <think>).
-        is_step = isin_ids(token, step.step_ids) & ~isin_ids(s.prev, step.step_ids) & active
-        is_step &= ~is_id(s.prev, step.think_open)
-        if opts.score_steps:
-            score = jax.nn.sigmoid(model.sprm_logits(s.next_feature))
-        else:
-            score = jnp.zeros(token.shape, jnp.float32)
-        slot = jnp.minimum(s.n_steps, s.step_scores.shape[1] - 1)
-        rows = jnp.arange(token.shape[0])
-        step_scores = s.step_scores.at[rows, slot].set(
-            jnp.where(is_step, score, s.step_scores[rows, slot])
-        )
-        step_index = s.step_index.at[rows, slot].set(
-            jnp.where(is_step, s.length, s.step_index[rows, slot])
-        )
-        step_features = s.step_features
-        if opts.keep_features:
-            old = s.step_features[rows, slot]
-            step_features = s.step_features.at[rows, slot].set(
-                jnp.where(is_step[:, None], s.next_feature, old)
-            )
-        # The running aggregate (for search) counts steps inside the think span so far, or all
-        # with no <think> but the sequence's second token (never scored, final_step_mask); the
-        # final mask is decided on the whole sequence.
-        in_span = ((s.n_open == 0) & (pos > 1)) | inside
-        running = s.running.update(score, is_step & in_span)
-
-        is_open = active & is_id(token, step.think_open)
-        is_close = active & is_id(token, step.think_close)
-        at = jnp.minimum(s.length, s.tokens.shape[1] - 1)
-        tokens = s.tokens.at[rows, at].set(jnp.where(active, token, s.tokens[rows, at]))
-        length = s.length + active
-        stop = active & isin_ids(token, params.stop_ids)
-        full = active & ~stop & (length >= params.max_new_tokens)
-        finish = jnp.where(stop, STOPPED, jnp.where(full, LENGTH, s.finish))
-
+    def forward(model, token, active, s):
         out = model(token[:, None], valid=active[:, None], cache=s.cache, layers=layers)
-        new = s.replace(
-            cache=out.cache,
-            next_logits=jnp.where(active[:, None], out.logits[:, 0], s.next_logits),
-            next_feature=jnp.where(active[:, None], out.features[:, 0], s.next_feature),
-            tokens=tokens,
-            length=length,
-            prev=jnp.where(active, token, s.prev),
-            done=s.done | stop | full,
-            paused=s.paused | (is_step & opts.until_step),
-            finish=finish,
-            logprob=s.logprob + jnp.where(active, logprob, 0.0),
-            seen=jnp.where(active[:, None], update_seen(s.seen, token), s.seen),
-            n_open=s.n_open + is_open,
-            n_close=s.n_close + is_close,
-            open_pos=jnp.where(is_open & (s.open_pos < 0), pos, s.open_pos),
-            close_pos=jnp.where(is_close, pos, s.close_pos),
-            think_tokens=s.think_tokens + (active & inside & ~is_close),
-            step_scores=step_scores,
-            step_index=step_index,
-            step_features=step_features,
-            n_steps=s.n_steps + is_step,
-            running=running,
-            clock=s.clock + 1,
-        )
-        return _constrain(new)
+        return out.logits[:, 0], out.features[:, 0], out.cache
+
+    def body(s: DecodeState) -> DecodeState:
+        return _constrain(advance(s, opts, nnx.merge(graphdef, model_state), forward))
 
     state = jax.lax.while_loop(cond, body, _constrain(state))
     if state.cache.max_len < opts.cache_len:
@@ -287,6 +216,89 @@ def decode(graphdef, model_state, state: DecodeState, opts: DecodeOptions) -> De
     return state.replace(
         done=state.done | out_of_room,
         finish=jnp.where(out_of_room, LENGTH, state.finish),
+    )
+
+
+def advance(s: DecodeState, opts: DecodeOptions, model, forward) -> DecodeState:
+    """One token for every active row: draw it, score it if it is a step token, update the
+    bookkeeping, and run the model on it. `forward(model, token [N], active [N], s) ->
+    (logits [N, V], features [N, D], cache)` runs the model over the state's cache (the dense
+    cache here, the paged one in sample/engine.py): everything else is shared."""
+    params, step = opts.params, opts.step
+    active = ~s.done & ~s.paused
+    # A candidate's j-th token uses fold_in(its key, j): independent of batch scheduling
+    # (beam search pauses rows), so a kept beam continues exactly as it would alone.
+    keys = jax.vmap(jax.random.fold_in)(s.keys, s.length)
+    inside = (s.n_open > 0) & (s.n_close == 0)
+    forced = None
+    if params.think_budget is not None and step.think_close is not None:
+        # Controllable thinking length: past the budget, `</think>` is forced.
+        force = inside & (s.think_tokens >= params.think_budget)
+        forced = jnp.where(force, step.think_close, -1)
+    token, logprob = draw(s.next_logits, s.seen, keys, params, forced)
+    token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
+    pos = s.prompt_len + s.length  # sequence position of this token
+
+    # Step token under the inference rules (first of a run, not right after <think>).
+    is_step = isin_ids(token, step.step_ids) & ~isin_ids(s.prev, step.step_ids) & active
+    is_step &= ~is_id(s.prev, step.think_open)
+    if opts.score_steps:
+        score = jax.nn.sigmoid(model.sprm_logits(s.next_feature))
+    else:
+        score = jnp.zeros(token.shape, jnp.float32)
+    slot = jnp.minimum(s.n_steps, s.step_scores.shape[1] - 1)
+    rows = jnp.arange(token.shape[0])
+    step_scores = s.step_scores.at[rows, slot].set(
+        jnp.where(is_step, score, s.step_scores[rows, slot])
+    )
+    step_index = s.step_index.at[rows, slot].set(
+        jnp.where(is_step, s.length, s.step_index[rows, slot])
+    )
+    step_features = s.step_features
+    if opts.keep_features:
+        old = s.step_features[rows, slot]
+        step_features = s.step_features.at[rows, slot].set(
+            jnp.where(is_step[:, None], s.next_feature, old)
+        )
+    # The running aggregate (for search) counts steps inside the think span so far, or all
+    # with no <think> but the sequence's second token (never scored, final_step_mask); the
+    # final mask is decided on the whole sequence.
+    in_span = ((s.n_open == 0) & (pos > 1)) | inside
+    running = s.running.update(score, is_step & in_span)
+
+    is_open = active & is_id(token, step.think_open)
+    is_close = active & is_id(token, step.think_close)
+    at = jnp.minimum(s.length, s.tokens.shape[1] - 1)
+    tokens = s.tokens.at[rows, at].set(jnp.where(active, token, s.tokens[rows, at]))
+    length = s.length + active
+    stop = active & isin_ids(token, params.stop_ids)
+    full = active & ~stop & (length >= s.limit)
+    finish = jnp.where(stop, STOPPED, jnp.where(full, LENGTH, s.finish))
+
+    logits, features, cache = forward(model, token, active, s)
+    return s.replace(
+        cache=cache,
+        next_logits=jnp.where(active[:, None], logits, s.next_logits),
+        next_feature=jnp.where(active[:, None], features, s.next_feature),
+        tokens=tokens,
+        length=length,
+        prev=jnp.where(active, token, s.prev),
+        done=s.done | stop | full,
+        paused=s.paused | (is_step & opts.until_step),
+        finish=finish,
+        logprob=s.logprob + jnp.where(active, logprob, 0.0),
+        seen=jnp.where(active[:, None], update_seen(s.seen, token), s.seen),
+        n_open=s.n_open + is_open,
+        n_close=s.n_close + is_close,
+        open_pos=jnp.where(is_open & (s.open_pos < 0), pos, s.open_pos),
+        close_pos=jnp.where(is_close, pos, s.close_pos),
+        think_tokens=s.think_tokens + (active & inside & ~is_close),
+        step_scores=step_scores,
+        step_index=step_index,
+        step_features=step_features,
+        n_steps=s.n_steps + is_step,
+        running=running,
+        clock=s.clock + 1,
     )
 
 
@@ -392,12 +404,14 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     score_steps: bool = True,
     keep_features: bool = False,
+    limits=None,
 ) -> Candidates:
     """Samples k candidates for each prompt (token id lists), with in-loop step scores.
-    keep_features: also return each step's penultimate feature (`Candidates.step_features`)."""
+    keep_features: also return each step's penultimate feature (`Candidates.step_features`).
+    limits: [B, k] per-candidate length caps (<= max_new_tokens; None: max_new_tokens)."""
     state, opts, graphdef, model_state = start(
         model, prompts, k=k, params=params, step=step, seeds=seeds, pad_id=pad_id, mesh=mesh,
-        score_steps=score_steps, keep_features=keep_features,
+        score_steps=score_steps, keep_features=keep_features, limits=limits,
     )  # fmt: skip
     state = run_decode(graphdef, model_state, state, opts, mesh)
     return to_candidates(state, len(prompts), k)
@@ -463,6 +477,7 @@ def start(
     until_step: bool = False,
     cache_extra: int = 0,
     keep_features: bool = False,
+    limits=None,
 ) -> tuple[DecodeState, DecodeOptions, Any, Any]:
     """Validates, pads, prefills: -> (state, opts, graphdef, params) ready for `decode`."""
     cfg = model.cfg
@@ -497,7 +512,19 @@ def start(
             model_state, tokens, valid
         )
         state = state.replace(keys=seed_keys(np.asarray(seeds), k))
+        if limits is not None:
+            state = state.replace(limit=jnp.asarray(check_limits(limits, len(prompts), k, g)))
     return state, opts, graphdef, model_state
+
+
+def check_limits(limits, b: int, k: int, max_new: int) -> np.ndarray:
+    """Per-candidate length caps [B, k] -> [B*k] int32, each in [1, max_new_tokens]."""
+    limits = np.asarray(limits)
+    if limits.shape != (b, k):
+        raise ValueError(f"limits: expected shape ({b}, {k}) (prompts x k), got {limits.shape}")
+    if limits.min() < 1 or limits.max() > max_new:
+        raise ValueError(f"limits: each must be in [1, max_new_tokens={max_new}]")
+    return limits.reshape(-1).astype(np.int32)
 
 
 def _pad_id(cfg) -> int:

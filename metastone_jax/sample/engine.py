@@ -1,0 +1,804 @@
+"""Continuous batching over a paged KV cache: the sampler's decode loop, at scale.
+
+S slots decode together in a jitted segment: `sampler.advance` (the whole per-token logic: the
+sampling chain, the in-loop SPRM score, the step rules, stop ids, the thinking budget) over a
+paged cache (sample/paged.py). A segment ends after `segment_steps` tokens, as soon as any slot
+finishes (so no slot idles for long), or when the pool has no page for a slot that needs one.
+Between segments the host harvests finished candidates, returns their pages to the pool, and
+refills the free slots from the queue: more candidates of a question whose prompt is resident
+(they share its full pages read-only and copy its last, partial page), or new questions,
+prefilled in a batch into pages. Out of pages, the most recently started candidate is preempted:
+its pages go back, and it is re-queued first; on resumption its prompt and tokens so far are
+prefilled again (vLLM's recompute preemption).
+
+Determinism: candidate j of request b draws its t-th token with fold_in(fold_in(key(seed_b), j),
+t) (`sampler.seed_keys`, `sampler.advance`): its tokens do not depend on its slot, its
+neighbours, S, the page size, the queue order or a preemption (floating-point rounding aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections import deque
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metastone_jax.sample import paged, sampler
+from metastone_jax.sample.processors import SamplingParams, seen_from_tokens
+from metastone_jax.sprm import RunningScore, StepTokens, is_id
+
+# Rows gathered from / written to the slots per call (a fixed shape: one compilation).
+DEFAULT_PAGE_SIZE = 16
+DEFAULT_SEGMENT_STEPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """slots: candidates decoded together (0: all of them, up to 256). page_size: tokens per
+    page. pages: the pool's size (0: `memory_fraction` of free memory if given, else enough
+    for every slot's whole budget). segment_steps: most tokens per jitted segment.
+    attention_impl: "xla" or "pallas" (None: the backend's default)."""
+
+    slots: int = 0
+    page_size: int = DEFAULT_PAGE_SIZE
+    pages: int = 0
+    memory_fraction: float | None = None
+    segment_steps: int = DEFAULT_SEGMENT_STEPS
+    attention_impl: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The engine's resolved sizes (static: part of the compiled shapes)."""
+
+    slots: int
+    page_size: int
+    pages: int
+    columns: int  # page-table width: pages of the longest sequence
+    impl: str
+
+
+def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidates: int,
+                n_questions: int) -> Layout:  # fmt: skip
+    """Checks the settings against the model and the requests, before anything is compiled."""
+    page = engine.page_size
+    if not isinstance(page, int) or page < 1:
+        raise ValueError(f"page_size: expected a positive integer, got {page!r}")
+    if cfg.max_len % page:
+        raise ValueError(
+            f"page_size={page} does not divide the model's max_len={cfg.max_len} "
+            "(the page table covers whole pages of the longest sequence)"
+        )
+    impl = engine.attention_impl or paged.default_attention_impl()
+    if impl not in paged.ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl: expected one of {paged.ATTENTION_IMPLS}, got {impl!r}")
+    if engine.segment_steps < 1:
+        raise ValueError(f"segment_steps: expected >= 1, got {engine.segment_steps}")
+    slots = engine.slots or min(n_candidates, 256)
+    if slots < 1:
+        raise ValueError(f"slots: expected >= 1, got {engine.slots}")
+    longest = max(prompt_lens) + max_new
+    columns = math.ceil(longest / page)
+    # A sequence alone (prompt pages + its own) must fit, or nothing could ever finish.
+    need_one = columns + 1
+    pages = engine.pages
+    if not pages:
+        prompt_pages = math.ceil(max(prompt_lens) / page)
+        pages = slots * (columns + 1) + min(slots, n_questions) * prompt_pages
+        if engine.memory_fraction is not None:
+            pages = min(pages, pages_for_memory(cfg, page, engine.memory_fraction))
+    if pages < slots:
+        raise ValueError(f"pages={pages} is fewer than slots={slots}: each slot needs a page")
+    if pages < need_one:
+        raise ValueError(
+            f"pages={pages} x page_size={page} cannot hold one sequence of {longest} tokens "
+            f"(the longest prompt, {max(prompt_lens)}, + max_new_tokens={max_new}): "
+            f"at least {need_one} pages are needed"
+        )
+    return Layout(slots, page, pages, columns, impl)
+
+
+def page_bytes(cfg, page_size: int) -> int:
+    """Bytes of one page over all layers (keys and values)."""
+    item = jnp.dtype(cfg.compute_jnp_dtype).itemsize
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * page_size * item
+
+
+def pages_for_memory(cfg, page_size: int, fraction: float) -> int:
+    """Pages that `fraction` of the free memory of device 0 (host RAM on CPU) holds."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"memory_fraction: expected a number in (0, 1], got {fraction!r}")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free = int(info["MemAvailable"].split()[0]) * 1024
+    return int(fraction * free // page_bytes(cfg, page_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device functions (jitted; the state is donated)
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_fields(state: sampler.DecodeState) -> sampler.DecodeState:
+    return state.replace(cache=None)
+
+
+def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.DecodeState:
+    """S empty slots (done) over an empty pool."""
+    s, g = layout.slots, opts.params.max_new_tokens
+    k, v = paged.init_pool(cfg, layout.pages, layout.page_size, layout.impl)
+    cache = paged.PagedKV(
+        k=k, v=v, page_table=jnp.zeros((s, layout.columns), jnp.int32),
+        kv_len=jnp.zeros((s,), jnp.int32), impl=layout.impl,
+    )  # fmt: skip
+    s_max = sampler._max_steps(opts.params)
+    dtype = cfg.compute_jnp_dtype
+    return sampler.DecodeState(
+        cache=cache,
+        next_logits=jnp.zeros((s, cfg.vocab_size), jnp.float32),
+        next_feature=jnp.zeros((s, cfg.d_model), dtype),
+        tokens=jnp.full((s, g), opts.pad_id, jnp.int32),
+        length=jnp.zeros((s,), jnp.int32),
+        limit=jnp.full((s,), g, jnp.int32),
+        prompt_len=jnp.zeros((s,), jnp.int32),
+        prev=jnp.zeros((s,), jnp.int32),
+        done=jnp.ones((s,), bool),
+        paused=jnp.zeros((s,), bool),
+        finish=jnp.zeros((s,), jnp.int32),
+        logprob=jnp.zeros((s,), jnp.float32),
+        seen=jnp.zeros((s, cfg.vocab_size), bool),
+        n_open=jnp.zeros((s,), jnp.int32),
+        n_close=jnp.zeros((s,), jnp.int32),
+        open_pos=jnp.full((s,), -1, jnp.int32),
+        close_pos=jnp.full((s,), -1, jnp.int32),
+        think_tokens=jnp.zeros((s,), jnp.int32),
+        step_scores=jnp.zeros((s, s_max), jnp.float32),
+        step_index=jnp.full((s, s_max), -1, jnp.int32),
+        step_features=jnp.zeros((s, s_max, cfg.d_model), dtype) if opts.keep_features else None,
+        n_steps=jnp.zeros((s,), jnp.int32),
+        running=RunningScore.init((s,)),
+        keys=jnp.zeros((s, 2), jnp.uint32),
+        clock=jnp.zeros((), jnp.int32),
+    )
+
+
+def segment(graphdef, model_state, state, free, n_free, *, opts, steps: int):
+    """Decodes up to `steps` tokens per slot; stops early when a slot finishes (or pauses),
+    when every slot is idle, or when the slots that need a page this step outnumber the free
+    ones (`n_free` pages on top of the stack `free` [P]). -> (state, n_free)."""
+    layers = None
+    if jax.default_backend() == "cpu":  # see sampler.decode
+        layers = nnx.merge(graphdef, model_state).layer_params()
+    rows = jnp.arange(state.done.shape[0])
+    settled = jnp.sum(state.done | state.paused)
+
+    def needs_page(s):
+        page = s.cache.page_size
+        return ~s.done & ~s.paused & (s.cache.kv_len % page == 0)
+
+    def cond(carry):
+        s, n, i = carry
+        active = ~s.done & ~s.paused
+        return (
+            jnp.any(active)
+            & (i < steps)
+            & (jnp.sum(needs_page(s)) <= n)
+            & (jnp.sum(s.done | s.paused) == settled)
+        )
+
+    def forward(model, token, active, s):
+        return model.decode_paged(token, s.cache, active, layers)
+
+    def body(carry):
+        s, n, i = carry
+        need = needs_page(s)
+        rank = jnp.cumsum(need) - 1
+        new_page = free[jnp.clip(n - 1 - rank, 0, free.shape[0] - 1)]
+        col = jnp.minimum(s.cache.kv_len // s.cache.page_size, s.cache.page_table.shape[1] - 1)
+        table = s.cache.page_table
+        table = table.at[rows, col].set(jnp.where(need, new_page, table[rows, col]))
+        s = s.replace(cache=s.cache.replace(page_table=table))
+        model = nnx.merge(graphdef, model_state)
+        return sampler.advance(s, opts, model, forward), n - jnp.sum(need), i + 1
+
+    state, n_free, _ = jax.lax.while_loop(cond, body, (state, n_free, jnp.int32(0)))
+    return state, n_free
+
+
+def prefill(graphdef, model_state, tokens, valid, page_ids, offsets, k_pool, v_pool, *,
+            opts, impl: str):  # fmt: skip
+    """Runs right-padded sequences [B, T] once, writing their keys and values into the pages
+    `page_ids` [B, T] at `offsets` (page < 0: padding). -> (k_pool, v_pool, per-sequence
+    start fields: a DecodeState row template without cache)."""
+    model = nnx.merge(graphdef, model_state)
+    cfg = model.cfg
+    hidden, features, (ks, vs) = model.prefill_kv(tokens, valid)
+    new_k, new_v = [], []
+    for i in range(cfg.n_layers):
+        # [B, K, T, hd] -> [B, T, K, hd]
+        kp, vp = paged.write(k_pool[i], v_pool[i], ks[i].transpose(0, 2, 1, 3),
+                             vs[i].transpose(0, 2, 1, 3), page_ids, offsets, impl)  # fmt: skip
+        new_k.append(kp)
+        new_v.append(vp)
+    length = jnp.sum(valid, axis=1).astype(jnp.int32)
+    last = jnp.maximum(length - 1, 0)
+    take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # noqa: E731
+    step = opts.step
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    is_open = valid & is_id(tokens, step.think_open)
+    is_close = valid & is_id(tokens, step.think_close)
+    big = jnp.iinfo(jnp.int32).max
+    first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
+    start = dict(
+        next_logits=model.lm_logits(take(hidden)[:, None])[:, 0],
+        next_feature=take(features),
+        prompt_len=length,
+        prev=jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0].astype(jnp.int32),
+        seen=seen_from_tokens(tokens, cfg.vocab_size, valid),
+        n_open=jnp.sum(is_open, axis=1).astype(jnp.int32),
+        n_close=jnp.sum(is_close, axis=1).astype(jnp.int32),
+        open_pos=jnp.where(first_open == big, -1, first_open).astype(jnp.int32),
+        close_pos=jnp.max(jnp.where(is_close, positions, -1), axis=1).astype(jnp.int32),
+    )
+    return tuple(new_k), tuple(new_v), start
+
+
+def insert(state, slots, fresh, starts, q_rows, keys, limits, saved, page_rows, kv_len,
+           copy_src, copy_dst):  # fmt: skip
+    """Starts candidates in `slots` [M] (S: none). `saved`: their rows (DecodeState fields
+    [M, ...], no cache): blank rows for new candidates, the rows they left for preempted ones.
+    Row q_rows [M] of `starts` (a prefill's start fields) gives the next logits and feature,
+    and for `fresh` [M] candidates the prompt-derived fields. keys [M, 2], limits [M];
+    page_rows [M, W], kv_len [M]; copy_src/dst [M]: a page copied first (the prompt's partial
+    last page into the candidate's own; dst < 0: none)."""
+    m = slots.shape[0]
+
+    def pick(name):
+        return jnp.take(starts[name], q_rows, axis=0)
+
+    new = {
+        name: getattr(saved, name)
+        for name in (
+            "tokens",
+            "length",
+            "logprob",
+            "think_tokens",
+            "step_scores",
+            "step_index",
+            "n_steps",
+            "running",
+            "step_features",
+        )  # fmt: skip
+    }
+    for name in ("prompt_len", "prev", "seen", "n_open", "n_close", "open_pos", "close_pos"):
+        f, old = pick(name), getattr(saved, name)
+        new[name] = jnp.where(fresh.reshape((m,) + (1,) * (f.ndim - 1)), f, old)
+    new.update(
+        next_logits=pick("next_logits"), next_feature=pick("next_feature"), keys=keys,
+        limit=limits, done=jnp.zeros((m,), bool), paused=jnp.zeros((m,), bool),
+        finish=jnp.full((m,), sampler.RUNNING, jnp.int32),
+    )  # fmt: skip
+
+    def put(full, part):
+        return full.at[slots].set(part.astype(full.dtype), mode="drop")
+
+    updates = {
+        name: None if value is None else jax.tree.map(put, getattr(state, name), value)
+        for name, value in new.items()
+    }
+    cache = state.cache
+    cache = cache.replace(
+        k=paged.copy_pages(cache.k, copy_src, copy_dst),
+        v=paged.copy_pages(cache.v, copy_src, copy_dst),
+        page_table=put(cache.page_table, page_rows),
+        kv_len=put(cache.kv_len, kv_len),
+    )
+    return state.replace(cache=cache, **updates)
+
+
+def take_rows(state, slots):
+    """The rows of `slots` [M] (clipped), with the final step mask."""
+    rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode="clip") if x.ndim else x,
+                        _row_fields(state))  # fmt: skip
+    return rows, sampler.final_step_mask(rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
+    if which == "segment":
+        fn = functools.partial(segment, graphdef, opts=opts, steps=steps)
+        return jax.jit(fn, donate_argnums=(1,))
+    if which == "prefill":
+        fn = functools.partial(prefill, graphdef, opts=opts, impl=impl)
+        return jax.jit(fn, donate_argnums=(5, 6))
+    if which == "insert":
+        return jax.jit(insert, donate_argnums=(0,))
+    return jax.jit(take_rows)
+
+
+def vacate(state, slots):
+    """Marks `slots` [M] (S: none) idle (a preempted candidate's slot)."""
+    return state.replace(done=state.done.at[slots].set(True, mode="drop"))
+
+
+def put_starts(table: dict, rows, starts: dict) -> dict:
+    """Writes a prefill's start fields [B, ...] into rows `rows` [B] of the question table."""
+    return {n: table[n].at[rows].set(starts[n].astype(table[n].dtype), mode="drop")
+            for n in table}  # fmt: skip
+
+
+_jit_vacate = jax.jit(vacate, donate_argnums=(0,))
+_jit_put_starts = jax.jit(put_starts, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The host loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Request:
+    question: int
+    candidate: int
+    saved: Any = None  # the row it left when preempted (device arrays, [1, ...])
+    generated: np.ndarray | None = None  # its tokens so far, when preempted
+
+
+@dataclasses.dataclass
+class _Question:
+    pages: list  # prompt pages (the last one, if partial, only as a copy source)
+    row: int  # its start fields' row in the question table
+    pending: int  # candidates not started yet
+    running: int = 0
+    finished: int = 0
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of one `generate` call."""
+
+    segments: int = 0
+    steps: int = 0  # decode iterations (each runs all S slots)
+    tokens: int = 0  # tokens generated (useful row-steps)
+    slot_steps: int = 0  # S x steps
+    preemptions: int = 0
+    prefills: int = 0
+    peak_pages: int = 0  # most pages held at a harvest
+    seconds: float = 0.0
+
+    @property
+    def occupancy(self) -> float:
+        return self.tokens / self.slot_steps if self.slot_steps else 0.0
+
+
+class Engine:
+    """One `generate` call's scheduler: the queue, the page allocator, the slots."""
+
+    def __init__(self, model, prompts, *, k, params, step, seeds, engine, limits, pad_id,
+                 score_steps, keep_features, order, on_question, progress):  # fmt: skip
+        cfg = model.cfg
+        self.cfg, self.k, self.prompts = cfg, k, [list(p) for p in prompts]
+        g = params.max_new_tokens
+        for i, p in enumerate(self.prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + g > cfg.max_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={g} that exceeds "
+                    f"the model's max_len={cfg.max_len} (shorten the prompt or lower "
+                    "max_new_tokens)"
+                )
+        if k < 1:
+            raise ValueError(f"k: expected >= 1 candidates per prompt, got {k}")
+        if score_steps and model.sprm is None:
+            raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
+        b = len(self.prompts)
+        self.layout = plan_layout(cfg, engine, [len(p) for p in self.prompts], g, b * k, b)
+        self.segment_steps = engine.segment_steps
+        pad_id = sampler._pad_id(cfg) if pad_id is None else pad_id
+        self.opts = sampler.DecodeOptions(
+            params=params, step=step, pad_id=pad_id, score_steps=score_steps,
+            keep_features=keep_features,
+        )  # fmt: skip
+        seeds = [seeds] * b if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != b:
+            raise ValueError(f"seeds: expected one per prompt ({b}), got {len(seeds)}")
+        self.keys = np.asarray(sampler.seed_keys(np.asarray(seeds), k))
+        self.limits = (np.full(b * k, g, np.int32) if limits is None
+                       else sampler.check_limits(limits, b, k, g))  # fmt: skip
+        order = list(range(b)) if order is None else list(order)
+        if sorted(order) != list(range(b)):
+            raise ValueError("order: expected a permutation of the prompt indices")
+        self.queue = deque(_Request(q, j) for q in order for j in range(k))
+        self.resumes: deque[_Request] = deque()
+        self.on_question, self.progress = on_question, progress
+        self._order = list(range(b))
+        self.graphdef, self.model_state = nnx.split(model)
+
+    # -- the pool --------------------------------------------------------------------------
+
+    def _take_pages(self, n: int) -> list[int]:
+        out = self.free[len(self.free) - n :][::-1]
+        del self.free[len(self.free) - n :]
+        return out
+
+    def run(self) -> tuple[sampler.Candidates, EngineStats]:
+        lay, opts, cfg = self.layout, self.opts, self.cfg
+        s_count = lay.slots
+        t0 = time.perf_counter()
+        self.stats = EngineStats()
+        self.free = list(range(lay.pages - 1, -1, -1))  # a stack: pages pop from the end
+        # Made by a jitted call: every field its own buffer (the state is donated).
+        self.state = jax.jit(functools.partial(empty_state, cfg, lay, opts))()
+        blank = take_rows(self.state, jnp.arange(s_count))[0]
+        self.blank = blank.replace(done=blank.done)  # rows a new candidate starts from
+        qcap = 2 * s_count
+        starts_shape = jax.eval_shape(
+            functools.partial(prefill, self.graphdef, opts=opts, impl=lay.impl),
+            self.model_state,
+            *self._prefill_args_shape(1, 16),
+        )[2]
+        self.table = {n: jnp.zeros((qcap,) + x.shape[1:], x.dtype)
+                      for n, x in starts_shape.items()}  # fmt: skip
+        self.free_rows = list(range(qcap - 1, -1, -1))
+        self.questions: dict[int, _Question] = {}
+        self.slot_req: list[_Request | None] = [None] * s_count
+        self.slot_shared = [0] * s_count
+        self.slot_started = [0] * s_count
+        self.started = 0
+        b, k, g = len(self.prompts), self.k, opts.params.max_new_tokens
+        results = _Results(b, k, g, sampler._max_steps(opts.params), cfg.d_model,
+                           opts.keep_features)  # fmt: skip
+        self.next_done = 0  # questions reported in order up to here
+        bar = _ProgressBar(self.progress, b, b * k)
+        segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
+        while self.queue or self.resumes or any(r is not None for r in self.slot_req):
+            self._fill()
+            free_arr = np.zeros(lay.pages, np.int32)
+            free_arr[: len(self.free)] = self.free
+            n_before = len(self.free)
+            clock0 = int(self.state.clock)
+            self.state, n_after = segment_fn(
+                self.model_state, self.state, jnp.asarray(free_arr), jnp.int32(n_before)
+            )
+            n_after = int(n_after)
+            del self.free[n_after:]  # popped by the slots that grew a page
+            steps = int(self.state.clock) - clock0
+            self.stats.segments += 1
+            self.stats.steps += steps
+            self.stats.slot_steps += steps * s_count
+            held = lay.pages - len(self.free)
+            self.stats.peak_pages = max(self.stats.peak_pages, held)
+            self._harvest(results, bar)
+        bar.close()
+        self.stats.tokens = int(results.length.sum())
+        self.stats.seconds = time.perf_counter() - t0
+        return results.candidates(), self.stats
+
+    def _prefill_args_shape(self, n, t):
+        lay = self.layout
+        k_shape, v_shape = paged.pool_shapes(lay.impl, lay.pages, lay.page_size,
+                                             self.cfg.n_kv_heads, self.cfg.head_dim)  # fmt: skip
+        dt = self.cfg.compute_jnp_dtype
+        i32 = jax.ShapeDtypeStruct((n, t), jnp.int32)
+        return (i32, jax.ShapeDtypeStruct((n, t), bool), i32, i32,
+                tuple(jax.ShapeDtypeStruct(k_shape, dt) for _ in range(self.cfg.n_layers)),
+                tuple(jax.ShapeDtypeStruct(v_shape, dt)
+                      for _ in range(self.cfg.n_layers)))  # fmt: skip
+
+    # -- filling slots -----------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        lay, page = self.layout, self.layout.page_size
+        free_slots = [s for s, r in enumerate(self.slot_req) if r is None]
+        running = lay.slots - len(free_slots)
+        fresh, resumed, new_q = [], [], []
+        while free_slots and (self.resumes or self.queue):
+            req = self.resumes[0] if self.resumes else self.queue[0]
+            q = req.question
+            plen = len(self.prompts[q])
+            if req.saved is not None:
+                need = math.ceil((plen + len(req.generated)) / page)
+            elif q in self.questions or q in new_q:
+                need = 1 if plen % page else 0
+            else:
+                need = math.ceil(plen / page) + (1 if plen % page else 0)
+            # Keep a page for every running slot's next step: admitting a candidate must not
+            # stall the ones already running (which would preempt it straight away).
+            if need + running + len(fresh) + len(resumed) > len(self.free):
+                break
+            (self.resumes if req.saved is not None else self.queue).popleft()
+            slot = free_slots.pop(0)
+            if req.saved is not None:
+                resumed.append((slot, req))
+            else:
+                if q not in self.questions and q not in new_q:
+                    new_q.append(q)
+                    self.questions[q] = _Question(self._take_pages(math.ceil(plen / page)),
+                                                  self.free_rows.pop(), pending=self.k)  # fmt: skip
+                fresh.append((slot, req))
+            self.slot_req[slot] = req
+            self.started += 1
+            self.slot_started[slot] = self.started
+        if new_q:
+            self._prefill_questions(new_q)
+        if fresh:
+            self._insert_fresh(fresh)
+        for slot, req in resumed:
+            self._insert_resumed(slot, req)
+
+    def _run_prefill(self, seqs: list[list[int]], pages: list[list[int]]):
+        """Prefills sequences into their pages; -> start fields [n, ...] (device)."""
+        page = self.layout.page_size
+        n = 1 << max(0, math.ceil(math.log2(len(seqs))))
+        t = sampler.bucket_length(max(len(x) for x in seqs))
+        tokens = np.full((n, t), self.opts.pad_id, np.int32)
+        valid = np.zeros((n, t), bool)
+        page_ids = np.full((n, t), -1, np.int32)
+        offsets = np.zeros((n, t), np.int32)
+        for i, (seq, pg) in enumerate(zip(seqs, pages, strict=True)):
+            tokens[i, : len(seq)] = seq
+            valid[i, : len(seq)] = True
+            pos = np.arange(len(seq))
+            page_ids[i, : len(seq)] = np.asarray(pg)[pos // page]
+            offsets[i, : len(seq)] = pos % page
+        valid[len(seqs) :, 0] = True  # padding rows: one token, written nowhere
+        fn = _compiled(self.graphdef, "prefill", self.opts, impl=self.layout.impl)
+        cache = self.state.cache
+        k, v, starts = fn(self.model_state, tokens, valid, page_ids, offsets, cache.k, cache.v)
+        self.state = self.state.replace(cache=cache.replace(k=k, v=v))
+        self.stats.prefills += 1
+        return starts
+
+    def _prefill_questions(self, qs: list[int]) -> None:
+        starts = self._run_prefill([self.prompts[q] for q in qs],
+                                   [self.questions[q].pages for q in qs])  # fmt: skip
+        rows = np.full(starts["prompt_len"].shape[0], self.table["prompt_len"].shape[0])
+        rows[: len(qs)] = [self.questions[q].row for q in qs]
+        self.table = _jit_put_starts(self.table, jnp.asarray(rows), starts)
+
+    def _insert_fresh(self, fresh) -> None:
+        lay, page = self.layout, self.layout.page_size
+        s_count = lay.slots
+        m = s_count
+        slots = np.full(m, s_count, np.int32)
+        q_rows = np.zeros(m, np.int32)
+        keys = np.zeros((m, 2), np.uint32)
+        limits = np.ones(m, np.int32)
+        page_rows = np.zeros((m, lay.columns), np.int32)
+        kv_len = np.zeros(m, np.int32)
+        src = np.zeros(m, np.int32)
+        dst = np.full(m, -1, np.int32)
+        for i, (slot, req) in enumerate(fresh):
+            qs = self.questions[req.question]
+            qs.pending -= 1
+            qs.running += 1
+            plen = len(self.prompts[req.question])
+            full = plen // page
+            row = list(qs.pages[:full])
+            if plen % page:  # the partial last page: a copy of its own
+                own = self._take_pages(1)[0]
+                src[i], dst[i] = qs.pages[full], own
+                row.append(own)
+            page_rows[i, : len(row)] = row
+            self.slot_shared[slot] = full
+            slots[i], q_rows[i], kv_len[i] = slot, qs.row, plen
+            rid = req.question * self.k + req.candidate
+            keys[i], limits[i] = self.keys[rid], self.limits[rid]
+        fn = _compiled(self.graphdef, "insert", None)
+        self.state = fn(self.state, jnp.asarray(slots), jnp.ones(m, bool), self.table,
+                        jnp.asarray(q_rows), jnp.asarray(keys), jnp.asarray(limits), self.blank,
+                        jnp.asarray(page_rows), jnp.asarray(kv_len), jnp.asarray(src),
+                        jnp.asarray(dst))  # fmt: skip
+
+    def _insert_resumed(self, slot: int, req: _Request) -> None:
+        lay, page = self.layout, self.layout.page_size
+        q = req.question
+        seq = self.prompts[q] + req.generated.tolist()
+        pages = self._take_pages(math.ceil(len(seq) / page))
+        starts = self._run_prefill([seq], [pages])
+        row = np.zeros((1, lay.columns), np.int32)
+        row[0, : len(pages)] = pages
+        self.slot_shared[slot] = 0
+        self.questions[q].running += 1
+        rid = q * self.k + req.candidate
+        fn = _compiled(self.graphdef, "insert", None)
+        self.state = fn(self.state, jnp.asarray([slot], jnp.int32), jnp.zeros(1, bool), starts,
+                        jnp.zeros(1, jnp.int32), jnp.asarray(self.keys[rid][None]),
+                        jnp.asarray(self.limits[rid][None]), req.saved, jnp.asarray(row),
+                        jnp.asarray([len(seq)], jnp.int32), jnp.zeros(1, jnp.int32),
+                        jnp.full(1, -1, jnp.int32))  # fmt: skip
+        req.saved = req.generated = None
+
+    # -- harvesting --------------------------------------------------------------------------
+
+    def _release(self, slot: int, kv_len: int, table_row: np.ndarray) -> None:
+        page = self.layout.page_size
+        own = table_row[self.slot_shared[slot] : math.ceil(kv_len / page)]
+        self.free.extend(int(p) for p in own)
+        req = self.slot_req[slot]
+        qs = self.questions[req.question]
+        qs.running -= 1
+        self.slot_req[slot] = None
+
+    def _drop_question_if_idle(self, q: int) -> None:
+        qs = self.questions[q]
+        if qs.running == 0 and qs.pending == 0:
+            self.free.extend(qs.pages)
+            self.free_rows.append(qs.row)
+            qs.pages = []
+
+    def _harvest(self, results, bar) -> None:
+        lay, page = self.layout, self.layout.page_size
+        st = self.state
+        done, kv_len, table = jax.device_get((st.done, st.cache.kv_len, st.cache.page_table))
+        finished = [s for s, r in enumerate(self.slot_req) if r is not None and done[s]]
+        if finished:
+            slots = np.full(lay.slots, lay.slots - 1, np.int32)
+            slots[: len(finished)] = finished
+            rows, mask = _compiled(self.graphdef, "take", None)(st, jnp.asarray(slots))
+            rows, mask = jax.device_get((rows, mask))
+            completed = []
+            for i, s in enumerate(finished):
+                req = self.slot_req[s]
+                results.put(req.question, req.candidate, rows, mask, i)
+                self._release(s, int(kv_len[s]), table[s])
+                qs = self.questions[req.question]
+                qs.finished += 1
+                self._drop_question_if_idle(req.question)
+                if qs.finished == self.k:
+                    completed.append(req.question)
+            bar.update_candidates(
+                len(finished), completed, int(sum(rows.length[i] for i in range(len(finished))))
+            )
+            self._report_in_order(results, completed)
+        active = ~done & np.array([r is not None for r in self.slot_req])
+        need = int(np.sum(active & (kv_len % page == 0)))
+        while need > len(self.free):  # out of pages: preempt the newest
+            s = max((s for s, r in enumerate(self.slot_req) if r is not None),
+                    key=lambda s: self.slot_started[s])  # fmt: skip
+            self._preempt(s, int(kv_len[s]), table[s])
+            if active[s] and kv_len[s] % page == 0:
+                need -= 1
+        bar.set_postfix(self.stats, lay.pages - len(self.free))
+
+    def _preempt(self, slot: int, kv_len: int, table_row) -> None:
+        req = self.slot_req[slot]
+        rows, _ = _compiled(self.graphdef, "take", None)(self.state, jnp.asarray([slot]))
+        req.saved = rows
+        length = int(rows.length[0])
+        req.generated = np.asarray(rows.tokens[0, :length])
+        self._release(slot, kv_len, table_row)
+        self.state = _jit_vacate(self.state, jnp.asarray([slot], jnp.int32))
+        self.resumes.appendleft(req)
+        self.stats.preemptions += 1
+
+    def _report_in_order(self, results, completed) -> None:
+        self.completed = getattr(self, "completed", set()) | set(completed)
+        if self.on_question is None:
+            return
+        # Questions are reported in prompt order (a pool file is then the same whatever the
+        # slots' schedule): each as soon as it and every one before it are complete.
+        order = self._order
+        while self.next_done < len(order) and order[self.next_done] in self.completed:
+            q = order[self.next_done]
+            self.on_question(q, results.question(q))
+            self.next_done += 1
+
+
+class _Results:
+    """Harvested candidates on the host, laid [B, k, ...] as `sampler.Candidates`."""
+
+    def __init__(self, b, k, g, s_max, d, keep_features):
+        self.tokens = np.zeros((b, k, g), np.int32)
+        self.length = np.zeros((b, k), np.int32)
+        self.finish = np.zeros((b, k), np.int32)
+        self.logprob = np.zeros((b, k), np.float32)
+        self.step_scores = np.zeros((b, k, s_max), np.float32)
+        self.step_index = np.full((b, k, s_max), -1, np.int32)
+        self.step_mask = np.zeros((b, k, s_max), bool)
+        self.step_features = np.zeros((b, k, s_max, d), np.float32) if keep_features else None
+
+    def put(self, q, j, rows, mask, i) -> None:
+        self.tokens[q, j] = rows.tokens[i]
+        self.length[q, j] = rows.length[i]
+        self.finish[q, j] = rows.finish[i]
+        self.logprob[q, j] = rows.logprob[i]
+        self.step_scores[q, j] = rows.step_scores[i]
+        self.step_index[q, j] = rows.step_index[i]
+        self.step_mask[q, j] = mask[i]
+        if self.step_features is not None:
+            self.step_features = self.step_features.astype(rows.step_features.dtype)
+            self.step_features[q, j] = rows.step_features[i]
+
+    def question(self, q) -> sampler.Candidates:
+        """Question q's candidates as a B = 1 `Candidates`."""
+        feats = None if self.step_features is None else self.step_features[q : q + 1]
+        return sampler.Candidates(
+            self.tokens[q : q + 1], self.length[q : q + 1], self.finish[q : q + 1],
+            self.logprob[q : q + 1], self.step_scores[q : q + 1], self.step_index[q : q + 1],
+            self.step_mask[q : q + 1], feats,
+        )  # fmt: skip
+
+    def candidates(self) -> sampler.Candidates:
+        return sampler.Candidates(
+            self.tokens, self.length, self.finish, self.logprob, self.step_scores,
+            self.step_index, self.step_mask, self.step_features,
+        )  # fmt: skip
+
+
+class _ProgressBar:
+    """Questions done, candidates done, tokens/s and slot occupancy (tqdm; off: no output)."""
+
+    def __init__(self, enabled, questions, candidates):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=questions, unit="question", desc="sampling")
+        self.candidates, self.total, self.tokens = 0, candidates, 0
+        self.t0 = time.perf_counter()
+
+    def update_candidates(self, n, completed, tokens) -> None:
+        self.candidates += n
+        self.tokens += tokens
+        if self.bar is not None and completed:
+            self.bar.update(len(completed))
+
+    def set_postfix(self, stats: EngineStats, pages_held: int) -> None:
+        if self.bar is None:
+            return
+        secs = time.perf_counter() - self.t0
+        occupancy = self.tokens / stats.slot_steps if stats.slot_steps else 0.0
+        self.bar.set_postfix_str(
+            f"candidates {self.candidates}/{self.total}, {self.tokens / max(secs, 1e-9):.0f} "
+            f"tok/s, occupancy {occupancy:.0%}, pages {pages_held}"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    k: int = 1,
+    params: SamplingParams,
+    step: StepTokens,
+    seeds: list[int] | int = 0,
+    engine: EngineConfig | None = None,
+    limits=None,
+    pad_id: int | None = None,
+    score_steps: bool = True,
+    keep_features: bool = False,
+    order=None,
+    on_question=None,
+    progress: bool = False,
+    return_stats: bool = False,
+):
+    """`sampler.generate` on the engine: k candidates per prompt -> `Candidates` [B, k, ...].
+
+    engine: slots, page size, pool (`EngineConfig`). limits: [B, k] per-candidate length caps.
+    order: the queue's question order (default: prompt order). on_question(q, Candidates of
+    B = 1): called for each question once it and all before it (in prompt order) are done.
+    return_stats: also return the `EngineStats`."""
+    eng = Engine(
+        model, prompts, k=k, params=params, step=step, seeds=seeds,
+        engine=engine or EngineConfig(), limits=limits, pad_id=pad_id, score_steps=score_steps,
+        keep_features=keep_features, order=order, on_question=on_question, progress=progress,
+    )  # fmt: skip
+    cands, stats = eng.run()
+    return (cands, stats) if return_stats else cands

@@ -1,0 +1,164 @@
+"""A paged KV cache: per layer, a pool of fixed-size pages; each sequence lists its pages.
+
+A sequence's token t lives in page `page_table[t // page_size]` at offset `t % page_size`
+(positions count the sequence's tokens from 0, prompt included). Pages are handed out by the
+engine (sample/engine.py); k candidates of one prompt list the prompt's full pages first, shared
+read-only, then pages of their own.
+
+Two layouts of the pool, one per attention implementation (`ATTENTION_IMPLS`):
+  - "xla" (CPU/GPU default): k [P, K, hd, page], v [P, K, page, hd] per layer: keys transposed,
+    as the dense cache keeps them (sample/cache.py), so both decode reductions run over a
+    non-minor axis. Attention gathers a sequence's pages and runs the decode math of
+    `layers.Attention`.
+  - "pallas" (TPU default): the layout of the TPU paged-attention kernel shipped with jax
+    (sample/paged_tpu.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from metastone_jax.layers import MASK_VALUE
+
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+def default_attention_impl() -> str:
+    """The backend's own: the Pallas kernel on TPU, the XLA gather elsewhere."""
+    return "pallas" if jax.default_backend() == "tpu" else "xla"
+
+
+@struct.dataclass
+class PagedKV:
+    """The pool and who holds what; S sequences (engine slots), W page-table columns.
+
+    k, v: L arrays each (layout by `impl`); page_table: [S, W] int32 page ids (columns past a
+    sequence's pages hold any valid id: they are masked by `kv_len`); kv_len: [S] int32 tokens in
+    the cache per sequence."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    page_table: jax.Array
+    kv_len: jax.Array
+    impl: str = struct.field(pytree_node=False, default="xla")
+
+    @property
+    def page_size(self) -> int:
+        return pool_page_size(self.k[0], self.impl)
+
+    @property
+    def n_pages(self) -> int:
+        return pool_pages(self.k[0], self.impl)
+
+
+def pool_shapes(impl: str, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int):
+    """(k shape, v shape) of one layer's pool."""
+    if impl == "xla":
+        k_shape = (n_pages, n_kv_heads, head_dim, page_size)
+        return k_shape, (n_pages, n_kv_heads, page_size, head_dim)
+    if impl == "pallas":
+        from metastone_jax.sample import paged_tpu
+
+        return paged_tpu.pool_shapes(n_pages, page_size, n_kv_heads, head_dim)
+    raise ValueError(f"attention_impl: expected one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def pool_page_size(k: jax.Array, impl: str) -> int:
+    if impl == "xla":
+        return k.shape[3]
+    from metastone_jax.sample import paged_tpu
+
+    return paged_tpu.pool_page_size(k)
+
+
+def pool_pages(k: jax.Array, impl: str) -> int:
+    if impl == "xla":
+        return k.shape[0]
+    from metastone_jax.sample import paged_tpu
+
+    return paged_tpu.pool_pages(k)
+
+
+def init_pool(cfg, n_pages: int, page_size: int, impl: str, dtype=None):
+    """(k, v): L zero arrays each, in `impl`'s layout."""
+    k_shape, v_shape = pool_shapes(impl, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_jnp_dtype
+    return (
+        tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
+        tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
+    )
+
+
+def write(k_pool, v_pool, k_new, v_new, page_ids, offsets, impl: str = "xla"):
+    """Writes tokens into one layer's pool. k_new, v_new: [N, T, K, hd]; page_ids, offsets:
+    [N, T] int32 (a page id < 0 or >= P: not written, e.g. padding). -> (k_pool, v_pool)."""
+    if impl == "pallas":
+        from metastone_jax.sample import paged_tpu
+
+        return paged_tpu.write(k_pool, v_pool, k_new, v_new, page_ids, offsets)
+    n_pages = k_pool.shape[0]
+    page_ids = jnp.where(page_ids < 0, n_pages, page_ids)  # out of range: dropped
+    # Advanced indices on axes 0 and 3 (k) / 0 and 2 (v): the update is laid [N, T, K, hd].
+    k_pool = k_pool.at[page_ids, :, :, offsets].set(k_new.astype(k_pool.dtype), mode="drop")
+    v_pool = v_pool.at[page_ids, :, offsets, :].set(v_new.astype(v_pool.dtype), mode="drop")
+    return k_pool, v_pool
+
+
+def copy_pages(pool: tuple, src, dst) -> tuple:
+    """Copies page src[i] to page dst[i] in every layer's array of `pool` (dst < 0: no copy).
+    Pages are axis 0 in both layouts; the pallas layout's (0,)-shaped v placeholder stays."""
+
+    def copy(x):
+        if x.ndim == 1:
+            return x
+        n_pages = x.shape[0]
+        to = jnp.where(dst < 0, n_pages, dst)
+        return x.at[to].set(x[jnp.clip(src, 0, n_pages - 1)], mode="drop")
+
+    return tuple(copy(x) for x in pool)
+
+
+def attend(q, k_pool, v_pool, page_table, kv_len, scale: float, impl: str = "xla"):
+    """Single-token attention over each sequence's pages.
+
+    q: [N, K, G, hd] (rotary applied); page_table: [N, W]; kv_len: [N] tokens to attend to (the
+    new one included). -> [N, K, G, hd] f32."""
+    if impl == "pallas":
+        from metastone_jax.sample import paged_tpu
+
+        return paged_tpu.attend(q, k_pool, v_pool, page_table, kv_len, scale)
+    # One page column at a time with a running max and sum (online softmax): the pages are
+    # never gathered into a [N, W * page] copy, and the loop stops at the longest row's last
+    # page, so a step costs what the rows hold, not the page table's width (no recompilation
+    # as sequences grow). On XLA:CPU, gathering all pages first measured 2-4x slower.
+    page_table, kv_len = jnp.asarray(page_table), jnp.asarray(kv_len)
+    n, w = page_table.shape
+    _, kh, hd, page = k_pool.shape
+    g = q.shape[2]
+    qf = q.astype(jnp.float32)
+    n_cols = jnp.minimum((jnp.max(kv_len) + page - 1) // page, w)
+
+    def column(c, carry):
+        top, total, acc = carry
+        ids = page_table[:, c]
+        kc = jnp.take(k_pool, ids, axis=0, mode="clip").astype(jnp.float32)  # [N, K, hd, page]
+        vc = jnp.take(v_pool, ids, axis=0, mode="clip")  # [N, K, page, hd]
+        # Reductions over non-minor axes (hd, then the page's slots): see sample/cache.py.
+        scores = jnp.sum(qf[..., None] * kc[:, :, None], axis=3) * scale  # [N, K, G, page]
+        seen = (c * page + jnp.arange(page))[None, :] < kv_len[:, None]  # [N, page]
+        scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+        decay = jnp.exp(top - new_top)
+        e = jnp.exp(scores - new_top[..., None])
+        part = jnp.sum(e.astype(q.dtype)[..., None] * vc[:, :, None].astype(q.dtype), axis=3)
+        return new_top, total * decay + jnp.sum(e, axis=-1), acc * decay[..., None] + part
+
+    start = (
+        jnp.full((n, kh, g), MASK_VALUE, jnp.float32),
+        jnp.zeros((n, kh, g), jnp.float32),
+        jnp.zeros((n, kh, g, hd), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(0, n_cols, column, start)
+    return acc / jnp.maximum(total, 1e-30)[..., None]

@@ -1,0 +1,175 @@
+"""The paged, continuously batched engine against the static sampler, and its scheduling:
+candidates equal whatever the slots, page size, queue order or preemptions; pages return."""
+
+import jax
+import numpy as np
+import pytest
+from tolerances import logit_bound, logprob_tol, score_tol, sprm_head_terms, transformer_terms
+
+from metastone_jax.config import ModelConfig
+from metastone_jax.model import create_model
+from metastone_jax.sample import engine, sampler
+from metastone_jax.sample.engine import EngineConfig
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sprm import StepTokens
+
+# As tests/test_sampler.py: 0 pad, 1 eos, 5 step token, 6 <think>, 7 </think>.
+CFG = ModelConfig(
+    vocab_size=12, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+    max_len=160, compute_dtype="float32", pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+STEP = StepTokens(step_ids=(5,), think_open=6, think_close=7)
+PROMPTS = [[2, 3, 4, 6], [3, 8, 9, 10, 2, 5, 6, 4, 4, 2, 3, 8, 9, 6], [4, 6], [9, 2, 6]]
+SEEDS = [11, 12, 13, 14]
+K = 8
+# Both sides compute the same sums in other orders (attention over pages vs one cache, a
+# prefill vs token by token): bounds as in test_sampler.py, attention over at most max_len.
+SCORE_TERMS = transformer_terms(CFG, CFG.max_len, n_layers=CFG.n_layers - 1, lm_head=False)
+SCORE_TERMS += sprm_head_terms(CFG.d_model)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(CFG, seed=0)
+
+
+def _assert_same(a, b, model, params):
+    for name in ("tokens", "length", "finish", "step_index", "step_mask"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    n_logit = transformer_terms(CFG, CFG.max_len)
+    tol = params.max_new_tokens * logprob_tol(n_logit, CFG.vocab_size, logit_bound(model))
+    np.testing.assert_allclose(a.logprob, b.logprob, rtol=0, atol=tol)
+    tol = score_tol(SCORE_TERMS, a.step_scores)
+    np.testing.assert_allclose(a.step_scores, b.step_scores, rtol=0, atol=tol)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40, stop_ids=(1,), think_budget=12)
+# Stopping at </think> (7) keeps candidates long enough to hold steps, their lengths spread.
+SAMPLED = SamplingParams(
+    temperature=1.0, top_p=0.95, top_k=10, repetition_penalty=1.05, max_new_tokens=40,
+    stop_ids=(7,),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def static_runs(model):
+    return {
+        p: sampler.generate(model, PROMPTS, k=K, params=p, step=STEP, seeds=SEEDS)
+        for p in (GREEDY, SAMPLED)
+    }
+
+
+def test_greedy_equals_the_static_sampler(model, static_runs):
+    """Token for token, finish reasons and log-probs included (fp32); this random model's
+    greedy text holds no step token, the sampled test below compares step scores."""
+    ref = static_runs[GREEDY]
+    got, stats = engine.generate(
+        model, PROMPTS, k=K, params=GREEDY, step=STEP, seeds=SEEDS,
+        engine=EngineConfig(slots=6, page_size=8), return_stats=True,
+    )  # fmt: skip
+    assert {sampler.LENGTH, sampler.STOPPED} <= set(ref.finish.ravel().tolist())
+    assert (ref.tokens == STEP.think_close).any()  # the thinking budget forced </think>
+    _assert_same(got, ref, model, GREEDY)
+    assert stats.tokens == int(ref.length.sum())
+
+
+@pytest.mark.parametrize(
+    "config, order",
+    [
+        (EngineConfig(slots=1, page_size=16), None),
+        (EngineConfig(slots=7, page_size=4), None),
+        (EngineConfig(slots=16, page_size=16), None),  # every candidate at once
+        (EngineConfig(slots=7, page_size=4), [3, 1, 0, 2]),
+        # A pool of 16 pages of 4 tokens: 3 slots at 40 new tokens cannot all fit.
+        (EngineConfig(slots=3, page_size=4, pages=16), None),
+    ],
+    ids=["S1", "S7-page4", "S-all", "S7-reordered", "preempting"],
+)
+def test_sampled_candidates_do_not_depend_on_the_schedule(model, static_runs, config, order):
+    ref = static_runs[SAMPLED]  # the static sampler draws with the same keys
+    got, stats = engine.generate(model, PROMPTS, k=K, params=SAMPLED, step=STEP, seeds=SEEDS,
+                                 engine=config, order=order, return_stats=True)  # fmt: skip
+    assert len(set(ref.length.ravel())) > 3  # lengths differ: slots free up at other times
+    assert ref.step_mask.sum() > 15  # step scores are compared
+    _assert_same(got, ref, model, SAMPLED)
+    if config.pages:
+        assert stats.preemptions > 0
+        assert stats.peak_pages <= config.pages
+
+
+def test_pages_are_shared_owned_once_and_all_returned(model, monkeypatch):
+    """After every segment: no page is both free and in use, none is owned by two slots, a
+    question's prompt pages are in every one of its candidates' tables; at the end all are
+    free. The pages held stay within the tokens alive rounded up to pages, plus one page per
+    slot for the next token and the partial prompt pages each question keeps as a source."""
+    seen = {"checks": 0}
+    original = engine.Engine._harvest
+
+    def checked(self, results, bar):
+        table, kv_len = jax.device_get((self.state.cache.page_table, self.state.cache.kv_len))
+        page = self.layout.page_size
+        owned = []
+        alive = 0
+        for s, req in enumerate(self.slot_req):
+            if req is None:
+                continue
+            n_cols = -(-int(kv_len[s]) // page)
+            shared = self.slot_shared[s]
+            q_pages = self.questions[req.question].pages
+            assert table[s, :shared].tolist() == q_pages[:shared]
+            owned += table[s, shared:n_cols].tolist()
+            alive += n_cols - shared
+        q_held = [p for q in self.questions.values() for p in q.pages]
+        assert len(set(owned)) == len(owned)
+        assert not set(owned) & set(self.free) and not set(q_held) & set(self.free)
+        assert len(self.free) + len(owned) + len(q_held) == self.layout.pages
+        seen["checks"] += 1
+        return original(self, results, bar)
+
+    monkeypatch.setattr(engine.Engine, "_harvest", checked)
+    eng = engine.Engine(
+        model, PROMPTS, k=K, params=SAMPLED, step=STEP, seeds=SEEDS,
+        engine=EngineConfig(slots=5, page_size=4), limits=None, pad_id=None, score_steps=True,
+        keep_features=False, order=None, on_question=None, progress=False,
+    )  # fmt: skip
+    eng.run()
+    assert seen["checks"] > 5
+    assert sorted(eng.free) == list(range(eng.layout.pages))
+
+
+def test_questions_are_reported_in_order_and_limits_hold(model):
+    limits = np.array([[40, 3, 10, 1] * (K // 4)] * len(PROMPTS))
+    reported = []
+    got = engine.generate(
+        model, PROMPTS, k=K, params=SAMPLED, step=STEP, seeds=SEEDS, limits=limits,
+        engine=EngineConfig(slots=3, page_size=8), order=[2, 0, 3, 1],
+        on_question=lambda q, c: reported.append((q, c.tokens[0].copy())),
+    )  # fmt: skip
+    assert [q for q, _ in reported] == [0, 1, 2, 3]
+    for q, tokens in reported:
+        np.testing.assert_array_equal(tokens, got.tokens[q])
+    assert (got.length <= limits).all() and (got.length[:, 3] == 1).all()
+    assert (got.length[got.finish == sampler.LENGTH] == limits[got.finish == sampler.LENGTH]).all()
+    assert (got.finish[got.length < limits] == sampler.STOPPED).all()
+    assert (got.finish == sampler.LENGTH).sum() >= len(PROMPTS) * K // 4  # the caps of 1
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (EngineConfig(page_size=12), "page_size=12 does not divide the model's max_len=160"),
+        (EngineConfig(slots=8, pages=4), "pages=4 is fewer than slots=8"),
+        (EngineConfig(slots=2, page_size=4, pages=10), "cannot hold one sequence"),
+        (EngineConfig(attention_impl="flash"), "attention_impl"),
+    ],
+)
+def test_bad_settings_fail_before_compiling(model, config, match, monkeypatch):
+    monkeypatch.setattr(engine, "_compiled", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match=match):
+        engine.generate(model, PROMPTS, k=K, params=SAMPLED, step=STEP, engine=config)
+
+
+def test_a_prompt_over_the_budget_names_it(model):
+    long = [[2] * 130]
+    with pytest.raises(ValueError, match="prompt 0 has 130 tokens; with max_new_tokens=40"):
+        engine.generate(model, long, k=1, params=SAMPLED, step=STEP)
