@@ -23,7 +23,8 @@ from metastone_jax.evaluate.metrics import (
     tokens_per_question,
 )
 from metastone_jax.main import main
-from metastone_jax.sample import sampler
+from metastone_jax.sample import engine
+from metastone_jax.sample.engine import EngineConfig
 
 # ----------------------------------------------------------------------------------------------
 # Metrics against hand computation
@@ -157,10 +158,14 @@ def loaded(ckpt):  # noqa: F811
     return model, tok, step, params, read_records
 
 
+# Fewer slots than candidates: slots are refilled as candidates end.
+ENGINE = EngineConfig(slots=4, page_size=8)
+
+
 def pool(loaded, records, path, samples=3):
     model, tok, step, params, _ = loaded
     return sample_pool(model, tok, records, samples=samples, sampling=params, step=step,
-                       out_path=str(path), batch_prompts=2, seed=7, progress=False)  # fmt: skip
+                       out_path=str(path), engine=ENGINE, seed=7, progress=False)  # fmt: skip
 
 
 def test_pool_resume_reproduces_an_uninterrupted_run(loaded, bench, tmp_path, monkeypatch):
@@ -197,7 +202,7 @@ def test_pool_resume_reproduces_an_uninterrupted_run(loaded, bench, tmp_path, mo
     assert len(ids) == len(set(ids)) == 5
 
     # A finished pool is read back, not sampled again; other settings are refused.
-    monkeypatch.setattr(sampler, "generate", lambda *a, **kw: pytest.fail("sampled again"))
+    monkeypatch.setattr(engine, "generate", lambda *a, **kw: pytest.fail("sampled again"))
     assert pool(loaded, records, c) == full
     with pytest.raises(ValueError, match="was sampled with samples=3, now 4"):
         pool(loaded, records, c, samples=4)
@@ -261,11 +266,11 @@ def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path)
     with_other = nnx.merge(graphdef, state)
     with_other.sprm = other
     ref = sample_pool(with_other, tok, records, samples=3, sampling=params, step=step,
-                      out_path=str(tmp_path / "ref.jsonl"), batch_prompts=2, seed=7,
+                      out_path=str(tmp_path / "ref.jsonl"), engine=ENGINE, seed=7,
                       progress=False)  # fmt: skip
     main_path, extra_path = tmp_path / "main.jsonl", tmp_path / "other.jsonl"
     main = sample_pool(model, tok, records, samples=3, sampling=params, step=step,
-                       out_path=str(main_path), batch_prompts=2, seed=7, progress=False,
+                       out_path=str(main_path), engine=ENGINE, seed=7, progress=False,
                        extra_heads={str(extra_path): other})  # fmt: skip
     assert main == pool(loaded, records, tmp_path / "alone.jsonl")  # the main pool unchanged
     extra = read_pool(str(extra_path))
@@ -287,14 +292,14 @@ def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path)
     lines = extra_path.read_bytes().splitlines(keepends=True)
     extra_path.write_bytes(b"".join(lines[:2]))
     sample_pool(model, tok, records, samples=3, sampling=params, step=step,
-                out_path=str(main_path), batch_prompts=2, seed=7, progress=False,
+                out_path=str(main_path), engine=ENGINE, seed=7, progress=False,
                 extra_heads={str(extra_path): other})  # fmt: skip
     assert read_pool(str(extra_path)) == extra and main_path.read_bytes() == main_bytes
     # A head over another feature width is refused before anything is sampled.
     wrong = SPRMHead(model.cfg.d_model + 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"other.jsonl: expected an SPRM head over d_model="):
         sample_pool(model, tok, records, samples=3, sampling=params, step=step,
-                    out_path=str(tmp_path / "x.jsonl"), batch_prompts=2, seed=7, progress=False,
+                    out_path=str(tmp_path / "x.jsonl"), engine=ENGINE, seed=7, progress=False,
                     extra_heads={str(extra_path): wrong})  # fmt: skip
 
 
@@ -327,7 +332,8 @@ def evaluate_cli(capsys, ckpt, bench, out, *extra):  # noqa: F811
     step = ",".join(map(str, STEP_IDS))
     main(["metastone-jax", "evaluate", f"--ckpt={ckpt}", f"--benchmark={bench}",
           f"--out={out}", "--max_new_tokens=12", f"--step_ids={step}", "--temperature=1.0",
-          "--batch_prompts=2", "--no_progress", *extra])  # fmt: skip
+          "--batch_prompts=2", "--slots=4", "--page_size=8", "--no_progress",
+          *extra])  # fmt: skip
     return capsys.readouterr().out
 
 

@@ -290,7 +290,7 @@ def shared_pool(cfg, ckpts: dict[str, str], main: str, directory: str, records: 
     pools = {main: sample_pool(
         model, tokenizer, records, samples=int(e.samples),
         sampling=sampling_params(cfg, tokenizer), step=step, out_path=paths[main],
-        batch_prompts=int(e.batch_prompts), seed=int(cfg.seed), progress=bool(cfg.progress),
+        seed=int(cfg.seed), progress=bool(cfg.progress),
         extra_heads=extra,
     )}  # fmt: skip
     order = [str(r["id"]) for r in records]

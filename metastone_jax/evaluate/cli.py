@@ -14,7 +14,12 @@ import sys
 
 from metastone_jax.evaluate.harness import STRATEGIES, STRATEGY_METHOD
 from metastone_jax.evaluate.metrics import GROUP_COUNTS
-from metastone_jax.sample.cli import add_sampling_args, sampling_from_args
+from metastone_jax.sample.cli import (
+    add_engine_args,
+    add_sampling_args,
+    engine_from_args,
+    sampling_from_args,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output directory (default: eval/<ckpt name>/<benchmark>)")  # fmt: skip
     add_sampling_args(p, max_new_tokens=32768)  # the released evaluation's budget
-    p.add_argument("--batch_prompts", type=int, default=8, help="questions per sampler call")
+    add_engine_args(p)
+    p.add_argument("--batch_prompts", type=int, default=8,
+                   help="questions per beam-search call (--strategy=beam)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of a table")
@@ -71,7 +78,8 @@ def main(argv: list[str]) -> None:
     report = evaluate(
         args.ckpt, args.benchmark, modes=modes, ks=ks, samples=args.samples,
         strategy=args.strategy, out_dir=out, sampling=sampling, step_ids=step_ids,
-        batch_prompts=args.batch_prompts, seed=args.seed, limit=args.limit, groups=args.groups,
+        batch_prompts=args.batch_prompts, engine=engine_from_args(args), seed=args.seed,
+        limit=args.limit, groups=args.groups,
         chat_template=not args.no_chat_template, progress=not args.no_progress,
     )  # fmt: skip
     if args.json:

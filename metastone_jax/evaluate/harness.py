@@ -156,11 +156,10 @@ def sample_pool(
     sampling,
     step,
     out_path: str,
-    batch_prompts: int = 8,
+    engine=None,
     seed: int = 0,
     progress: bool = True,
     chat_template: bool = True,
-    mesh=None,
     extra_heads: dict | None = None,
 ) -> list[dict]:
     """Samples ``samples`` candidates per question into ``out_path`` (resumable) and returns the
@@ -170,26 +169,22 @@ def sample_pool(
     pools of the same candidates, scored on the step features the sampler kept (no second
     sampling, no second forward); each pool file resumes on its own.
 
-    Questions go to the sampler in fixed chunks of ``batch_prompts`` consecutive records, each
-    call padded to ``batch_prompts`` rows; a chunk whose questions are partly in the file is
-    re-run whole (only the missing entries are kept), so a run resumed after a kill makes
-    exactly the calls of an uninterrupted one, and reproduces it bit for bit. Question i samples
-    with seed ``question_seed(seed, i)`` whatever its batch, so after a smaller ``records``
-    list (a --limit) or another ``batch_prompts`` the samples are the same up to floating-point
-    rounding of a differently shaped batch (bit for bit when the limit is a multiple of
-    ``batch_prompts``). Each chunk's entries are appended and flushed together. Questions
-    already in the file (by id) are skipped; a torn last line is dropped first. The sampling
-    settings are kept in ``<out_path stem>.meta.json`` and must match on resume; it is written
-    with the first entry (a meta beside no entries binds nothing), and everything, every
-    prompt's length included, is checked before anything is written.
+    Every question still to sample goes into one queue of the continuous-batching engine
+    (sample/engine.py; ``engine``: its `EngineConfig`, slots, page size, pool). Question i
+    samples with seed ``question_seed(seed, i)``, and each candidate's draws depend only on it
+    and its index, never on the engine's schedule; a question's entry is appended (and
+    flushed) as soon as it and every question before it are done, so the file's lines are in
+    question order. A run resumed after a kill samples the questions not in the file (by id;
+    a torn last line is dropped first) and reproduces the uninterrupted run's file. The
+    sampling settings are kept in ``<out_path stem>.meta.json`` and must match on resume; it is
+    written with the first entry (a meta beside no entries binds nothing), and everything,
+    every prompt's length included, is checked before anything is written.
     """
-    from tqdm import tqdm
-
     from metastone_jax.checkpoint import params_fingerprint
-    from metastone_jax.sample import sampler
+    from metastone_jax.sample import engine as paged_engine
 
-    if samples < 1 or batch_prompts < 1:
-        raise ValueError(f"samples and batch_prompts must be >= 1, got {samples}, {batch_prompts}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     ids = [str(r["id"]) for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -227,39 +222,28 @@ def sample_pool(
         if done[path] and stale[path]:  # entries kept: their meta is brought up to date now
             _write_meta(path, metas[path])
             stale[path] = False
-    initial = sum(all(i in d for d in done.values()) for i in ids)
-    bar = tqdm(total=len(records), initial=initial, unit="question", desc="sampling",
-               disable=not progress)  # fmt: skip
-    for chunk in _chunks(len(records), batch_prompts):
-        todo = {path: [i for i in chunk if ids[i] not in done[path]] for path in heads}
-        if not any(todo.values()):
-            continue
-        rows = _batch(chunk, batch_prompts)
-        cands = sampler.generate(
-            model, [prompts[i] for i in rows], k=samples, params=sampling, step=step,
-            seeds=[question_seed(seed, i) for i in rows], mesh=mesh,
-            keep_features=len(heads) > 1,
-        )  # fmt: skip
-        # Decoded and graded once; each head's pool differs only in the step scores.
-        needed = set().union(*todo.values())
-        base = {i: _entry(records[i], i, question_seed(seed, i), cands, chunk.index(i),
-                          tokenizer) for i in needed}  # fmt: skip
+    todo = [i for i in range(len(records)) if any(ids[i] not in d for d in done.values())]
+
+    def finished(q: int, cands) -> None:
+        """Question todo[q] is done (called in order): its entry goes to every pool lacking it."""
+        i = todo[q]
+        base = _entry(records[i], i, question_seed(seed, i), cands, 0, tokenizer)
         for path, head in heads.items():
-            if not todo[path]:
+            if ids[i] in done[path]:
                 continue
-            scores = None if head is None else _head_scores(head, cands)
-            lines = []
-            for i in todo[path]:
-                entry = base[i] if head is None else _rescored(base[i], cands, chunk.index(i),
-                                                               scores)  # fmt: skip
-                done[path][ids[i]] = entry
-                lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            entry = base if head is None else _rescored(base, cands, 0, _head_scores(head, cands))
+            done[path][ids[i]] = entry
             if stale[path]:
                 _write_meta(path, metas[path])
                 stale[path] = False
-            _append(path, lines)
-        bar.update(len(needed))
-    bar.close()
+            _append(path, [json.dumps(entry, ensure_ascii=False) + "\n"])
+
+    if todo:
+        paged_engine.generate(
+            model, [prompts[i] for i in todo], k=samples, params=sampling, step=step,
+            seeds=[question_seed(seed, i) for i in todo], engine=engine,
+            keep_features=len(heads) > 1, on_question=finished, progress=progress,
+        )  # fmt: skip
     return [done[out_path][i] for i in ids]
 
 
@@ -275,7 +259,7 @@ def _check_resumed(path, done, records, ids, samples) -> None:
 
 
 def _append(path: str, lines: list[str]) -> None:
-    """One chunk's entries appended and flushed together (a kill tears at most the last)."""
+    """Entries appended and flushed together (a kill tears at most the last)."""
     if not lines:
         return
     with open(path, "ab") as f:
@@ -402,6 +386,7 @@ def evaluate(
     sampling=None,
     step_ids=None,
     batch_prompts: int = 8,
+    engine=None,
     seed: int = 0,
     limit: int | None = None,
     chat_template: bool = True,
@@ -419,10 +404,11 @@ def evaluate(
     answer's accuracy. ``sampling``: a SamplingParams (default: SPRM.md section 5, temperature
     0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids become the
     tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
-    ``limit``: the first N questions. ``groups``: how many groups of k each question counts
-    when candidate counts differ (``metrics.GROUP_COUNTS``; "common" is the released metric).
-    Writes ``out_dir/metrics.json`` (temp + rename) and returns the same dict. Bad arguments
-    raise ValueError before anything is loaded.
+    ``engine``: the pool's sampling engine (`sample.engine.EngineConfig`); ``batch_prompts``:
+    questions per beam-search call. ``limit``: the first N questions. ``groups``: how many
+    groups of k each question counts when candidate counts differ (``metrics.GROUP_COUNTS``;
+    "common" is the released metric). Writes ``out_dir/metrics.json`` (temp + rename) and
+    returns the same dict. Bad arguments raise ValueError before anything is loaded.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -461,8 +447,8 @@ def evaluate(
     model, tokenizer, step = load_policy(ckpt, mesh=mesh, step_ids=step_ids)
     if not sampling.stop_ids:
         sampling = dataclasses.replace(sampling, stop_ids=tuple(tokenizer.eos_ids))
-    common = dict(sampling=sampling, step=step, batch_prompts=batch_prompts, seed=seed,
-                  progress=progress, chat_template=chat_template, mesh=mesh)  # fmt: skip
+    common = dict(sampling=sampling, step=step, seed=seed, progress=progress,
+                  chat_template=chat_template)  # fmt: skip
     report = {
         "ckpt": os.path.abspath(ckpt), "benchmark": os.path.abspath(benchmark),
         "n_questions": len(records), "strategy": strategy, "seed": seed,
@@ -471,7 +457,8 @@ def evaluate(
     }  # fmt: skip
     if strategy == "beam":
         for label, k in want.items():
-            entries = beam_eval(model, tokenizer, records, k=k, **common)
+            entries = beam_eval(model, tokenizer, records, k=k, batch_prompts=batch_prompts,
+                                mesh=mesh, **common)  # fmt: skip
             os.makedirs(out_dir, exist_ok=True)  # only now: a failed run leaves nothing
             path = os.path.join(out_dir, f"beam_k{k}.jsonl")
             lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
@@ -484,7 +471,8 @@ def evaluate(
             }  # fmt: skip
     else:
         out_path = os.path.join(out_dir, "candidates.jsonl")
-        pool = sample_pool(model, tokenizer, records, samples=samples, out_path=out_path, **common)
+        pool = sample_pool(model, tokenizer, records, samples=samples, out_path=out_path,
+                           engine=engine, **common)  # fmt: skip
         metrics = pool_metrics(pool, sorted(set(want.values())), groups=groups)
         method = STRATEGY_METHOD[strategy]
         for label, k in want.items():

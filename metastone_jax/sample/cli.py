@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beam_width", type=int, default=2)
     p.add_argument("--expansions", type=int, default=4)
     add_sampling_args(p, max_new_tokens=1024)
+    add_engine_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show_steps", action="store_true", help="print each step with its score")
     return p
@@ -52,6 +53,26 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> Non
     p.add_argument("--step_ids", default=None, help="comma-separated step token ids "
                    "(default: the id of the step string '.\\n\\n')")  # fmt: skip
     p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The continuous-batching engine's flags (sample/engine.py), shared by `sample` and
+    `evaluate`."""
+    p.add_argument("--slots", type=int, default=0,
+                   help="candidates decoded together (0: all, up to 256)")  # fmt: skip
+    p.add_argument("--page_size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--pages", type=int, default=0, help="the KV page pool's size (0: from "
+                   "--memory_fraction, else room for every slot's whole budget)")  # fmt: skip
+    p.add_argument("--memory_fraction", type=float, default=None,
+                   help="size the page pool to this fraction of the free memory")  # fmt: skip
+
+
+def engine_from_args(args):
+    """The `EngineConfig` of the flags of `add_engine_args`."""
+    from metastone_jax.sample.engine import EngineConfig
+
+    return EngineConfig(slots=args.slots, page_size=args.page_size, pages=args.pages,
+                        memory_fraction=args.memory_fraction)  # fmt: skip
 
 
 def sampling_from_args(args):
@@ -101,7 +122,7 @@ def main(argv: list[str]) -> None:
             prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
     result = search.run(
         model, prompts, search=config, params=params, step=step, tokenizer=tokenizer,
-        seeds=[args.seed + i for i in range(len(prompts))],
+        seeds=[args.seed + i for i in range(len(prompts))], engine=engine_from_args(args),
     )  # fmt: skip
     report = _report(result, tokenizer, args.show_steps)
     if args.json:

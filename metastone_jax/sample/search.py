@@ -118,8 +118,12 @@ def run(
     tokenizer=None,
     seeds: list[int] | int = 0,
     mesh=None,
+    engine=None,
 ) -> SearchResult:
-    """Produces candidates with `search.strategy` and selects one per prompt."""
+    """Produces candidates with `search.strategy` and selects one per prompt. Complete
+    candidates (best-of-k and the votes, without pruning) come from the continuous-batching
+    engine (sample/engine.py; `engine`: its `EngineConfig`); beam search, early pruning and the
+    thinking selection run on the static sampler."""
     from metastone_jax.evaluate.grading import extract_final_answer, majority_vote
 
     b = len(prompts)
@@ -129,8 +133,8 @@ def run(
     elif search.selection == "thinking":
         state, k = _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, stats)
     else:
-        state, k = _sample_all(model, prompts, search, params, step, seeds, mesh, stats)
-    cands = sampler.to_candidates(state, b, k)
+        state, k = _sample_all(model, prompts, search, params, step, seeds, mesh, stats, engine)
+    cands = state if isinstance(state, sampler.Candidates) else sampler.to_candidates(state, b, k)
     scores = np.asarray(aggregate(cands.step_scores, cands.step_mask, search.aggregation))
     if "thinking_scores" in stats:  # the thinking was chosen on its own scores
         scores = stats.pop("thinking_scores")
@@ -152,9 +156,16 @@ def run(
     return SearchResult(cands, scores, answers, texts, selected, stats)
 
 
-def _sample_all(model, prompts, search, params, step, seeds, mesh, stats):
-    """k complete candidates per prompt, with optional early pruning at step boundaries."""
+def _sample_all(model, prompts, search, params, step, seeds, mesh, stats, engine=None):
+    """k complete candidates per prompt, with optional early pruning at step boundaries.
+    -> (Candidates from the engine, or a static decode state when pruning; k)."""
     pruning = search.prune_below is not None or search.prune_keep is not None
+    if not pruning and mesh is None:
+        from metastone_jax.sample import engine as paged_engine
+
+        cands = paged_engine.generate(model, prompts, k=search.k, params=params, step=step,
+                                      seeds=seeds, engine=engine)  # fmt: skip
+        return cands, search.k
     state, opts, graphdef, model_state = sampler.start(
         model, prompts, k=search.k, params=params, step=step, seeds=seeds, mesh=mesh,
         until_step=pruning,
