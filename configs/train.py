@@ -113,6 +113,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # exactly one <think> and one </think>, in order: the released reward's check.
                 # Off by default: the answer alone decides (the project's reward so far).
                 "format_check": False,
+                # The rollout engine (sample/engine.py): slots decoded together (0: every
+                # rollout of a step at once, up to 256), tokens per KV page, and the page pool:
+                # `pages` (0: `memory_fraction` of the free memory when > 0, else room for
+                # every slot's whole budget).
+                "slots": 0,
+                "page_size": 16,
+                "pages": 0,
+                "memory_fraction": 0.0,
             },
             "spr": {
                 "coef": 1.0 if grpo else 0.0,

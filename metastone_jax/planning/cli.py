@@ -5,9 +5,10 @@
 
 Options: --config=FILE:PRESET (a train config; default configs/train.py:grpo-1.5b) with
 --config.a.b=v overrides, or --preset=NAME; --mesh=data:N,fsdp:N,tensor:N (default the config's
-mesh); --tpu=TYPE (default config.train.tpu); --sample_batch=N / --sample_len=S (candidates
-decoded at once and KV slots; default the config's rollouts); --json. Exits 1 when the plan
-does not fit.
+mesh); --tpu=TYPE (default config.train.tpu); --sample_batch=N / --sample_len=S (rollouts per
+step and the longest sequence, prompt + new tokens; default the config's); --json. The rollout
+engine's slots and pool come from --config.rl.slots / rl.pages (0: the planner chooses them for
+the chip). Exits 1 when the plan does not fit.
 """
 
 from __future__ import annotations

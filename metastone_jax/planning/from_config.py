@@ -7,7 +7,8 @@ What one step holds, from the config:
            bucket(data.max_prompt_len) + rl.max_new_tokens slots; updates: the batch_size * k
            rows split into rl.mini_batches updates of grad_accum micro-batches each, rows of
            T = max_prompt_len + max_new_tokens. spr on saved rollouts (data.rollouts_dir)
-           samples nothing.
+           samples nothing. The rollouts run on the engine with rl.slots, rl.page_size,
+           rl.pages and rl.memory_fraction (0: the planner chooses slots and pages).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _divide(total: int, parts: int, what: str) -> int:
 
 
 def workload(config, *, sample_rows: int | None = None, sample_len: int | None = None):
-    """The Workload of a train config; sample_rows / sample_len override the rollout batch
-    (candidates decoded at once) and the KV cache length."""
+    """The Workload of a train config; sample_rows / sample_len override the rollouts per step
+    and the longest sequence (prompt + new tokens)."""
     from metastone_jax.sample.sampler import bucket_length
 
     kind = config.kind
@@ -66,16 +67,21 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             prompt_len=prompt,
             max_new=g,
             logits_chunk=int(config.train.logits_chunk),
+            slots=int(rl.get("slots", 0)),
+            pages=int(rl.get("pages", 0)),
+            page_size=int(rl.get("page_size", 16)),
+            memory_fraction=float(rl.get("memory_fraction", 0.0)),
+            top_p=float(rl.get("top_p", 1.0)),
         )
     if sample_rows is not None or sample_len is not None:
         n = w.candidates if sample_rows is None else int(sample_rows)
-        slots = w.slots if sample_len is None else int(sample_len)
-        if n < 1 or slots < 1:
-            raise ValueError(f"sample batch {n} / length {slots}: expected positive sizes")
-        prompt = min(w.prompt_len, slots)
+        length = w.kv_len if sample_len is None else int(sample_len)
+        if n < 1 or length < 1:
+            raise ValueError(f"sample batch {n} / length {length}: expected positive sizes")
+        prompt = min(w.prompt_len, length)
         w = dataclasses.replace(
             w, prompts=math.ceil(n / w.k), candidates=n, prompt_len=prompt,
-            max_new=slots - prompt, cache_len=slots,
+            max_new=length - prompt, cache_len=length,
         )  # fmt: skip
     return w
 

@@ -54,33 +54,85 @@ else T; scores = H/tp * s_eff elements per token and layer):
   bf16 logits); the coefficients (8 + c per score, n = 3 / 6) were read off those runs. A TPU
   compiles differently: treat the estimate as +-25%.
 
-Estimated (rollouts, GRPO / SPR sampling; N = prompts * k candidates, n = ceil(N / dp),
-bp = ceil(prompts / dp), P = padded prompt width, G = max new tokens, capped at max_len - P;
-the sampler prefills each prompt once and its k candidates share that cache as a prefix, while
-each candidate's own cache holds only what it generates, grown as needed: GROW_SLOTS slots,
-doubled up to G, sample/sampler.py):
-  KV cache        2 * L * (K/tp) * hd * c * (n * G + pp * P)   (k and v per layer: the
-                  candidates' own [n, K, G, hd], rows over dp; the prompts' prefix
-                  [prompts, K, P, hd], pp = prompts per device: over data, then fsdp, as far
-                  as the prompt count divides them, else replicated; kv heads over tp when tp
-                  divides K)
-  sampler work    max(prefill: bp*P*H/tp*P*(8 + c) + bp*v*(c + 4) (one layer's scores; the LM
-                  head runs on the last prompt position only), decode: 2*(K/tp)*hd*4*(n*G +
-                  pp*P) + 2*n*v*4 (one layer's K and V read in fp32, logits and
-                  probabilities), growth: one layer's own cache before its last growth, alive
-                  while its grown copy is made: the cache grows a layer at a time) + decode
-                  state n*G*8 (tokens, step scores and their indices).
+Estimated (rollouts, GRPO / SPR sampling, on the engine of sample/engine.py: S slots decode
+together over a pool of pages). One engine runs over the whole mesh (`engine._constrain`): its
+slot arrays laid over data*fsdp as far as S divides them (s = S/dp rows per device, else S), its
+pages whole on every device (a slot reads any page), kv heads over tensor (K/tp below: K when
+tp does not divide K). N = prompts * k rollouts per step; P is the padded prompt width, G the
+max new tokens, W = ceil((P + G) / page) the page table's width. rl.slots, rl.pages,
+rl.page_size and rl.memory_fraction set S and the pool; 0 lets the planner choose (below). Per
+device:
+  page pool       pages * 2 * L * (K/tp) * hd' * page * c   (k and v of every layer; hd' = hd
+                  in the "xla" layout, k [pages, K, hd, page] and v [pages, K, page, hd]; hd
+                  rounded up to 128 in the "pallas" layout [pages, page, 2K, hd'] of the TPU
+                  kernel, sample/paged_tpu.py: the layout planned, the TPU's, unless the kernel
+                  cannot serve K/tp heads of the compute dtype, then "xla")
+  slot state      s * (5V + c*D + 4G + 8*Smax + 4W + 86) + 4*pages + 4   (a DecodeState row per
+                  slot: next logits fp32 and seen bool [V], next feature [D], tokens int32 [G],
+                  step scores fp32 and step indices int32 [Smax = (G + 1) // 2], the page-table
+                  row [W], 86 bytes of [S] scalars; the free-page list and the clock. Not
+                  sharded: the sampler draws over the whole vocabulary)
+  question table  2S * (5V + c*D + 24)   (the start fields of resident prompts: next logits,
+                  seen, feature and 6 int32 counters; not laid over the mesh)
   decode weights  (params/p * fsdp + V/tp * D) * c   (p = param bytes): XLA gathers the weights
-                  a loop reads once, before it (the all-gather is loop-invariant), so prefill
-                  and decode hold one tensor shard of every weight whole, plus a copy of the
-                  embedding/LM head. Counted in the compute dtype, the dtype the matmuls read
-                  (a TPU runs them in bf16: not measured here). Measured on XLA:CPU with fp32
-                  compute: the compiled decode loop's temp is within 1% of this; with bf16
-                  compute XLA:CPU gathers fp32 (its dots run in fp32), twice this.
+                  a loop reads once, before it (the all-gather is loop-invariant), so the
+                  segment and the prefill hold one tensor shard of every weight whole, plus a
+                  copy of the embedding/LM head. Counted in the compute dtype, the dtype the
+                  matmuls read (a TPU runs them in bf16: not measured here). Measured on XLA:CPU
+                  with fp32 compute over fsdp: the static decode loop's temp was within 1% of
+                  this; with bf16 compute XLA:CPU gathers fp32 (its dots run in fp32), twice
+                  this. On one CPU device nothing is gathered: the engine's CPU path copies each
+                  layer's slice of the stacked weights instead (the L blocks' params, in p).
+  segment work    s * V * (4*m + 1) + attention   (the decode segment's temporaries: m fp32
+                  [s, V] arrays, 2 (the LM head's logits, the new next logits) or 6 with top_p
+                  < 1 (sample/draw.py's nucleus draw), and the new seen mask; attention, one
+                  page column of one layer at a time: xla s*(K/tp)*(hd*page*(4 + c) +
+                  8*Gq*page) (keys gathered in fp32, values in c, scores and exponentials; Gq =
+                  H/K); pallas 8*s*(H/tp)*hd' (q padded to the lanes, the output; the kernel's
+                  blocks live in VMEM))
+  prefill work    r*P*((4 + c)*scores + c*f) + 2*L*r*(K/tp)*P*hd*c + r*V*(5 + c)   (r of the
+                  prompts prefilled together on one device, laid over data*fsdp as the slots:
+                  the first fill's ceil(S/k), at most the prompts, padded to a power of 2 as
+                  the engine pads; one layer's scores and
+                  probabilities (scores = H/tp * s_eff, as in the step) and MLP hidden, every
+                  layer's keys and values before they are paged, the last position's logits and
+                  seen mask. A preempted candidate's resumption prefills P + its tokens in one
+                  row: not counted, reported with the simulated preemptions)
+  The rollout phase holds pool + slot state + question table + decode weights
+  + max(segment work, prefill work): a segment and a prefill never run at once.
+Choosing (rl.slots = 0, rl.pages = 0; planning/engine_memory.py `plan_engine`):
+  pages   the pages that fit POOL_FRACTION = 90% of HBM after the resident state and the rest
+          of the rollout phase, at most the engine's own default (every slot's whole budget:
+          S*(W + 1) + min(S, prompts)*ceil(P/page)), at least W + 1 (one whole sequence, the
+          engine's floor). The pool is whole on every device: it holds the pages of all S
+          slots of the mesh, not of a device's share. rl.memory_fraction = f > 0: min(default,
+          f * (HBM - resident) / (2*L*K*hd*page*c)), the engine's rule (`pages_for_memory`:
+          the memory free when it starts over a page of all kv heads).
+  slots   the most, up to min(n, 256), whose candidates, all started together (as the first
+          fill starts them), fit the pool with their prompts' pages when one runs to the budget
+          and the others stop at the mean response length E[L]: ceil(S/k)*ceil(P/page) +
+          (S - 1)*own(E[L]) + own(G) <= pages, own(x) = ceil((P + x)/page) - floor(P/page) (a
+          candidate's own pages: it shares its prompt's full pages), rounded down to a multiple
+          of data*fsdp when at least that (so that the slots shard); the pool is then sized
+          again for those S (and S raised once if the smaller slot terms leave room).
+  occupancy  tokens / (S x decode steps) from a simulation of the engine's schedule
+          (planning/occupancy.py): response lengths lognormal with median G/4 and sigma 0.7,
+          capped at G (the issue's reference distribution), a slot refilled as soon as it
+          frees while the pool has pages for the tokens alive, the newest candidate preempted
+          when it has none; 8 draws averaged; prefill time not counted. The pool lives only
+          while the engine runs (a generate call), so it never meets the train step.
+  Calibration: `engine.segment` compiled on one CPU device (fp32 compute; three tiny models, S
+  16-64, page 8-32, G 256-2048, V 1024-16384, top_p 1 and 0.95; bench/engine_memory.py) came
+  within 1% of params + the per-layer weight copies + pool + slot state + segment work (XLA's
+  arguments + temporaries, the donated state aliased; its temporaries alone within 6%): m = 2 /
+  6 and the attention terms were read off those runs. The compiled prefill's temporaries came
+  within -14%/+5% of the prefill formula (CPU fp32, 2-8 prompts of 256-1024 tokens; the pool
+  is updated in place, donated), whose (4 + c) per score was read off them. The pallas layout
+  and TPU compilation are not measured here.
 
-Peak per device = resident (params + reference + optimizer) + max(train step, rollouts (KV
-cache + sampler work + decode weights)): rollouts and updates never run at the same time.
-Activations, layer work, logits and the sampler's work are estimates of what XLA keeps (its
+Peak per device = resident (params + reference + optimizer) + max(train step, rollout phase):
+rollouts and updates never run at the same time.
+Activations, layer work, logits and the engine's work are estimates of what XLA keeps (its
 fusion and rematerialisation choices move them); state bytes are exact. Not modelled: the
 rollout log-prob pass (a forward without gradients: smaller than the step), XLA scratch, and
 host-side data.
@@ -89,13 +141,11 @@ host-side data.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 
 from metastone_jax.config import REMAT_POLICIES, ModelConfig
 from metastone_jax.planning.tpu import GIB, TpuType
-from metastone_jax.sharding import logical_to_spec
 
 CAUSAL_BLOCK = 64  # layers.CAUSAL_BLOCK: queries per block of the causal attention
 LOGIT_COPIES = {"sft": 3, "grpo": 6, "spr": 0}
@@ -106,8 +156,9 @@ WARN_FRACTION = 0.9
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What the run does. train_rows: rows of one micro-batch on the whole mesh; `candidates`
-    rows decoded at once from `prompts` prompts (k each; 0: no sampling); prompt_len P
-    (padded), max_new G; cache_len S (default P + G)."""
+    rollouts per step from `prompts` prompts (k each; 0: no sampling); prompt_len P (padded),
+    max_new G; cache_len: the longest sequence (default P + G). The engine: slots, pages (0:
+    the planner chooses), page_size, memory_fraction (rl.*); top_p of the rollouts' sampling."""
 
     kind: str
     train_rows: int
@@ -120,9 +171,14 @@ class Workload:
     max_new: int = 0
     cache_len: int = 0
     logits_chunk: int = 0  # train.logits_chunk: LM-head positions per chunk (0 = full logits)
+    slots: int = 0
+    pages: int = 0
+    page_size: int = 16
+    memory_fraction: float = 0.0
+    top_p: float = 1.0
 
     @property
-    def slots(self) -> int:
+    def kv_len(self) -> int:
         return self.cache_len or self.prompt_len + self.max_new
 
 
@@ -140,7 +196,7 @@ class StateBytes:
 @dataclasses.dataclass(frozen=True)
 class Component:
     name: str
-    phase: str  # resident | step | rollout; "step*": only the larger of these counts
+    phase: str  # resident | step | rollout; "step*" / "rollout*": only the larger of these counts
     bytes: int
     detail: str = ""
 
@@ -155,7 +211,16 @@ class MemoryPlan:
     components: tuple[Component, ...]
     activations_by_remat: dict  # policy -> activations + layer work (alternatives, not summed)
     rows_per_device: int
-    rollout_rows_per_device: int
+    rollout_rows_per_device: int  # the engine's slots on one device
+    engine: object | None = None  # engine_memory.EnginePlan: slots, pages, occupancy
+
+    def alternatives(self, phase: str) -> list[Component]:
+        """The components of which only the largest counts ("step*", "rollout*")."""
+        return [c for c in self.components if c.phase == phase + "*"]
+
+    def _peak(self, phase: str) -> int:
+        alts = self.alternatives(phase)
+        return self.resident + self.phase_bytes(phase) + max((c.bytes for c in alts), default=0)
 
     def phase_bytes(self, phase: str) -> int:
         return sum(c.bytes for c in self.components if c.phase == phase)
@@ -166,12 +231,11 @@ class MemoryPlan:
 
     @property
     def step_peak(self) -> int:
-        alternatives = [c.bytes for c in self.components if c.phase == "step*"]
-        return self.resident + self.phase_bytes("step") + max(alternatives, default=0)
+        return self._peak("step")
 
     @property
     def rollout_peak(self) -> int:
-        return self.resident + self.phase_bytes("rollout")
+        return self._peak("rollout") if self.rollout_rows_per_device else self.resident
 
     @property
     def total(self) -> int:
@@ -191,13 +255,15 @@ class MemoryPlan:
 
     @property
     def peak_components(self) -> list[Component]:
-        """The components that make up the total: resident + the larger phase (of the step*
+        """The components that make up the total: resident + the larger phase (of its starred
         alternatives, the larger one)."""
         phase = "step" if self.step_peak >= self.rollout_peak else "rollout"
-        alternatives = [c for c in self.components if c.phase == "step*"]
-        extra = (
-            [max(alternatives, key=lambda c: c.bytes)] if phase == "step" and alternatives else []
-        )
+        return self.phase_components(phase)
+
+    def phase_components(self, phase: str) -> list[Component]:
+        """resident + `phase`'s components + the larger of its alternatives."""
+        alts = self.alternatives(phase)
+        extra = [max(alts, key=lambda c: c.bytes)] if alts else []
         return [c for c in self.components if c.phase in ("resident", phase)] + extra
 
     @property
@@ -279,65 +345,9 @@ def _logits_note(cfg: ModelConfig, tp: int, rows: int, t: int, w: Workload) -> s
     return f"[{rows}, {t}, {v}] fp32 x{LOGIT_COPIES[w.kind]} + LM head out"
 
 
-def kv_cache_bytes(cfg: ModelConfig, tp: int, rows: int, slots: int) -> int:
-    """k and v buffers [rows, K/tp, slots, hd] for each of the L layers, in the compute dtype."""
-    c = cfg.compute_jnp_dtype.itemsize
-    return 2 * cfg.n_layers * rows * _split(cfg.n_kv_heads, tp) * slots * cfg.head_dim * c
-
-
-def own_slots(cfg: ModelConfig, w: Workload) -> int:
-    """G: the slots of each candidate's own cache once grown to its budget."""
-    return max(0, min(w.slots - w.prompt_len, cfg.max_len - w.prompt_len))
-
-
-def cache_sizes(budget: int) -> list[int]:
-    """The own cache's sizes as the sampler grows it: GROW_SLOTS, doubled, capped at budget."""
-    from metastone_jax.sample.sampler import GROW_SLOTS
-
-    sizes = [min(budget, GROW_SLOTS) if GROW_SLOTS else budget]
-    while sizes[-1] < budget:
-        sizes.append(min(budget, 2 * sizes[-1]))
-    return sizes
-
-
-def prompts_per_device(prompts: int, mesh_shape: dict) -> int:
-    """The shared prefix's rows on one device: the sampler lays them over the 'batch' axes
-    non-strictly (`sharding.logical_to_spec`), dropping an axis the count does not divide."""
-    spec = logical_to_spec(("batch",), (prompts,), mesh_shape, strict=False)
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return prompts // math.prod(mesh_shape.get(a, 1) for a in axes)
-
-
-def rollout_kv_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
-    """The candidates' own caches (rows over dp) + the prompts' shared prefix."""
-    tp, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
-    n = math.ceil(w.candidates / dp)
-    pp = prompts_per_device(w.prompts, mesh_shape)
-    return kv_cache_bytes(cfg, tp, n, own_slots(cfg, w)) + kv_cache_bytes(cfg, tp, pp, w.prompt_len)
-
-
-def sampler_work_bytes(cfg: ModelConfig, w: Workload, mesh_shape: dict) -> int:
-    """The largest of prefill's temporaries, decode's, and the cache growth's old copy, plus
-    the decode state."""
-    tp, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
-    n = math.ceil(w.candidates / dp)
-    bp = math.ceil(w.prompts / dp)
-    pp = prompts_per_device(w.prompts, mesh_shape)
-    p, g = w.prompt_len, own_slots(cfg, w)
-    c = cfg.compute_jnp_dtype.itemsize
-    v = _split(cfg.vocab_size, tp)
-    prefill = bp * p * _split(cfg.n_heads, tp) * p * (8 + c) + bp * v * (c + 4)
-    decode = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * 4 * (n * g + pp * p)
-    decode += 2 * n * v * 4
-    sizes = cache_sizes(g)
-    growth = kv_cache_bytes(cfg, tp, n, sizes[-2]) // cfg.n_layers if len(sizes) > 1 else 0
-    state = n * w.max_new * 8
-    return int(max(prefill, decode, growth) + state)
-
-
 def decode_weights_bytes(cfg: ModelConfig, state: StateBytes, mesh_shape: dict) -> int:
-    """The weights the sampler's compiled loops hold beyond the resident shards (see above)."""
+    """The weights the engine's compiled segment and prefill hold beyond the resident shards
+    on a TPU mesh (see above)."""
     elements = state.params // jnp.dtype(cfg.param_dtype).itemsize * mesh_shape["fsdp"]
     elements += _split(cfg.vocab_size, mesh_shape["tensor"]) * cfg.d_model
     return elements * cfg.compute_jnp_dtype.itemsize
@@ -360,11 +370,6 @@ def build_plan(
         raise ValueError(
             f"a micro-batch of {w.train_rows} rows cannot be laid over data*fsdp = {dp} "
             f"devices: make the rows per update / data.grad_accum a multiple of {dp}"
-        )
-    if w.candidates % dp:
-        raise ValueError(
-            f"{w.candidates} rollout candidates cannot be laid over data*fsdp = {dp} devices: "
-            "change data.batch_size, rl.k or the mesh"
         )
     b = w.train_rows // dp
     t = w.seq_len
@@ -393,19 +398,15 @@ def build_plan(
             _logits_note(cfg, tp, b, t, w),
         ),
     ]  # fmt: skip
-    n = w.candidates // dp
-    if n:
-        comps += [
-            Component(
-                "KV cache", "rollout", rollout_kv_bytes(cfg, w, mesh_shape),
-                f"{n} rows x {own_slots(cfg, w)} slots + "
-                f"{prompts_per_device(w.prompts, mesh_shape)} shared prompts x {w.prompt_len}",
-            ),
-            Component("sampler work", "rollout", sampler_work_bytes(cfg, w, mesh_shape),
-                      "prefill/decode temporaries or a layer's growth copy"),
-            Component("decode weights", "rollout", decode_weights_bytes(cfg, state, mesh_shape),
-                      f"the weights gathered over fsdp {mesh_shape['fsdp']} for the loops"),
-        ]  # fmt: skip
+    engine, n = None, 0
+    if w.candidates:
+        from metastone_jax.planning.engine_memory import rollout_components
+
+        resident = sum(c.bytes for c in comps if c.phase == "resident")
+        weights = decode_weights_bytes(cfg, state, mesh_shape)
+        engine, rollout = rollout_components(cfg, w, mesh_shape, tpu.hbm_bytes, resident, weights)
+        comps += rollout
+        n = engine.slots_per_device
     comps = [c for c in comps if c.bytes or c.name in ("params", "optimizer state")]
     return MemoryPlan(
         model=name,
@@ -417,6 +418,7 @@ def build_plan(
         activations_by_remat={p: activation_bytes(cfg, tp, b, t, p) + work for p in REMAT_POLICIES},
         rows_per_device=b,
         rollout_rows_per_device=n,
+        engine=engine,
     )
 
 

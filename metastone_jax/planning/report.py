@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from metastone_jax.planning.memory import WARN_FRACTION, MemoryPlan, gib
+from metastone_jax.planning.occupancy import SIGMA
 
 ROWS = "fewer rows per device (raise data.grad_accum)"
 REMAT = "model.remat='full'"
@@ -17,11 +18,18 @@ REMEDIES = {
     "activations": (REMAT, ROWS, SHORTER),
     "layer work": ("more tensor (shards heads and the MLP)", ROWS, SHORTER),
     "logits": (CHUNK, "more tensor (shards the vocabulary)", ROWS, SHORTER),
-    "KV cache": (
-        "fewer candidates at once (data.batch_size, rl.k)", "a shorter rl.max_new_tokens",
-        "more data*fsdp",
+    "page pool": (
+        "fewer pages (rl.pages; 0 sizes the pool to the chip)",
+        "more tensor (kv heads over tensor)", "a shorter rl.max_new_tokens (the pool holds at "
+        "least one whole sequence)",
     ),
-    "sampler work": ("fewer prompts per step (data.batch_size)", "more data*fsdp"),
+    "slot state": ("fewer slots (rl.slots)",),
+    "question table": ("fewer slots (rl.slots)",),
+    "segment work": ("fewer slots (rl.slots)", "top_p = 1 (the nucleus draw keeps more copies)"),
+    "prefill work": (
+        "fewer slots (rl.slots: fewer prompts prefilled at once)", "shorter prompts "
+        "(data.max_prompt_len)", "more tensor (shards heads and the MLP)",
+    ),
     "decode weights": ("more tensor (each device gathers only its tensor shard of the weights)",),
 }  # fmt: skip
 GENERIC = {"fsdp": "more fsdp", "remat": REMAT, "rows per device": ROWS}  # keyword -> option
@@ -68,6 +76,48 @@ def verdict(plan: MemoryPlan) -> str:
     return f"FITS: {gib(plan.total):.2f} GiB per device, {spare:.2f} GiB spare{note}"
 
 
+def dominant(plan: MemoryPlan, phase: str):
+    """The largest component of `phase` (resident state included)."""
+    return max(plan.phase_components(phase), key=lambda c: c.bytes)
+
+
+def rollout_lines(plan: MemoryPlan) -> list[str]:
+    """The rollout engine: per-group share, slots, pool, expected occupancy, dominant term."""
+    eng, w = plan.engine, plan.workload
+    if eng is None:
+        return []
+    g = w.kv_len - w.prompt_len
+    lines = [
+        f"  rollouts: {w.candidates} per step ({w.prompts} prompts x {w.k}), up to "
+        f"{w.prompt_len} + {g} tokens, on one engine over the mesh",
+        f"  engine: {eng.slots} slots ({eng.slots_from}; {eng.slots_per_device} per device), "
+        f"{eng.pages:,} pages x {eng.page_size} tokens = {eng.tokens:,} tokens, whole on every "
+        f"device ({eng.pages_from}; the engine's own default, every slot's whole budget, is "
+        f"{eng.default_pages:,} pages), {eng.impl} layout",
+    ]
+    o = eng.occupancy
+    if o is not None:
+        lines.append(
+            f"  expected slot occupancy {o.occupancy:.0%} (simulated schedule: response "
+            f"lengths lognormal, median G/4 = {g // 4}, sigma {SIGMA}, capped at G = {g}: mean "
+            f"{o.mean_length:,.0f}; a slot refilled as soon as it frees while the pool has pages; "
+            f"{o.preemptions:.1f} preemptions, peak {o.peak_pages:,} pages, {o.steps:,.0f} steps)"
+        )
+        if not o.complete:
+            lines.append(
+                "  the simulated schedule thrashes (preempting again and again): the pool is "
+                "too small for these slots; the figures cover the part simulated"
+            )
+        if o.preemptions:
+            lines.append(
+                "  preempted candidates are prefilled again (up to the whole sequence in one "
+                "row): not counted in the prefill work"
+            )
+    big = dominant(plan, "rollout")
+    lines.append(f"  rollout peak dominated by: {big.name} ({gib(big.bytes):.2f} GiB)")
+    return lines
+
+
 def format_table(plan: MemoryPlan) -> str:
     w = plan.workload
     hbm = plan.hbm
@@ -77,12 +127,7 @@ def format_table(plan: MemoryPlan) -> str:
         f"micro-batch ({w.train_rows} rows / {plan.mesh_shape['data'] * plan.mesh_shape['fsdp']}"
         f" data*fsdp), grad_accum {w.grad_accum}, remat={plan.remat}"
     )
-    if plan.rollout_rows_per_device:
-        lines.append(
-            f"  rollouts: {w.candidates} candidates ({w.prompts} prompts), "
-            f"{plan.rollout_rows_per_device} per device, {w.slots} KV slots each (the "
-            f"{w.prompt_len}-token prompt's shared by its {w.k})"
-        )
+    lines += rollout_lines(plan)
     lines.append("")
     lines.append(f"  {'component':<18} {'phase':<9} {'GiB/device':>10} {'% HBM':>7}  detail")
     for c in plan.components:
@@ -99,7 +144,8 @@ def format_table(plan: MemoryPlan) -> str:
         lines.append(f"  {name:<28} {gib(n):>10.2f} {100 * n / hbm:>6.1f}%")
     alts = ", ".join(f"{p} {gib(n):.2f}" for p, n in plan.activations_by_remat.items())
     lines.append(f"  activations + layer work by remat policy (GiB): {alts}")
-    lines.append("  step*: only the larger counts (logits are freed before the layers' backward).")
+    lines.append("  step*: only the larger counts (logits are freed before the layers' backward);")
+    lines.append("  rollout*: likewise (a segment and a prefill never run at once).")
     lines.append("  State bytes are exact; the rest is estimated (+-25%; planning/memory.py).")
     lines.append(verdict(plan))
     return "\n".join(lines)
@@ -122,8 +168,9 @@ def to_json(plan: MemoryPlan) -> dict:
             "grad_accum": w.grad_accum,
             "candidates": w.candidates,
             "rollout_rows_per_device": plan.rollout_rows_per_device,
-            "kv_slots": w.slots if w.candidates else 0,
+            "max_seq_len": w.kv_len if w.candidates else 0,
         },
+        "engine": _engine_json(plan),
         "components": {
             c.name: {"phase": c.phase, "bytes": c.bytes, "gib": round(gib(c.bytes), 4)}
             for c in plan.components
@@ -138,6 +185,22 @@ def to_json(plan: MemoryPlan) -> dict:
         "shortfall_bytes": plan.shortfall,
         "shortfall_gib": round(gib(plan.shortfall), 4),
     }
+
+
+def _engine_json(plan: MemoryPlan) -> dict | None:
+    eng = plan.engine
+    if eng is None:
+        return None
+    o = eng.occupancy
+    return {
+        "candidates": eng.candidates, "prompts": eng.prompts, "slots": eng.slots,
+        "slots_per_device": eng.slots_per_device, "slots_from": eng.slots_from, "pages": eng.pages,
+        "pages_from": eng.pages_from, "page_size": eng.page_size, "tokens": eng.tokens,
+        "default_pages": eng.default_pages, "layout": eng.impl, "page_bytes": eng.page_bytes,
+        "occupancy": None if o is None else round(o.occupancy, 4),
+        "preemptions": None if o is None else o.preemptions,
+        "dominant": dominant(plan, "rollout").name,
+    }  # fmt: skip
 
 
 def refusal_message(plan: MemoryPlan) -> str:

@@ -33,6 +33,7 @@ from metastone_jax.train.resume import restore_newest
 from metastone_jax.train.rollout import (
     LENGTH,
     SavedRollouts,
+    engine_config,
     grade_rollouts,
     minibatches,
     pack_rollouts,
@@ -151,14 +152,16 @@ def train(config, workdir: str) -> dict[str, Any]:
     validate_train_config(config)
     check_workdir(workdir, setup.files_dir(workdir, config.train.local_dir))
     maybe_initialize_distributed()
-    check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
+    plan = check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
+    # The rollout engine's slots and pool: as configured, else as the plan chose them.
+    engine = engine_config(config.rl, plan.engine if plan is not None else None)
     if jax.process_index() != 0:
-        return _train(config, workdir)
+        return _train(config, workdir, engine)
     with WorkdirLock(setup.files_dir(workdir, config.train.local_dir)):
-        return _train(config, workdir)
+        return _train(config, workdir, engine)
 
 
-def _train(config, workdir: str) -> dict[str, Any]:
+def _train(config, workdir: str, engine) -> dict[str, Any]:
     mesh = make_mesh(dict(config.mesh))
     ctx = setup.prepare(config, workdir, mesh)
     graphdef = ctx.graphdef
@@ -225,7 +228,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
                     metrics = _host(m)
                 elif kind in ("grpo", "spr"):
                     state, metrics = _grpo_update(
-                        state, records, ctx, config, step_fn, logprobs, step, mesh
+                        state, records, ctx, config, step_fn, logprobs, step, mesh, engine
                     )
                 else:
                     batch = setup.sft_rows(records, ctx, config)
@@ -265,7 +268,9 @@ def _train(config, workdir: str) -> dict[str, Any]:
     return last
 
 
-def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, step: int, mesh):
+def _grpo_update(
+    state: TrainState, records, ctx, config, step_fn, logprobs, step: int, mesh, engine
+):
     """Rollouts for the batch's prompts, rewards, then `rl.mini_batches` updates."""
     prompts, answers = ctx.prompt_batch(records)
     rng = np.random.default_rng([int(config.seed), step])
@@ -274,6 +279,7 @@ def _grpo_update(state: TrainState, records, ctx, config, step_fn, logprobs, ste
     cands = sample_rollouts(
         ctx.graphdef, state.params, prompts, k=int(config.rl.k), sampling=ctx.sampling,
         step=ctx.sampler_step, seeds=seeds, pad_id=ctx.pad_id, mesh=mesh,
+        engine=engine,
     )  # fmt: skip
     rollout_s = time.perf_counter() - t0
     format_check = bool(config.rl.format_check)

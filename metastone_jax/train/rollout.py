@@ -14,8 +14,9 @@ from flax import nnx
 
 from metastone_jax.evaluate.grading import answers_match, extract_final_answer
 from metastone_jax.rl import group_advantages
+from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sample.sampler import LENGTH, Candidates, generate
+from metastone_jax.sample.sampler import LENGTH, Candidates
 from metastone_jax.sprm import StepTokens
 
 
@@ -30,13 +31,31 @@ def sample_rollouts(
     seeds: Sequence[int],
     pad_id: int,
     mesh=None,
+    engine: paged_engine.EngineConfig | None = None,
 ) -> Candidates:
-    """k candidates per prompt with the current policy (no step scoring: the train step
-    recomputes SPRM logits with gradients anyway)."""
+    """k candidates per prompt with the current policy, on the continuous-batching engine
+    (`engine`: slots, page size, pool; config rl.slots, rl.page_size, rl.pages,
+    rl.memory_fraction). No step scoring: the train step recomputes SPRM logits with
+    gradients anyway."""
     model = nnx.merge(graphdef, params)
-    return generate(
+    return paged_engine.generate(
         model, prompts, k=k, params=sampling, step=step, seeds=list(seeds), pad_id=pad_id,
-        mesh=mesh, score_steps=False,
+        mesh=mesh, score_steps=False, engine=engine,
+    )  # fmt: skip
+
+
+def engine_config(rl, planned=None) -> paged_engine.EngineConfig:
+    """The rollout engine's settings from the config's rl section; slots and pages left at 0
+    take the memory plan's choice (`planned`: planning.engine_memory.EnginePlan, on a TPU
+    run), else the engine's defaults."""
+    fraction = float(rl.memory_fraction)
+    slots, pages = int(rl.slots), int(rl.pages)
+    if planned is not None:
+        slots = slots or planned.slots
+        pages = pages or (0 if fraction > 0 else planned.pages)
+    return paged_engine.EngineConfig(
+        slots=slots, page_size=int(rl.page_size), pages=pages,
+        memory_fraction=fraction if fraction > 0 else None,
     )  # fmt: skip
 
 

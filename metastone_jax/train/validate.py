@@ -113,6 +113,10 @@ RULES: dict[str, Range | OneOf] = {
     "rl.kl_coef": at_least(0.0),
     "rl.entropy_coef": at_least(0.0),  # a bonus: loss = policy - entropy_coef * entropy
     "rl.format_check": OneOf((False, True)),
+    "rl.slots": at_least(0),  # 0 = every rollout of a step at once (sample/engine.py)
+    "rl.page_size": at_least(1),
+    "rl.pages": at_least(0),  # 0 = from memory_fraction, else every slot's whole budget
+    "rl.memory_fraction": fraction(hi_open=False),
     "spr.coef": at_least(0.0),
     "spr.form": OneOf(SPR_FORMS),
     "spr.grad_scale": at_least(0.0),
