@@ -1,6 +1,8 @@
 """The paged, continuously batched engine against the static sampler, and its scheduling:
 candidates equal whatever the slots, page size, queue order or preemptions; pages return."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -135,6 +137,22 @@ def test_pages_are_shared_owned_once_and_all_returned(model, monkeypatch):
     eng.run()
     assert seen["checks"] > 5
     assert sorted(eng.free) == list(range(eng.layout.pages))
+
+
+def test_a_tight_pool_with_partial_prompt_pages_admits_what_fits(model):
+    """Candidates admitted together each take their partial prompt page after the admission
+    loop: the loop counts them (a pool of 20 pages of 4 tokens, prompts of 6 tokens)."""
+    prompts = [[2, 3, 4, 8, 9, 6], [3, 8, 9, 10, 2, 6], [4, 4, 2, 3, 9, 6], [9, 2, 3, 4, 8, 6]]
+    limits = np.random.default_rng(0).integers(1, 41, (4, 3))
+    params = dataclasses.replace(SAMPLED, stop_ids=())
+    ref = sampler.generate(model, prompts, k=3, params=params, step=STEP, seeds=SEEDS,
+                           limits=limits)  # fmt: skip
+    got, stats = engine.generate(
+        model, prompts, k=3, params=params, step=STEP, seeds=SEEDS, limits=limits,
+        engine=EngineConfig(slots=5, page_size=4, pages=20), return_stats=True,
+    )  # fmt: skip
+    assert stats.preemptions > 0 and stats.peak_pages <= 20
+    _assert_same(got, ref, model, params)
 
 
 def test_questions_are_reported_in_order_and_limits_hold(model):

@@ -32,11 +32,12 @@ from flax import nnx
 
 from metastone_jax.sample import paged, sampler
 from metastone_jax.sample.processors import SamplingParams, seen_from_tokens
+from metastone_jax.sharding import constrain
 from metastone_jax.sprm import RunningScore, StepTokens, is_id
 
-# Rows gathered from / written to the slots per call (a fixed shape: one compilation).
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_SEGMENT_STEPS = 64
+MIN_SLOTS = 8  # the tail's slots are halved down to this many (`Engine._maybe_shrink`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,28 @@ def _row_fields(state: sampler.DecodeState) -> sampler.DecodeState:
     return state.replace(cache=None)
 
 
+def _constrain(state: sampler.DecodeState) -> sampler.DecodeState:
+    """Under a mesh: slots over ('data', 'fsdp') as far as S divides them, the pool's KV heads
+    over 'tensor' (pages whole on every row device: a slot reads any page); no-op without."""
+
+    def rows(x):
+        return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
+
+    cache = state.cache
+    axes = {"xla": (None, "kv_heads", None, None), "pallas": (None, None, "kv_heads", None)}
+    pool_axes = axes[cache.impl]
+
+    def pool(x):
+        return constrain(x, pool_axes) if x.ndim == 4 else x
+
+    cache = cache.replace(
+        k=tuple(pool(x) for x in cache.k), v=tuple(pool(x) for x in cache.v),
+        page_table=rows(cache.page_table), kv_len=rows(cache.kv_len),
+    )  # fmt: skip
+    rest = jax.tree.map(rows, _row_fields(state))
+    return rest.replace(cache=cache)
+
+
 def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.DecodeState:
     """S empty slots (done) over an empty pool."""
     s, g = layout.slots, opts.params.max_new_tokens
@@ -144,32 +167,34 @@ def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.Dec
     )  # fmt: skip
     s_max = sampler._max_steps(opts.params)
     dtype = cfg.compute_jnp_dtype
-    return sampler.DecodeState(
-        cache=cache,
-        next_logits=jnp.zeros((s, cfg.vocab_size), jnp.float32),
-        next_feature=jnp.zeros((s, cfg.d_model), dtype),
-        tokens=jnp.full((s, g), opts.pad_id, jnp.int32),
-        length=jnp.zeros((s,), jnp.int32),
-        limit=jnp.full((s,), g, jnp.int32),
-        prompt_len=jnp.zeros((s,), jnp.int32),
-        prev=jnp.zeros((s,), jnp.int32),
-        done=jnp.ones((s,), bool),
-        paused=jnp.zeros((s,), bool),
-        finish=jnp.zeros((s,), jnp.int32),
-        logprob=jnp.zeros((s,), jnp.float32),
-        seen=jnp.zeros((s, cfg.vocab_size), bool),
-        n_open=jnp.zeros((s,), jnp.int32),
-        n_close=jnp.zeros((s,), jnp.int32),
-        open_pos=jnp.full((s,), -1, jnp.int32),
-        close_pos=jnp.full((s,), -1, jnp.int32),
-        think_tokens=jnp.zeros((s,), jnp.int32),
-        step_scores=jnp.zeros((s, s_max), jnp.float32),
-        step_index=jnp.full((s, s_max), -1, jnp.int32),
-        step_features=jnp.zeros((s, s_max, cfg.d_model), dtype) if opts.keep_features else None,
-        n_steps=jnp.zeros((s,), jnp.int32),
-        running=RunningScore.init((s,)),
-        keys=jnp.zeros((s, 2), jnp.uint32),
-        clock=jnp.zeros((), jnp.int32),
+    return _constrain(
+        sampler.DecodeState(
+            cache=cache,
+            next_logits=jnp.zeros((s, cfg.vocab_size), jnp.float32),
+            next_feature=jnp.zeros((s, cfg.d_model), dtype),
+            tokens=jnp.full((s, g), opts.pad_id, jnp.int32),
+            length=jnp.zeros((s,), jnp.int32),
+            limit=jnp.full((s,), g, jnp.int32),
+            prompt_len=jnp.zeros((s,), jnp.int32),
+            prev=jnp.zeros((s,), jnp.int32),
+            done=jnp.ones((s,), bool),
+            paused=jnp.zeros((s,), bool),
+            finish=jnp.zeros((s,), jnp.int32),
+            logprob=jnp.zeros((s,), jnp.float32),
+            seen=jnp.zeros((s, cfg.vocab_size), bool),
+            n_open=jnp.zeros((s,), jnp.int32),
+            n_close=jnp.zeros((s,), jnp.int32),
+            open_pos=jnp.full((s,), -1, jnp.int32),
+            close_pos=jnp.full((s,), -1, jnp.int32),
+            think_tokens=jnp.zeros((s,), jnp.int32),
+            step_scores=jnp.zeros((s, s_max), jnp.float32),
+            step_index=jnp.full((s, s_max), -1, jnp.int32),
+            step_features=jnp.zeros((s, s_max, cfg.d_model), dtype) if opts.keep_features else None,
+            n_steps=jnp.zeros((s,), jnp.int32),
+            running=RunningScore.init((s,)),
+            keys=jnp.zeros((s, 2), jnp.uint32),
+            clock=jnp.zeros((), jnp.int32),
+        )
     )
 
 
@@ -210,9 +235,10 @@ def segment(graphdef, model_state, state, free, n_free, *, opts, steps: int):
         table = table.at[rows, col].set(jnp.where(need, new_page, table[rows, col]))
         s = s.replace(cache=s.cache.replace(page_table=table))
         model = nnx.merge(graphdef, model_state)
-        return sampler.advance(s, opts, model, forward), n - jnp.sum(need), i + 1
+        return _constrain(sampler.advance(s, opts, model, forward)), n - jnp.sum(need), i + 1
 
-    state, n_free, _ = jax.lax.while_loop(cond, body, (state, n_free, jnp.int32(0)))
+    carry = (_constrain(state), n_free, jnp.int32(0))
+    state, n_free, _ = jax.lax.while_loop(cond, body, carry)
     return state, n_free
 
 
@@ -229,8 +255,9 @@ def prefill(graphdef, model_state, tokens, valid, page_ids, offsets, k_pool, v_p
         # [B, K, T, hd] -> [B, T, K, hd]
         kp, vp = paged.write(k_pool[i], v_pool[i], ks[i].transpose(0, 2, 1, 3),
                              vs[i].transpose(0, 2, 1, 3), page_ids, offsets, impl)  # fmt: skip
-        new_k.append(kp)
-        new_v.append(vp)
+        axes = (None, "kv_heads", None, None) if impl == "xla" else (None, None, "kv_heads", None)
+        new_k.append(constrain(kp, axes) if kp.ndim == 4 else kp)
+        new_v.append(constrain(vp, axes) if vp.ndim == 4 else vp)
     length = jnp.sum(valid, axis=1).astype(jnp.int32)
     last = jnp.maximum(length - 1, 0)
     take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # noqa: E731
@@ -304,7 +331,17 @@ def insert(state, slots, fresh, starts, q_rows, keys, limits, saved, page_rows, 
         page_table=put(cache.page_table, page_rows),
         kv_len=put(cache.kv_len, kv_len),
     )
-    return state.replace(cache=cache, **updates)
+    return _constrain(state.replace(cache=cache, **updates))
+
+
+def compact(state, rows):
+    """The state of slots `rows` [S'] only, in that order (the pool unchanged)."""
+    cache = state.cache
+    fields = jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x,
+                          _row_fields(state))  # fmt: skip
+    cache = cache.replace(page_table=jnp.take(cache.page_table, rows, axis=0),
+                          kv_len=jnp.take(cache.kv_len, rows, axis=0))  # fmt: skip
+    return _constrain(fields.replace(cache=cache))
 
 
 def take_rows(state, slots):
@@ -324,6 +361,8 @@ def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
         return jax.jit(fn, donate_argnums=(5, 6))
     if which == "insert":
         return jax.jit(insert, donate_argnums=(0,))
+    if which == "compact":
+        return jax.jit(compact)  # smaller outputs: nothing to donate into
     return jax.jit(take_rows)
 
 
@@ -374,6 +413,12 @@ class EngineStats:
     slot_steps: int = 0  # S x steps
     preemptions: int = 0
     prefills: int = 0
+    resizes: int = 0  # times the slots were halved for the tail
+    # Pages held / pages the live tokens fill (`Engine._count_pages`), the worst at a harvest,
+    # and both summed over harvests (their ratio: the run's average).
+    held_over_alive: float = 0.0
+    held_sum: int = 0
+    alive_sum: int = 0
     peak_pages: int = 0  # most pages held at a harvest
     seconds: float = 0.0
 
@@ -386,7 +431,8 @@ class Engine:
     """One `generate` call's scheduler: the queue, the page allocator, the slots."""
 
     def __init__(self, model, prompts, *, k, params, step, seeds, engine, limits, pad_id,
-                 score_steps, keep_features, order, on_question, progress):  # fmt: skip
+                 score_steps, keep_features, order, on_question, progress,
+                 mesh=None):  # fmt: skip
         cfg = model.cfg
         self.cfg, self.k, self.prompts = cfg, k, [list(p) for p in prompts]
         g = params.max_new_tokens
@@ -425,6 +471,7 @@ class Engine:
         self.on_question, self.progress = on_question, progress
         self._order = list(range(b))
         self.graphdef, self.model_state = nnx.split(model)
+        self.mesh = mesh
 
     # -- the pool --------------------------------------------------------------------------
 
@@ -434,6 +481,10 @@ class Engine:
         return out
 
     def run(self) -> tuple[sampler.Candidates, EngineStats]:
+        with sampler._mesh_context(self.mesh):
+            return self._run()
+
+    def _run(self) -> tuple[sampler.Candidates, EngineStats]:
         lay, opts, cfg = self.layout, self.opts, self.cfg
         s_count = lay.slots
         t0 = time.perf_counter()
@@ -477,10 +528,11 @@ class Engine:
             steps = int(self.state.clock) - clock0
             self.stats.segments += 1
             self.stats.steps += steps
-            self.stats.slot_steps += steps * s_count
+            self.stats.slot_steps += steps * len(self.slot_req)
             held = lay.pages - len(self.free)
             self.stats.peak_pages = max(self.stats.peak_pages, held)
             self._harvest(results, bar)
+            self._maybe_shrink()
         bar.close()
         self.stats.tokens = int(results.length.sum())
         self.stats.seconds = time.perf_counter() - t0
@@ -500,24 +552,27 @@ class Engine:
     # -- filling slots -----------------------------------------------------------------------
 
     def _fill(self) -> None:
-        lay, page = self.layout, self.layout.page_size
+        page = self.layout.page_size
         free_slots = [s for s, r in enumerate(self.slot_req) if r is None]
-        running = lay.slots - len(free_slots)
+        running = len(self.slot_req) - len(free_slots)
         fresh, resumed, new_q = [], [], []
+        promised = 0  # pages the admitted candidates take after this loop
         while free_slots and (self.resumes or self.queue):
             req = self.resumes[0] if self.resumes else self.queue[0]
             q = req.question
             plen = len(self.prompts[q])
+            copy = 1 if plen % page else 0  # the partial prompt page, copied per candidate
             if req.saved is not None:
-                need = math.ceil((plen + len(req.generated)) / page)
+                later = need = math.ceil((plen + len(req.generated)) / page)
             elif q in self.questions or q in new_q:
-                need = 1 if plen % page else 0
+                later = need = copy
             else:
-                need = math.ceil(plen / page) + (1 if plen % page else 0)
+                need, later = math.ceil(plen / page) + copy, copy
             # Keep a page for every running slot's next step: admitting a candidate must not
             # stall the ones already running (which would preempt it straight away).
-            if need + running + len(fresh) + len(resumed) > len(self.free):
+            if need + promised + running + len(fresh) + len(resumed) > len(self.free):
                 break
+            promised += later
             (self.resumes if req.saved is not None else self.queue).popleft()
             slot = free_slots.pop(0)
             if req.saved is not None:
@@ -671,7 +726,41 @@ class Engine:
             self._preempt(s, int(kv_len[s]), table[s])
             if active[s] and kv_len[s] % page == 0:
                 need -= 1
+        self._count_pages(kv_len)
         bar.set_postfix(self.stats, lay.pages - len(self.free))
+
+    def _count_pages(self, kv_len) -> None:
+        """Pages held vs pages the live tokens fill (each sequence's own tokens rounded up to
+        pages, a resident prompt's full pages once): the pool's overhead, for `EngineStats`."""
+        page = self.layout.page_size
+        alive = sum(len(self.prompts[q]) // page for q, qs in self.questions.items() if qs.pages)
+        for s, req in enumerate(self.slot_req):
+            if req is not None:
+                alive += math.ceil(int(kv_len[s]) / page) - self.slot_shared[s]
+        held = self.layout.pages - len(self.free)
+        if alive:
+            self.stats.held_over_alive = max(self.stats.held_over_alive, held / alive)
+            self.stats.held_sum += held
+            self.stats.alive_sum += alive
+
+    def _maybe_shrink(self) -> None:
+        """With the queue empty, halves the slots (or more) while at most half of them run:
+        the live candidates move to the first rows of a smaller state (the pool stays), so
+        the tail of long candidates does not pay for idle slots (one compilation per size)."""
+        if self.queue or self.resumes:
+            return
+        live = [s for s, r in enumerate(self.slot_req) if r is not None]
+        size = max(MIN_SLOTS, 1 << max(0, math.ceil(math.log2(max(len(live), 1)))))
+        if not live or size > len(self.slot_req) // 2:
+            return
+        idle = next(s for s, r in enumerate(self.slot_req) if r is None)
+        rows = live + [idle] * (size - len(live))
+        self.state = _compiled(self.graphdef, "compact", None)(self.state, jnp.asarray(rows))
+        pick = lambda xs: [xs[s] for s in live] + [xs[idle]] * (size - len(live))  # noqa: E731
+        self.slot_req = pick(self.slot_req)
+        self.slot_shared = pick(self.slot_shared)
+        self.slot_started = pick(self.slot_started)
+        self.stats.resizes += 1
 
     def _preempt(self, slot: int, kv_len: int, table_row) -> None:
         req = self.slot_req[slot]
@@ -788,17 +877,20 @@ def generate(
     on_question=None,
     progress: bool = False,
     return_stats: bool = False,
+    mesh=None,
 ):
     """`sampler.generate` on the engine: k candidates per prompt -> `Candidates` [B, k, ...].
 
     engine: slots, page size, pool (`EngineConfig`). limits: [B, k] per-candidate length caps.
     order: the queue's question order (default: prompt order). on_question(q, Candidates of
     B = 1): called for each question once it and all before it (in prompt order) are done.
-    return_stats: also return the `EngineStats`."""
+    return_stats: also return the `EngineStats`. mesh: run on it (slots over its row axes, the
+    pool's KV heads over 'tensor')."""
     eng = Engine(
         model, prompts, k=k, params=params, step=step, seeds=seeds,
         engine=engine or EngineConfig(), limits=limits, pad_id=pad_id, score_steps=score_steps,
         keep_features=keep_features, order=order, on_question=on_question, progress=progress,
+        mesh=mesh,
     )  # fmt: skip
     cands, stats = eng.run()
     return (cands, stats) if return_stats else cands
