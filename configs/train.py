@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # `pages` (0: `memory_fraction` of the free memory when > 0, else room for
                 # every slot's whole budget).
                 "slots": 0,
-                "page_size": 16,
+                "page_size": 64,
                 "pages": 0,
                 "memory_fraction": 0.0,
             },

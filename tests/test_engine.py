@@ -176,9 +176,9 @@ def test_questions_are_reported_in_order_and_limits_hold(model):
     "config, match",
     [
         (EngineConfig(page_size=12), "page_size=12 does not divide the model's max_len=160"),
-        (EngineConfig(slots=8, pages=4), "pages=4 is fewer than slots=8"),
+        (EngineConfig(slots=8, pages=4, page_size=16), "pages=4 is fewer than slots=8"),
         (EngineConfig(slots=2, page_size=4, pages=10), "cannot hold one sequence"),
-        (EngineConfig(attention_impl="flash"), "attention_impl"),
+        (EngineConfig(attention_impl="flash", page_size=16), "attention_impl"),
     ],
 )
 def test_bad_settings_fail_before_compiling(model, config, match, monkeypatch):

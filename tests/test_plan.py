@@ -255,7 +255,7 @@ def test_sample_overrides_size_the_engine():
     plan = plan_config(config, sample_rows=64, sample_len=3072)
     eng = plan.engine
     v, d = ARCH["metastone-s1-1.5b"][:2]
-    assert (eng.candidates, eng.prompts, eng.columns) == (64, 64 // 8, 3072 // 16)
+    assert (eng.candidates, eng.prompts, eng.columns) == (64, 64 // 8, 3072 // eng.page_size)
     assert eng.slots_per_device == eng.slots // 4  # slots over fsdp 4
     g, s_max = 2048, 1024  # (G + 1) // 2 step slots
     # next logits f32 + seen bool [V], feature bf16 [D], tokens [G], step scores f32 + index

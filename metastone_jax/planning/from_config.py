@@ -69,7 +69,7 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             logits_chunk=int(config.train.logits_chunk),
             slots=int(rl.get("slots", 0)),
             pages=int(rl.get("pages", 0)),
-            page_size=int(rl.get("page_size", 16)),
+            page_size=int(rl.get("page_size", 64)),
             memory_fraction=float(rl.get("memory_fraction", 0.0)),
             top_p=float(rl.get("top_p", 1.0)),
         )

@@ -173,7 +173,7 @@ class Workload:
     logits_chunk: int = 0  # train.logits_chunk: LM-head positions per chunk (0 = full logits)
     slots: int = 0
     pages: int = 0
-    page_size: int = 16
+    page_size: int = 64
     memory_fraction: float = 0.0
     top_p: float = 1.0
 

@@ -35,7 +35,7 @@ from metastone_jax.sample.processors import SamplingParams, seen_from_tokens
 from metastone_jax.sharding import constrain
 from metastone_jax.sprm import RunningScore, StepTokens, is_id
 
-DEFAULT_PAGE_SIZE = 16
+DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 64
 MIN_SLOTS = 8  # the tail's slots are halved down to this many (`Engine._maybe_shrink`)
 
