@@ -191,3 +191,13 @@ def test_a_prompt_over_the_budget_names_it(model):
     long = [[2] * 130]
     with pytest.raises(ValueError, match="prompt 0 has 130 tokens; with max_new_tokens=40"):
         engine.generate(model, long, k=1, params=SAMPLED, step=STEP)
+
+
+@pytest.mark.parametrize("slots", [7, 8, 100, 256])
+def test_the_tail_shrinks_through_sizes_the_live_rows_fill_to_four_fifths(slots):
+    sizes = engine.slot_sizes(slots)
+    assert sizes[-1] == slots and sizes == sorted(set(sizes))
+    assert sizes[0] == min(slots, engine.MIN_SLOTS)
+    for small, big in zip(sizes, sizes[1:]):
+        # live rows that no longer fit `small` number > small, so they fill big to > small/big
+        assert 5 * small >= 4 * big

@@ -37,7 +37,19 @@ from metastone_jax.sprm import RunningScore, StepTokens, is_id
 
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 64
-MIN_SLOTS = 8  # the tail's slots are halved down to this many (`Engine._maybe_shrink`)
+MIN_SLOTS = 8  # the tail's slots shrink down to this many (`Engine._maybe_shrink`)
+
+
+def slot_sizes(slots: int) -> list[int]:
+    """The sizes the slots shrink through: 4, 5, 6 and 7 times each power of two over 4 below
+    `slots` (8, 10, 12, 14, 16, 20, ...; from MIN_SLOTS): the live rows fill at least 4/5 of
+    the slots, at a compilation per size (bench/RESULTS.md: 2/3 with halves and 1.5x steps
+    gave 87.8% occupancy on the heavy-tailed bench)."""
+    sizes, n = {slots}, MIN_SLOTS
+    while n < slots:
+        sizes.update(n * m // 4 for m in (4, 5, 6, 7))
+        n *= 2
+    return sorted(x for x in sizes if x <= slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,15 +210,16 @@ def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.Dec
     )
 
 
-def segment(graphdef, model_state, state, free, n_free, *, opts, steps: int):
-    """Decodes up to `steps` tokens per slot; stops early when a slot finishes (or pauses),
-    when every slot is idle, or when the slots that need a page this step outnumber the free
-    ones (`n_free` pages on top of the stack `free` [P]). -> (state, n_free)."""
+def segment(graphdef, model_state, state, free, n_free, exit_settled, *, opts, steps: int):
+    """Decodes up to `steps` tokens per slot; stops early once `exit_settled` slots are
+    finished (or paused; the host asks for one more than now when it has candidates to start,
+    else for the count at which the slots would shrink), when every slot is idle, or when the
+    slots that need a page this step outnumber the free ones (`n_free` pages on top of the
+    stack `free` [P]). -> (state, n_free)."""
     layers = None
     if jax.default_backend() == "cpu":  # see sampler.decode
         layers = nnx.merge(graphdef, model_state).layer_params()
     rows = jnp.arange(state.done.shape[0])
-    settled = jnp.sum(state.done | state.paused)
 
     def needs_page(s):
         page = s.cache.page_size
@@ -219,7 +232,7 @@ def segment(graphdef, model_state, state, free, n_free, *, opts, steps: int):
             jnp.any(active)
             & (i < steps)
             & (jnp.sum(needs_page(s)) <= n)
-            & (jnp.sum(s.done | s.paused) == settled)
+            & (jnp.sum(s.done | s.paused) < exit_settled)
         )
 
     def forward(model, token, active, s):
@@ -521,7 +534,8 @@ class Engine:
             n_before = len(self.free)
             clock0 = int(self.state.clock)
             self.state, n_after = segment_fn(
-                self.model_state, self.state, jnp.asarray(free_arr), jnp.int32(n_before)
+                self.model_state, self.state, jnp.asarray(free_arr), jnp.int32(n_before),
+                jnp.int32(self._exit_settled()),
             )
             n_after = int(n_after)
             del self.free[n_after:]  # popped by the slots that grew a page
@@ -743,15 +757,26 @@ class Engine:
             self.stats.held_sum += held
             self.stats.alive_sum += alive
 
+    def _exit_settled(self) -> int:
+        """How many settled slots end the next segment: one more than now while candidates
+        wait for a slot; with the queue empty, as many as make the slots shrink (a finished
+        candidate waits in its slot, frozen, until then)."""
+        size = len(self.slot_req)
+        settled = sum(r is None for r in self.slot_req)
+        if self.queue or self.resumes:
+            return settled + 1
+        smaller = [n for n in slot_sizes(size) if n < size]
+        return size - smaller[-1] if smaller else size
+
     def _maybe_shrink(self) -> None:
-        """With the queue empty, halves the slots (or more) while at most half of them run:
-        the live candidates move to the first rows of a smaller state (the pool stays), so
-        the tail of long candidates does not pay for idle slots (one compilation per size)."""
+        """With the queue empty, shrinks the slots to the smallest of `slot_sizes` that holds
+        the live candidates: they move to the first rows of a smaller state (the pool stays),
+        so the tail of long candidates does not pay for idle slots (one compilation per size)."""
         if self.queue or self.resumes:
             return
         live = [s for s, r in enumerate(self.slot_req) if r is not None]
-        size = max(MIN_SLOTS, 1 << max(0, math.ceil(math.log2(max(len(live), 1)))))
-        if not live or size > len(self.slot_req) // 2:
+        size = min(n for n in slot_sizes(len(self.slot_req)) if n >= len(live))
+        if not live or size >= len(self.slot_req):
             return
         idle = next(s for s, r in enumerate(self.slot_req) if r is None)
         rows = live + [idle] * (size - len(live))
