@@ -124,8 +124,10 @@ def main() -> None:
               f"fill: worst {stats.held_over_alive:.3f}, average "
               f"{stats.held_sum / stats.alive_sum:.3f}")  # fmt: skip
         differ = int((c_s.tokens != c_e.tokens).any(axis=-1).sum())
-        print(f"  candidates whose tokens differ from the static sampler's: {differ} of {b * k} "
-              "(fp32 rounding of other sums can flip a near-tie draw; a flip changes the rest)")
+        print(
+            f"  candidates whose tokens differ from the static sampler's: {differ} of {b * k} "
+            "(fp32 rounding of other sums can flip a near-tie draw; a flip changes the rest)"
+        )
         for slots in [int(x) for x in args.slots_list.split(",") if x.strip()]:
             conf_s = engine.EngineConfig(slots=slots, page_size=args.page_size, pages=pages)
             run = lambda c=conf_s: engine.generate(  # noqa: E731

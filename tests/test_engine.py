@@ -198,6 +198,6 @@ def test_the_tail_shrinks_through_sizes_the_live_rows_fill_to_four_fifths(slots)
     sizes = engine.slot_sizes(slots)
     assert sizes[-1] == slots and sizes == sorted(set(sizes))
     assert sizes[0] == min(slots, engine.MIN_SLOTS)
-    for small, big in zip(sizes, sizes[1:]):
+    for small, big in zip(sizes, sizes[1:], strict=False):
         # live rows that no longer fit `small` number > small, so they fill big to > small/big
         assert 5 * small >= 4 * big

@@ -534,7 +534,10 @@ class Engine:
             n_before = len(self.free)
             clock0 = int(self.state.clock)
             self.state, n_after = segment_fn(
-                self.model_state, self.state, jnp.asarray(free_arr), jnp.int32(n_before),
+                self.model_state,
+                self.state,
+                jnp.asarray(free_arr),
+                jnp.int32(n_before),
                 jnp.int32(self._exit_settled()),
             )
             n_after = int(n_after)
