@@ -9,7 +9,7 @@ from test_sample_cli import ckpt  # noqa: F401  (fixture: tiny Qwen2 checkpoint 
 from test_tokenizer import bpe_dir  # noqa: F401
 
 from metastone_jax.evaluate.harness import read_pool
-from metastone_jax.sample import sampler
+from metastone_jax.sample import engine
 
 # About 200 tokens in the fixture's BPE vocabulary (5 per "word "): with max_new_tokens=400 it
 # is past the model's max_len=512; with 12 it fits.
@@ -38,15 +38,15 @@ def test_overlong_prompt_leaves_nothing_and_the_corrected_rerun_samples(capsys, 
 
 
 def test_a_meta_beside_no_entries_binds_nothing(loaded, bench, tmp_path, monkeypatch):  # noqa: F811
-    records = loaded[-1](bench)  # 5 questions: chunks t0-t1, t2-t3, t4
+    records = loaded[-1](bench)  # 5 questions
     out, meta = tmp_path / "candidates.jsonl", tmp_path / "candidates.meta.json"
-    real_generate = sampler.generate
+    real_generate = engine.generate
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed")
 
-    # Killed in its first sampler call: no entry, so no meta either.
-    monkeypatch.setattr(sampler, "generate", killed)
+    # Killed before its first question is done: no entry, so no meta either.
+    monkeypatch.setattr(engine, "generate", killed)
     with pytest.raises(RuntimeError, match="killed"):
         pool(loaded, records, out)
     assert list(tmp_path.iterdir()) == []
@@ -55,15 +55,19 @@ def test_a_meta_beside_no_entries_binds_nothing(loaded, bench, tmp_path, monkeyp
     # version that wrote the meta first) is replaced: a run with other settings proceeds.
     meta.write_text(json.dumps({"samples": 99, "seed": 1, "sampling": {"max_new_tokens": 200}}))
     out.write_text("")
-    calls = []
 
-    def killed_in_second_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_generate(*args, **kwargs)
+    def killed_after_two_questions(*args, on_question, **kwargs):
+        done = []
 
-    monkeypatch.setattr(sampler, "generate", killed_in_second_chunk)
+        def report(q, cands):
+            if len(done) == 2:
+                raise RuntimeError("killed")
+            done.append(q)
+            on_question(q, cands)
+
+        return real_generate(*args, on_question=report, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", killed_after_two_questions)
     with pytest.raises(RuntimeError, match="killed"):
         pool(loaded, records, out)
     stored = json.loads(meta.read_text())
@@ -72,7 +76,7 @@ def test_a_meta_beside_no_entries_binds_nothing(loaded, bench, tmp_path, monkeyp
     assert [e["id"] for e in read_pool(str(out))] == ["t0", "t1"]
 
     # Beside entries the meta binds again: other settings are refused, the same ones resume.
-    monkeypatch.setattr(sampler, "generate", real_generate)
+    monkeypatch.setattr(engine, "generate", real_generate)
     with pytest.raises(ValueError, match="was sampled with samples=3, now 4"):
         pool(loaded, records, out, samples=4)
     assert [e["id"] for e in pool(loaded, records, out)] == ["t0", "t1", "t2", "t3", "t4"]

@@ -358,9 +358,12 @@ def compact(state, rows):
 
 
 def take_rows(state, slots):
-    """The rows of `slots` [M] (clipped), with the final step mask."""
+    """The rows of `slots` [M] (clipped), with the final step mask. Every leaf is a new array:
+    the rows outlive the state, which the next call donates (a shared scalar would be a
+    deleted buffer by then), so the clock, which rows do not have, is a fresh zero."""
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode="clip") if x.ndim else x,
                         _row_fields(state))  # fmt: skip
+    rows = rows.replace(clock=jnp.zeros((), jnp.int32))
     return rows, sampler.final_step_mask(rows)
 
 
@@ -505,8 +508,8 @@ class Engine:
         self.free = list(range(lay.pages - 1, -1, -1))  # a stack: pages pop from the end
         # Made by a jitted call: every field its own buffer (the state is donated).
         self.state = jax.jit(functools.partial(empty_state, cfg, lay, opts))()
-        blank = take_rows(self.state, jnp.arange(s_count))[0]
-        self.blank = blank.replace(done=blank.done)  # rows a new candidate starts from
+        # The rows a new candidate starts from.
+        self.blank = _compiled(self.graphdef, "take", None)(self.state, jnp.arange(s_count))[0]
         qcap = 2 * s_count
         starts_shape = jax.eval_shape(
             functools.partial(prefill, self.graphdef, opts=opts, impl=lay.impl),
