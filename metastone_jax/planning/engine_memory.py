@@ -296,7 +296,7 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     compiled = (
         jax.jit(fn, donate_argnums=(1,))
         .lower(model_state, state, jax.ShapeDtypeStruct((pages,), jnp.int32),
-               jax.ShapeDtypeStruct((), jnp.int32))
+               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
         .compile()
     )  # fmt: skip
     m = compiled.memory_analysis()
