@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax._src import config as jax_config
 
 from metastone_jax.sample import paged, sampler
 from metastone_jax.sample.processors import SamplingParams, seen_from_tokens
@@ -368,33 +367,19 @@ def take_rows(state, slots):
     return rows, sampler.final_step_mask(rows)
 
 
-def _uncached(fn):
-    """`fn`, compiled in this process and never read from or written to JAX's persistent
-    compilation cache. Reading the engine's programs back crashed two full test runs here
-    (SIGSEGV in `backend.deserialize_executable`, jax 0.10.2 CPU) while the same entries read
-    back alone did not; the cause is not found. Compiling them costs seconds."""
-
-    @functools.wraps(fn)
-    def call(*args):
-        with jax_config.enable_compilation_cache(False):
-            return fn(*args)
-
-    return call
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
     if which == "segment":
         fn = functools.partial(segment, graphdef, opts=opts, steps=steps)
-        return _uncached(jax.jit(fn, donate_argnums=(1,)))
+        return jax.jit(fn, donate_argnums=(1,))
     if which == "prefill":
         fn = functools.partial(prefill, graphdef, opts=opts, impl=impl)
-        return _uncached(jax.jit(fn, donate_argnums=(5, 6)))
+        return jax.jit(fn, donate_argnums=(5, 6))
     if which == "insert":
-        return _uncached(jax.jit(insert, donate_argnums=(0,)))
+        return jax.jit(insert, donate_argnums=(0,))
     if which == "compact":
-        return _uncached(jax.jit(compact))  # smaller outputs: nothing to donate into
-    return _uncached(jax.jit(take_rows))
+        return jax.jit(compact)  # smaller outputs: nothing to donate into
+    return jax.jit(take_rows)
 
 
 def vacate(state, slots):
@@ -408,8 +393,8 @@ def put_starts(table: dict, rows, starts: dict) -> dict:
             for n in table}  # fmt: skip
 
 
-_jit_vacate = _uncached(jax.jit(vacate, donate_argnums=(0,)))
-_jit_put_starts = _uncached(jax.jit(put_starts, donate_argnums=(0,)))
+_jit_vacate = jax.jit(vacate, donate_argnums=(0,))
+_jit_put_starts = jax.jit(put_starts, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +507,7 @@ class Engine:
         self.stats = EngineStats()
         self.free = list(range(lay.pages - 1, -1, -1))  # a stack: pages pop from the end
         # Made by a jitted call: every field its own buffer (the state is donated).
-        self.state = _uncached(jax.jit(functools.partial(empty_state, cfg, lay, opts)))()
+        self.state = jax.jit(functools.partial(empty_state, cfg, lay, opts))()
         # The rows a new candidate starts from.
         self.blank = _compiled(self.graphdef, "take", None)(self.state, jnp.arange(s_count))[0]
         qcap = 2 * s_count
