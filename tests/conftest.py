@@ -11,16 +11,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# No persistent compilation cache: with it, three full runs of this suite died inside JAX's cache
-# code (SIGSEGV in deserialize_executable, then SIGABRT in put_executable_and_time) while
-# compiling the paged engine's decode segment (tests/test_pool_meta.py, after ~60% of the
-# suite); the same tests alone pass. Cause not found (jax 0.10.2, XLA:CPU); the suite compiles
-# everything afresh instead (slower: see README). METASTONE_TEST_CACHE=1 turns it back on.
-if os.environ.get("METASTONE_TEST_CACHE") == "1":
-    jax.config.update(
-        "jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", "/tmp/metastone-jax-cache")
-    )
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", "/tmp/metastone-jax-cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+# Every program XLA:CPU compiles maps its code into memory, a few hundred mappings each (the
+# paged engine compiles a decode segment per slot count as its tail shrinks: ~5,000 mappings a
+# run). They stay while JAX's caches hold the executable, and a process may hold 65,530
+# (vm.max_map_count): past that XLA's next mmap fails and the process dies (SIGSEGV or SIGABRT
+# inside a compile, 60% into a full run). Above MAX_MAPS the caches are dropped between tests.
+MAX_MAPS = 30_000
+
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
@@ -31,3 +33,21 @@ def shared_dir():
     if not os.path.isdir(path):
         pytest.skip(f"../shared not found at {path}")
     return path
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+    yield
+    if _memory_maps() > MAX_MAPS:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
