@@ -20,6 +20,7 @@ from metastone_jax.layers import (
     MLP,
     Attention,
     Linear,
+    PagedLayer,
     RMSNorm,
     normal_init,
     rope_cos_sin,
@@ -275,8 +276,6 @@ class Transformer(nnx.Module):
         Each active row's token goes to position kv.kv_len (its rotary position), in the page
         the row's page table lists there, which the caller has assigned.
         -> (logits [S,V] f32, features [S,D], the updated kv)."""
-        from metastone_jax.layers import PagedLayer
-
         cfg = self.cfg
         page = kv.page_size
         pos = kv.kv_len

@@ -183,7 +183,7 @@ def plan_engine(
             return pages, "rl.pages"
         if memory_fraction > 0:  # engine.pages_for_memory: free memory / all kv heads' page
             room = memory_fraction * max(0, hbm - resident)
-            return min(full, int(room // page_bytes(cfg, page, 1, "xla"))), "rl.memory_fraction"
+            return min(full, int(room // page_bytes(cfg, page, 1, impl))), "rl.memory_fraction"
         fit = int((POOL_FRACTION * hbm - others(s)) // (pb + 4))
         return max(min(full, fit), columns + 1), "chosen"
 

@@ -106,8 +106,9 @@ Choosing (rl.slots = 0, rl.pages = 0; planning/engine_memory.py `plan_engine`):
           S*(W + 1) + min(S, prompts)*ceil(P/page)), at least W + 1 (one whole sequence, the
           engine's floor). The pool is whole on every device: it holds the pages of all S
           slots of the mesh, not of a device's share. rl.memory_fraction = f > 0: min(default,
-          f * (HBM - resident) / (2*L*K*hd*page*c)), the engine's rule (`pages_for_memory`:
-          the memory free when it starts over a page of all kv heads).
+          f * (HBM - resident) / (2*L*K*hd'*page*c)), the engine's rule (`pages_for_memory`:
+          the memory free when it starts over a page of all kv heads, hd' = hd in the xla
+          layout, hd rounded up to 128 in the pallas one).
   slots   the most, up to min(n, 256), whose candidates, all started together (as the first
           fill starts them), fit the pool with their prompts' pages when one runs to the budget
           and the others stop at the mean response length E[L]: ceil(S/k)*ceil(P/page) +

@@ -2,8 +2,9 @@
 
 S slots decode together in a jitted segment: `sampler.advance` (the whole per-token logic: the
 sampling chain, the in-loop SPRM score, the step rules, stop ids, the thinking budget) over a
-paged cache (sample/paged.py). A segment ends after `segment_steps` tokens, as soon as any slot
-finishes (so no slot idles for long), or when the pool has no page for a slot that needs one.
+paged cache (sample/paged.py). A segment ends after `segment_steps` tokens, as soon as a slot
+finishes while candidates wait for one (so no slot idles for long; with the queue empty, once
+enough are done for the slots to shrink), or when the pool has no page for a slot that needs one.
 Between segments the host harvests finished candidates, returns their pages to the pool, and
 refills the free slots from the queue: more candidates of a question whose prompt is resident
 (they share its full pages read-only and copy its last, partial page), or new questions,
@@ -31,9 +32,9 @@ import numpy as np
 from flax import nnx
 
 from metastone_jax.sample import paged, sampler
-from metastone_jax.sample.processors import SamplingParams, seen_from_tokens
+from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import constrain
-from metastone_jax.sprm import RunningScore, StepTokens, is_id
+from metastone_jax.sprm import RunningScore, StepTokens
 
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 64
@@ -106,7 +107,7 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
         prompt_pages = math.ceil(max(prompt_lens) / page)
         pages = slots * (columns + 1) + min(slots, n_questions) * prompt_pages
         if engine.memory_fraction is not None:
-            pages = min(pages, pages_for_memory(cfg, page, engine.memory_fraction))
+            pages = min(pages, pages_for_memory(cfg, page, impl, engine.memory_fraction))
     if pages < slots:
         raise ValueError(f"pages={pages} is fewer than slots={slots}: each slot needs a page")
     if pages < need_one:
@@ -118,13 +119,15 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
     return Layout(slots, page, pages, columns, impl)
 
 
-def page_bytes(cfg, page_size: int) -> int:
-    """Bytes of one page over all layers (keys and values)."""
+def page_bytes(cfg, page_size: int, impl: str) -> int:
+    """Bytes of one page over all layers, keys and values, in `impl`'s layout (the pallas one
+    pads head_dim to 128)."""
+    k_shape, v_shape = paged.pool_shapes(impl, 1, page_size, cfg.n_kv_heads, cfg.head_dim)
     item = jnp.dtype(cfg.compute_jnp_dtype).itemsize
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * page_size * item
+    return cfg.n_layers * (math.prod(k_shape) + math.prod(v_shape)) * item
 
 
-def pages_for_memory(cfg, page_size: int, fraction: float) -> int:
+def pages_for_memory(cfg, page_size: int, impl: str, fraction: float) -> int:
     """Pages that `fraction` of the free memory of device 0 (host RAM on CPU) holds."""
     if not 0 < fraction <= 1:
         raise ValueError(f"memory_fraction: expected a number in (0, 1], got {fraction!r}")
@@ -135,7 +138,7 @@ def pages_for_memory(cfg, page_size: int, fraction: float) -> int:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
         free = int(info["MemAvailable"].split()[0]) * 1024
-    return int(fraction * free // page_bytes(cfg, page_size))
+    return int(fraction * free // page_bytes(cfg, page_size, impl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,14 +158,8 @@ def _constrain(state: sampler.DecodeState) -> sampler.DecodeState:
         return constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if x.ndim else x
 
     cache = state.cache
-    axes = {"xla": (None, "kv_heads", None, None), "pallas": (None, None, "kv_heads", None)}
-    pool_axes = axes[cache.impl]
-
-    def pool(x):
-        return constrain(x, pool_axes) if x.ndim == 4 else x
-
     cache = cache.replace(
-        k=tuple(pool(x) for x in cache.k), v=tuple(pool(x) for x in cache.v),
+        k=paged.constrain_pool(cache.k, cache.impl), v=paged.constrain_pool(cache.v, cache.impl),
         page_table=rows(cache.page_table), kv_len=rows(cache.kv_len),
     )  # fmt: skip
     rest = jax.tree.map(rows, _row_fields(state))
@@ -268,30 +265,16 @@ def prefill(graphdef, model_state, tokens, valid, page_ids, offsets, k_pool, v_p
         # [B, K, T, hd] -> [B, T, K, hd]
         kp, vp = paged.write(k_pool[i], v_pool[i], ks[i].transpose(0, 2, 1, 3),
                              vs[i].transpose(0, 2, 1, 3), page_ids, offsets, impl)  # fmt: skip
-        axes = (None, "kv_heads", None, None) if impl == "xla" else (None, None, "kv_heads", None)
-        new_k.append(constrain(kp, axes) if kp.ndim == 4 else kp)
-        new_v.append(constrain(vp, axes) if vp.ndim == 4 else vp)
-    length = jnp.sum(valid, axis=1).astype(jnp.int32)
-    last = jnp.maximum(length - 1, 0)
+        new_k.append(kp)
+        new_v.append(vp)
+    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # noqa: E731
-    step = opts.step
-    positions = jnp.arange(tokens.shape[1])[None, :]
-    is_open = valid & is_id(tokens, step.think_open)
-    is_close = valid & is_id(tokens, step.think_close)
-    big = jnp.iinfo(jnp.int32).max
-    first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
     start = dict(
         next_logits=model.lm_logits(take(hidden)[:, None])[:, 0],
         next_feature=take(features),
-        prompt_len=length,
-        prev=jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0].astype(jnp.int32),
-        seen=seen_from_tokens(tokens, cfg.vocab_size, valid),
-        n_open=jnp.sum(is_open, axis=1).astype(jnp.int32),
-        n_close=jnp.sum(is_close, axis=1).astype(jnp.int32),
-        open_pos=jnp.where(first_open == big, -1, first_open).astype(jnp.int32),
-        close_pos=jnp.max(jnp.where(is_close, positions, -1), axis=1).astype(jnp.int32),
+        **sampler.prompt_fields(tokens, valid, opts.step, cfg.vocab_size),
     )
-    return tuple(new_k), tuple(new_v), start
+    return paged.constrain_pool(new_k, impl), paged.constrain_pool(new_v, impl), start
 
 
 def insert(state, slots, fresh, starts, q_rows, keys, limits, saved, page_rows, kv_len,
@@ -429,7 +412,7 @@ class EngineStats:
     slot_steps: int = 0  # S x steps
     preemptions: int = 0
     prefills: int = 0
-    resizes: int = 0  # times the slots were halved for the tail
+    resizes: int = 0  # times the slots shrank for the tail
     # Pages held / pages the live tokens fill (`Engine._count_pages`), the worst at a harvest,
     # and both summed over harvests (their ratio: the run's average).
     held_over_alive: float = 0.0
@@ -452,15 +435,7 @@ class Engine:
         cfg = model.cfg
         self.cfg, self.k, self.prompts = cfg, k, [list(p) for p in prompts]
         g = params.max_new_tokens
-        for i, p in enumerate(self.prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + g > cfg.max_len:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={g} that exceeds "
-                    f"the model's max_len={cfg.max_len} (shorten the prompt or lower "
-                    "max_new_tokens)"
-                )
+        sampler.check_prompts(self.prompts, max_len=cfg.max_len, max_new=g)
         if k < 1:
             raise ValueError(f"k: expected >= 1 candidates per prompt, got {k}")
         if score_steps and model.sprm is None:
@@ -485,7 +460,6 @@ class Engine:
         self.queue = deque(_Request(q, j) for q in order for j in range(k))
         self.resumes: deque[_Request] = deque()
         self.on_question, self.progress = on_question, progress
-        self._order = list(range(b))
         self.graphdef, self.model_state = nnx.split(model)
         self.mesh = mesh
 
@@ -510,15 +484,9 @@ class Engine:
         self.state = jax.jit(functools.partial(empty_state, cfg, lay, opts))()
         # The rows a new candidate starts from.
         self.blank = _compiled(self.graphdef, "take", None)(self.state, jnp.arange(s_count))[0]
-        qcap = 2 * s_count
-        starts_shape = jax.eval_shape(
-            functools.partial(prefill, self.graphdef, opts=opts, impl=lay.impl),
-            self.model_state,
-            *self._prefill_args_shape(1, 16),
-        )[2]
-        self.table = {n: jnp.zeros((qcap,) + x.shape[1:], x.dtype)
-                      for n, x in starts_shape.items()}  # fmt: skip
-        self.free_rows = list(range(qcap - 1, -1, -1))
+        # Each resident question's start fields, 2S rows, made with the first prefill.
+        self.table = None
+        self.free_rows = list(range(2 * s_count - 1, -1, -1))
         self.questions: dict[int, _Question] = {}
         self.slot_req: list[_Request | None] = [None] * s_count
         self.slot_shared = [0] * s_count
@@ -526,8 +494,9 @@ class Engine:
         self.started = 0
         b, k, g = len(self.prompts), self.k, opts.params.max_new_tokens
         results = _Results(b, k, g, sampler._max_steps(opts.params), cfg.d_model,
-                           opts.keep_features)  # fmt: skip
+                           cfg.compute_jnp_dtype if opts.keep_features else None)  # fmt: skip
         self.next_done = 0  # questions reported in order up to here
+        self.completed: set[int] = set()
         bar = _ProgressBar(self.progress, b, b * k)
         segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
@@ -557,17 +526,6 @@ class Engine:
         self.stats.tokens = int(results.length.sum())
         self.stats.seconds = time.perf_counter() - t0
         return results.candidates(), self.stats
-
-    def _prefill_args_shape(self, n, t):
-        lay = self.layout
-        k_shape, v_shape = paged.pool_shapes(lay.impl, lay.pages, lay.page_size,
-                                             self.cfg.n_kv_heads, self.cfg.head_dim)  # fmt: skip
-        dt = self.cfg.compute_jnp_dtype
-        i32 = jax.ShapeDtypeStruct((n, t), jnp.int32)
-        return (i32, jax.ShapeDtypeStruct((n, t), bool), i32, i32,
-                tuple(jax.ShapeDtypeStruct(k_shape, dt) for _ in range(self.cfg.n_layers)),
-                tuple(jax.ShapeDtypeStruct(v_shape, dt)
-                      for _ in range(self.cfg.n_layers)))  # fmt: skip
 
     # -- filling slots -----------------------------------------------------------------------
 
@@ -639,7 +597,10 @@ class Engine:
     def _prefill_questions(self, qs: list[int]) -> None:
         starts = self._run_prefill([self.prompts[q] for q in qs],
                                    [self.questions[q].pages for q in qs])  # fmt: skip
-        rows = np.full(starts["prompt_len"].shape[0], self.table["prompt_len"].shape[0])
+        qcap = 2 * self.layout.slots
+        if self.table is None:
+            self.table = {n: jnp.zeros((qcap,) + x.shape[1:], x.dtype) for n, x in starts.items()}
+        rows = np.full(starts["prompt_len"].shape[0], qcap)
         rows[: len(qs)] = [self.questions[q].row for q in qs]
         self.table = _jit_put_starts(self.table, jnp.asarray(rows), starts)
 
@@ -805,22 +766,20 @@ class Engine:
         self.stats.preemptions += 1
 
     def _report_in_order(self, results, completed) -> None:
-        self.completed = getattr(self, "completed", set()) | set(completed)
+        """Questions go to `on_question` in prompt order (a pool file is then the same whatever
+        the slots' schedule): each as soon as it and every one before it are complete."""
+        self.completed |= set(completed)
         if self.on_question is None:
             return
-        # Questions are reported in prompt order (a pool file is then the same whatever the
-        # slots' schedule): each as soon as it and every one before it are complete.
-        order = self._order
-        while self.next_done < len(order) and order[self.next_done] in self.completed:
-            q = order[self.next_done]
-            self.on_question(q, results.question(q))
+        while self.next_done in self.completed:
+            self.on_question(self.next_done, results.question(self.next_done))
             self.next_done += 1
 
 
 class _Results:
     """Harvested candidates on the host, laid [B, k, ...] as `sampler.Candidates`."""
 
-    def __init__(self, b, k, g, s_max, d, keep_features):
+    def __init__(self, b, k, g, s_max, d, feature_dtype):
         self.tokens = np.zeros((b, k, g), np.int32)
         self.length = np.zeros((b, k), np.int32)
         self.finish = np.zeros((b, k), np.int32)
@@ -828,7 +787,9 @@ class _Results:
         self.step_scores = np.zeros((b, k, s_max), np.float32)
         self.step_index = np.full((b, k, s_max), -1, np.int32)
         self.step_mask = np.zeros((b, k, s_max), bool)
-        self.step_features = np.zeros((b, k, s_max, d), np.float32) if keep_features else None
+        self.step_features = None  # [B, k, S, D] in the features' dtype, when kept
+        if feature_dtype is not None:
+            self.step_features = np.zeros((b, k, s_max, d), feature_dtype)
 
     def put(self, q, j, rows, mask, i) -> None:
         self.tokens[q, j] = rows.tokens[i]
@@ -839,7 +800,6 @@ class _Results:
         self.step_index[q, j] = rows.step_index[i]
         self.step_mask[q, j] = mask[i]
         if self.step_features is not None:
-            self.step_features = self.step_features.astype(rows.step_features.dtype)
             self.step_features[q, j] = rows.step_features[i]
 
     def question(self, q) -> sampler.Candidates:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from metastone_jax.layers import MASK_VALUE
+from metastone_jax.sharding import constrain
 
 ATTENTION_IMPLS = ("xla", "pallas")
 
@@ -50,7 +51,7 @@ class PagedKV:
 
     @property
     def n_pages(self) -> int:
-        return pool_pages(self.k[0], self.impl)
+        return pool_pages(self.k[0])
 
 
 def pool_shapes(impl: str, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int):
@@ -73,12 +74,9 @@ def pool_page_size(k: jax.Array, impl: str) -> int:
     return paged_tpu.pool_page_size(k)
 
 
-def pool_pages(k: jax.Array, impl: str) -> int:
-    if impl == "xla":
-        return k.shape[0]
-    from metastone_jax.sample import paged_tpu
-
-    return paged_tpu.pool_pages(k)
+def pool_pages(k: jax.Array) -> int:
+    """Pages are axis 0 of both layouts."""
+    return k.shape[0]
 
 
 def init_pool(cfg, n_pages: int, page_size: int, impl: str, dtype=None):
@@ -104,6 +102,13 @@ def write(k_pool, v_pool, k_new, v_new, page_ids, offsets, impl: str = "xla"):
     k_pool = k_pool.at[page_ids, :, :, offsets].set(k_new.astype(k_pool.dtype), mode="drop")
     v_pool = v_pool.at[page_ids, :, offsets, :].set(v_new.astype(v_pool.dtype), mode="drop")
     return k_pool, v_pool
+
+
+def constrain_pool(pool: tuple, impl: str) -> tuple:
+    """Under a mesh, each layer's pool with its KV heads over 'tensor' (pages whole on every
+    device: a slot reads any page); the pallas layout's v placeholder stays."""
+    axes = (None, "kv_heads", None, None) if impl == "xla" else (None, None, "kv_heads", None)
+    return tuple(constrain(x, axes) if x.ndim == 4 else x for x in pool)
 
 
 def copy_pages(pool: tuple, src, dst) -> tuple:

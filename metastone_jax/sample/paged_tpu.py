@@ -40,10 +40,6 @@ def pool_page_size(k: jax.Array) -> int:
     return k.shape[1]
 
 
-def pool_pages(k: jax.Array) -> int:
-    return k.shape[0]
-
-
 def _check_kv_heads(n_kv_heads: int, dtype) -> None:
     # The kernel loads all 2K combined heads of a page as one tile: 2K / (32 / bits) must be
     # 1, 2, 4, 8 or a multiple of 8 (get_min_heads_per_blk raises "Not implemented" otherwise).
@@ -206,4 +202,4 @@ def _interpreter_fixes():
         sm.SharedMemory.swap_buffer_content = orig_swap
 
 
-__all__ = ["attend", "interpret", "pool_page_size", "pool_pages", "pool_shapes", "write"]
+__all__ = ["attend", "interpret", "pool_page_size", "pool_shapes", "write"]

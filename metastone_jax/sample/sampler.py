@@ -130,26 +130,11 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
     cache = KVCache.init(cfg, b, p)
     # Only the last position's logits predict a token: the head runs on it alone, not on [B, P].
     out = model(tokens, valid=valid, cache=cache, with_logits=False)
-    step = opts.step
-    positions = jnp.cumsum(valid, axis=1) - 1
-    prompt_len = jnp.sum(valid, axis=1).astype(jnp.int32)
-    is_open = valid & is_id(tokens, step.think_open)
-    is_close = valid & is_id(tokens, step.think_close)
-    big = jnp.iinfo(jnp.int32).max
-    first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
-    last_close = jnp.max(jnp.where(is_close, positions, -1), axis=1)
-    seen = seen_from_tokens(tokens, cfg.vocab_size, valid)
     g, s_max = opts.params.max_new_tokens, _max_steps(opts.params)
     per_prompt = dict(
         next_logits=model.lm_logits(out.hidden[:, -1:])[:, 0],
         next_feature=out.features[:, -1],
-        prompt_len=prompt_len,
-        prev=tokens[:, -1].astype(jnp.int32),
-        seen=seen,
-        n_open=jnp.sum(is_open, axis=1).astype(jnp.int32),
-        n_close=jnp.sum(is_close, axis=1).astype(jnp.int32),
-        open_pos=jnp.where(first_open == big, -1, first_open).astype(jnp.int32),
-        close_pos=last_close.astype(jnp.int32),
+        **prompt_fields(tokens, valid, opts.step, cfg.vocab_size),
     )
     per_prompt = {name: jnp.repeat(x, k, axis=0) for name, x in per_prompt.items()}
     n = b * k
@@ -175,6 +160,28 @@ def prefill(graphdef, model_state, tokens, valid, *, k: int, cache_len: int, opt
         **per_prompt,
     )
     return _constrain(state)
+
+
+def prompt_fields(tokens, valid, step: StepTokens, vocab_size: int) -> dict:
+    """The decode state's prompt-derived fields of padded prompts tokens, valid [B, P] (left or
+    right padding): prompt_len, prev (the last real token), seen [B, V], the think-tag counts
+    and positions (`DecodeState`); positions count real tokens only."""
+    positions = jnp.cumsum(valid, axis=1) - 1
+    prompt_len = jnp.sum(valid, axis=1).astype(jnp.int32)
+    last = jnp.argmax(jnp.where(valid, positions, -1), axis=1)  # the last real token's column
+    is_open = valid & is_id(tokens, step.think_open)
+    is_close = valid & is_id(tokens, step.think_close)
+    big = jnp.iinfo(jnp.int32).max
+    first_open = jnp.min(jnp.where(is_open, positions, big), axis=1)
+    return dict(
+        prompt_len=prompt_len,
+        prev=jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0].astype(jnp.int32),
+        seen=seen_from_tokens(tokens, vocab_size, valid),
+        n_open=jnp.sum(is_open, axis=1).astype(jnp.int32),
+        n_close=jnp.sum(is_close, axis=1).astype(jnp.int32),
+        open_pos=jnp.where(first_open == big, -1, first_open).astype(jnp.int32),
+        close_pos=jnp.max(jnp.where(is_close, positions, -1), axis=1).astype(jnp.int32),
+    )
 
 
 def _max_steps(params: SamplingParams) -> int:
@@ -335,8 +342,8 @@ def seed_keys(seeds: np.ndarray, k: int) -> jax.Array:
     return keys.reshape(-1, 2).astype(jnp.uint32)
 
 
-def pad_prompts(prompts: list[list[int]], *, pad_id: int, max_len: int, max_new: int):
-    """Left-pads token lists to a bucketed length; checks the budget. -> (tokens, valid) [B,P]."""
+def check_prompts(prompts: list[list[int]], *, max_len: int, max_new: int) -> None:
+    """Each prompt non-empty and within the model's budget with max_new tokens after it."""
     if not prompts:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
@@ -347,6 +354,11 @@ def pad_prompts(prompts: list[list[int]], *, pad_id: int, max_len: int, max_new:
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new} that exceeds "
                 f"the model's max_len={max_len} (shorten the prompt or lower max_new_tokens)"
             )
+
+
+def pad_prompts(prompts: list[list[int]], *, pad_id: int, max_len: int, max_new: int):
+    """Left-pads token lists to a bucketed length; checks the budget. -> (tokens, valid) [B,P]."""
+    check_prompts(prompts, max_len=max_len, max_new=max_new)
     width = min(bucket_length(max(len(p) for p in prompts)), max_len - max_new)
     width = max(width, max(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample import sampler
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sprm import AGGREGATIONS, StepTokens, aggregate, select
@@ -132,9 +133,14 @@ def run(
         state, k = _beam(model, prompts, search, params, step, seeds, mesh, stats)
     elif search.selection == "thinking":
         state, k = _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, stats)
+    elif search.prune_below is not None or search.prune_keep is not None:
+        state, k = _sample_pruned(model, prompts, search, params, step, seeds, mesh, stats)
     else:
-        state, k = _sample_all(model, prompts, search, params, step, seeds, mesh, stats, engine)
-    cands = state if isinstance(state, sampler.Candidates) else sampler.to_candidates(state, b, k)
+        state, k = None, search.k
+        cands = paged_engine.generate(model, prompts, k=k, params=params, step=step,
+                                      seeds=seeds, engine=engine, mesh=mesh)  # fmt: skip
+    if state is not None:
+        cands = sampler.to_candidates(state, b, k)
     scores = np.asarray(aggregate(cands.step_scores, cands.step_mask, search.aggregation))
     if "thinking_scores" in stats:  # the thinking was chosen on its own scores
         scores = stats.pop("thinking_scores")
@@ -156,22 +162,12 @@ def run(
     return SearchResult(cands, scores, answers, texts, selected, stats)
 
 
-def _sample_all(model, prompts, search, params, step, seeds, mesh, stats, engine=None):
-    """k complete candidates per prompt, with optional early pruning at step boundaries.
-    -> (Candidates from the engine, or a static decode state when pruning; k)."""
-    pruning = search.prune_below is not None or search.prune_keep is not None
-    if not pruning and mesh is None:
-        from metastone_jax.sample import engine as paged_engine
-
-        cands = paged_engine.generate(model, prompts, k=search.k, params=params, step=step,
-                                      seeds=seeds, engine=engine)  # fmt: skip
-        return cands, search.k
+def _sample_pruned(model, prompts, search, params, step, seeds, mesh, stats):
+    """k candidates per prompt with early pruning at step boundaries (the static sampler)."""
     state, opts, graphdef, model_state = sampler.start(
         model, prompts, k=search.k, params=params, step=step, seeds=seeds, mesh=mesh,
-        until_step=pruning,
+        until_step=True,
     )  # fmt: skip
-    if not pruning:
-        return sampler.run_decode(graphdef, model_state, state, opts, mesh), search.k
     pruned_at = np.full(len(prompts) * search.k, -1)
     while True:
         state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
