@@ -201,3 +201,11 @@ def test_the_tail_shrinks_through_sizes_the_live_rows_fill_to_four_fifths(slots)
     for small, big in zip(sizes, sizes[1:], strict=False):
         # live rows that no longer fit `small` number > small, so they fill big to > small/big
         assert 5 * small >= 4 * big
+
+
+def test_the_default_page_size_divides_max_len():
+    """64 tokens, or the largest power of two below that divides max_len (160 -> 32)."""
+    for max_len, page in [(160, 32), (4096, 64), (100, 4)]:
+        cfg = dataclasses.replace(CFG, max_len=max_len)
+        layout = engine.plan_layout(cfg, EngineConfig(), [4], 8, n_candidates=2, n_questions=1)
+        assert layout.page_size == page and max_len % page == 0

@@ -60,7 +60,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     `evaluate`."""
     p.add_argument("--slots", type=int, default=0,
                    help="candidates decoded together (0: all, up to 256)")  # fmt: skip
-    p.add_argument("--page_size", type=int, default=64, help="tokens per KV cache page")
+    p.add_argument("--page_size", type=int, default=0,
+                   help="tokens per KV cache page (0: 64, or less to divide max_len)")  # fmt: skip
     p.add_argument("--pages", type=int, default=0, help="the KV page pool's size (0: from "
                    "--memory_fraction, else room for every slot's whole budget)")  # fmt: skip
     p.add_argument("--memory_fraction", type=float, default=None,

@@ -56,12 +56,13 @@ def slot_sizes(slots: int) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """slots: candidates decoded together (0: all of them, up to 256). page_size: tokens per
-    page. pages: the pool's size (0: `memory_fraction` of free memory if given, else enough
-    for every slot's whole budget). segment_steps: most tokens per jitted segment.
+    page (0: DEFAULT_PAGE_SIZE, or the largest power of two below it dividing max_len).
+    pages: the pool's size (0: `memory_fraction` of free memory if given, else enough for
+    every slot's whole budget). segment_steps: most tokens per jitted segment.
     attention_impl: "xla" or "pallas" (None: the backend's default)."""
 
     slots: int = 0
-    page_size: int = DEFAULT_PAGE_SIZE
+    page_size: int = 0
     pages: int = 0
     memory_fraction: float | None = None
     segment_steps: int = DEFAULT_SEGMENT_STEPS
@@ -83,8 +84,10 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
                 n_questions: int) -> Layout:  # fmt: skip
     """Checks the settings against the model and the requests, before anything is compiled."""
     page = engine.page_size
-    if not isinstance(page, int) or page < 1:
-        raise ValueError(f"page_size: expected a positive integer, got {page!r}")
+    if not isinstance(page, int) or page < 0:
+        raise ValueError(f"page_size: expected a positive integer (0: the default), got {page!r}")
+    if page == 0:
+        page = math.gcd(DEFAULT_PAGE_SIZE, cfg.max_len & -cfg.max_len)
     if cfg.max_len % page:
         raise ValueError(
             f"page_size={page} does not divide the model's max_len={cfg.max_len} "
