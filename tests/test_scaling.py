@@ -204,26 +204,27 @@ class FakeTrainer:
 def test_run_sweep_end_to_end_resumes_and_drops_a_truncated_line(
     tokenizer_dir, tmp_path, monkeypatch
 ):
-    from metastone_jax.sample import sampler
+    from metastone_jax.sample import engine
 
     sizes = {"xs": {"d_model": 32, "n_layers": 1, "d_ff": 64}, "s": {"d_model": 64}}
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8}
     config = cpu_config(sizes=sizes, ks=(1, 2), think_budgets=(None,), questions=3,
                         candidates_per_point=4, chunk_questions=2, sampling=sampling)  # fmt: skip
     generate_calls = []
-    real_generate = sampler.generate
+    real_generate = engine.generate
 
     def counting_generate(*args, **kwargs):
         generate_calls.append(kwargs["k"])
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampler, "generate", counting_generate)
+    monkeypatch.setattr(engine, "generate", counting_generate)
     trainer = FakeTrainer(tokenizer_dir)
     workdir = str(tmp_path / "sweep")
     result = sweep.run_sweep(config, workdir, trainer=trainer, progress=False)
 
     assert trainer.calls == ["xs", "s"]
-    # k = 1 and 2 share the 4 samples per question: 2 chunks (3 questions, 2 per chunk) per size
+    # k = 1 and 2 share the 4 samples per question: per size, the first chunk (2 questions,
+    # warming the engine up) and the timed rest (1 question)
     assert generate_calls == [4, 4] * 2
     ids = [r["point_id"] for r in result.points]
     assert ids == ["size=xs/k=1/budget=none", "size=xs/k=2/budget=none",

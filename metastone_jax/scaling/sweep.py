@@ -301,10 +301,13 @@ class _SizeRunner:
         return self._samples[(budget, m)]
 
     def _sample(self, budget: int | None, m: int) -> Samples:
+        """M candidates per question on the engine: the first `chunk_questions` questions warm
+        it up (their programs compile), the rest are one timed queue (if none are left, the
+        first chunk is timed again)."""
+        from metastone_jax.sample import engine
         from metastone_jax.sample.processors import SamplingParams
-        from metastone_jax.sample.sampler import generate, pad_prompts
 
-        c, cfg = self.config, self.model.cfg
+        c = self.config
         if budget is not None and self.step.think_close is None:
             raise ValueError(f"{self.ckpt}: a think budget needs '</think>' in the vocabulary")
         params = SamplingParams(
@@ -320,30 +323,22 @@ class _SizeRunner:
         s = Samples(zeros(bool), zeros(np.float64), zeros(np.int64), zeros(np.int64), 0.0)
 
         def call(idx):
-            return generate(self.model, [self.prompts[i] for i in idx], k=m, params=params,
-                            step=self.step, seeds=[seeds[i] for i in idx])  # fmt: skip
+            return engine.generate(self.model, [self.prompts[i] for i in idx], k=m,
+                                   params=params, step=self.step,
+                                   seeds=[seeds[i] for i in idx])  # fmt: skip
 
-        chunks = [list(range(lo, min(lo + chunk, q))) for lo in range(0, q, chunk)]
-        seen, timed_s, timed_q = set(), 0.0, 0
-        for rows in chunks:
-            idx = [rows[j % len(rows)] for j in range(chunk)]  # padded to one shape
-            width = pad_prompts([self.prompts[i] for i in idx], pad_id=0, max_len=cfg.max_len,
-                                max_new=params.max_new_tokens)[0].shape[1]  # fmt: skip
-            t0 = time.perf_counter()
-            cand = call(idx)
-            if width in seen:  # compiled before: time it
-                timed_s, timed_q = timed_s + time.perf_counter() - t0, timed_q + chunk
-            seen.add(width)
-            self._grade(s, cand, rows)
-        if timed_q == 0:  # every chunk compiled: time the first one again
-            t0 = time.perf_counter()
-            call([chunks[0][j % len(chunks[0])] for j in range(chunk)])
-            timed_s, timed_q = time.perf_counter() - t0, chunk
-        s.seconds_per_question = timed_s / timed_q
+        first, rest = list(range(chunk)), list(range(chunk, q))
+        self._grade(s, call(first), first)
+        timed = rest or first
+        t0 = time.perf_counter()
+        cand = call(timed)
+        s.seconds_per_question = (time.perf_counter() - t0) / len(timed)
+        if rest:
+            self._grade(s, cand, rest)
         return s
 
     def _grade(self, s: Samples, cand, rows: list[int]) -> None:
-        """Fills s[rows] from the sampler's Candidates (rows beyond `rows` are padding)."""
+        """Fills s[rows] from the Candidates of prompts `rows`, in that order."""
         from metastone_jax.evaluate.grading import answers_match, extract_final_answer
         from metastone_jax.sprm import aggregate
 
