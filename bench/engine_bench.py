@@ -10,8 +10,9 @@ transformers and converted HF -> JAX (bench/common.py), fp32, no EOS. Two worklo
     static cache (prompts once + 256 rows x max_new_tokens), refilling slots as candidates end.
     Prints useful tokens/s both ways and the ratio, slot occupancy, and pages held vs the pages
     the live tokens need.
-  fixed-length: 4 prompts x k=32, 128 new tokens each (nothing to recover): tokens/s both ways,
-    the engine with every candidate in a slot.
+  fixed-length: 4 prompts x k=32, 128 new tokens each (nothing to recover): tokens/s of the
+    static sampler, the engine with every candidate in a slot, and transformers `generate`
+    (num_return_sequences=32) on the same weights.
 
 Both sides alternate over --rounds rounds and each reports its fastest (this machine drifts).
 
@@ -35,7 +36,7 @@ PAUSE_S = 2.0
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slots", type=int, default=64)
-    parser.add_argument("--page_size", type=int, default=16)
+    parser.add_argument("--page_size", type=int, default=64)
     parser.add_argument("--sigma", type=float, default=0.8)
     parser.add_argument("--max_new", type=int, default=512)
     parser.add_argument("--prompt_len", type=int, default=64)
@@ -57,9 +58,16 @@ def main() -> None:
     from metastone_jax.sample.processors import SamplingParams
     from metastone_jax.sprm import StepTokens
 
-    tmp, ckpt, _ = qwen2_both_ways(vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                                   prefix="engine-bench-")  # fmt: skip
+    tmp, ckpt, hf_dir = qwen2_both_ways(vocab=args.vocab, hidden=args.hidden,
+                                        layers=args.layers, prefix="engine-bench-")  # fmt: skip
     model, _ = load_params_checkpoint(ckpt, compute_dtype="float32")
+    hf_model = None
+    if not args.skip_fixed:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count())
+        hf_model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()
     shutil.rmtree(tmp)
     rng = np.random.default_rng(0)
     step = StepTokens(step_ids=(7,), think_open=None, think_close=None)
@@ -158,16 +166,33 @@ def main() -> None:
             return engine.generate(model, prompts, k=k, params=params, step=step,
                                    seeds=list(range(b)), engine=conf)  # fmt: skip
 
-        static_fixed(), paged_fixed()
-        res = alternate({"static": static_fixed, "engine": paged_fixed}, args.rounds)
+        import torch
+
+        input_ids = torch.tensor(prompts)
+
+        def hf_fixed():  # the same weights, converted back JAX -> HF, fp32
+            with torch.no_grad():
+                return hf_model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                    temperature=0.6, top_p=0.95, repetition_penalty=1.05, max_new_tokens=g,
+                    min_new_tokens=g, num_return_sequences=k, pad_token_id=0,
+                )  # fmt: skip
+
+        static_fixed(), paged_fixed(), hf_fixed()
+        res = alternate({"static": static_fixed, "engine": paged_fixed,
+                         "transformers": hf_fixed}, args.rounds)  # fmt: skip
         n = b * k * g
         t_s, ts_s, _ = res["static"]
         t_e, ts_e, _ = res["engine"]
+        t_h, ts_h, _ = res["transformers"]
         print(f"fixed-length: {b} prompts x k={k}, prompt {args.prompt_len}, {g} new tokens")
         print(f"  static sampler  {n / t_s:9.1f} tok/s ({', '.join(f'{t:.2f}' for t in ts_s)} s)")
         print(f"  engine S={b * k} page {args.page_size}  {n / t_e:9.1f} tok/s "
               f"({', '.join(f'{t:.2f}' for t in ts_e)} s)")  # fmt: skip
-        print(f"  ratio engine / static: {t_s / t_e:.2f}x")
+        print(f"  transformers generate  {n / t_h:9.1f} tok/s "
+              f"({', '.join(f'{t:.2f}' for t in ts_h)} s)")  # fmt: skip
+        print(f"  ratio engine / static: {t_s / t_e:.2f}x; engine / transformers: "
+              f"{t_h / t_e:.2f}x; static / transformers: {t_h / t_s:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
