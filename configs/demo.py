@@ -66,7 +66,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "samples": 32,  # candidates per question; k in ks uses floor(32/k) groups
                 "ks": (1, 2, 8, 32),
                 "beam_ks": (2, 8, 32),
-                "batch_prompts": 8,
             },
             # Sampling for rollouts and evaluation. The SFT policy is ~96% right at temperature
             # 1.0. Temperature 3 flattens its likeliest tokens so that single candidates are

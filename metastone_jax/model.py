@@ -47,6 +47,21 @@ class ModelOutput:
     hidden: jax.Array | None = None
 
 
+@struct.dataclass
+class DecodeWeights:
+    """The weights a CPU decode step reads, apart from the stacked ones (`Transformer.
+    decode_weights`): layers, L per-layer block states whose Linear kernels are laid out-major
+    in the compute dtype (`Linear.to_out_major`; graphdef, their module structure); head: the LM
+    head out-major [V, D] (None: the tied embedding, already so); embed_bits: a 16-bit
+    embedding as same-width integers (None: another width), because XLA:CPU gathers bf16 rows
+    through an f32 copy of the whole table, which a decode loop holds (0.9 GiB at V=151,936)."""
+
+    layers: tuple
+    head: jax.Array | None
+    embed_bits: jax.Array | None
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
 
@@ -212,6 +227,27 @@ class Transformer(nnx.Module):
         params = nnx.state(self.blocks)
         return tuple(jax.tree.map(lambda a, i=i: a[i], params) for i in range(self.cfg.n_layers))
 
+    def decode_weights(self) -> DecodeWeights:
+        """A per-layer, out-major copy of the blocks and the LM head for decoding on XLA:CPU
+        (the engine's segment takes it as an argument, so the compiled decode holds no copy of
+        the weights among its temporaries). One layer is converted at a time."""
+        graphdef, params = nnx.split(self.blocks)
+        block_graph, layers = None, []
+        for i in range(self.cfg.n_layers):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params))
+            for _, module in nnx.iter_modules(block):
+                if isinstance(module, Linear):
+                    module.to_out_major()
+            block_graph, state = nnx.split(block)
+            layers.append(state)
+        head = None
+        if self.lm_head is not None:
+            head = self.lm_head.kernel[...].astype(self.cfg.compute_jnp_dtype).T
+        table, bits = self.embed[...], None
+        if table.dtype.itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating):
+            bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+        return DecodeWeights(tuple(layers), head, bits, block_graph)
+
     def _run_blocks(self, x, cos, sin, mask, cache, write_index, layers=None):
         """Applies the L stacked blocks; returns (x, penultimate features, (k, v)): the updated
         per-layer caches (lists) with a cache, else the chunk's stacked [L,B,K,T,hd]."""
@@ -253,9 +289,11 @@ class Transformer(nnx.Module):
         kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
         return carry[0], carry[1], kv
 
-    def prefill_kv(self, tokens: jax.Array, valid: jax.Array):
+    def prefill_kv(self, tokens: jax.Array, valid: jax.Array,
+                   weights: DecodeWeights | None = None):  # fmt: skip
         """A cacheless forward that also returns every layer's keys and values (for a paged
         cache). tokens, valid [B,T] (right-padded: position t of a row is its token t).
+        weights: `decode_weights()`, read instead of the stacked ones (CPU).
         -> (hidden [B,T,D] final-normed, features [B,T,D], (k, v) each [L,B,K,T,hd])."""
         cfg = self.cfg
         valid = valid.astype(bool)
@@ -263,13 +301,43 @@ class Transformer(nnx.Module):
         t = tokens.shape[1]
         mask = (jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]) & valid[:, None, :]
         cos, sin = rope_cos_sin(positions, cfg)
-        table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_jnp_dtype)
-        x = constrain(x, ("batch", "length", "embed"))
-        x, features, kv = self._run_blocks(x, cos, sin, mask, None, None)
+        x = constrain(self._embed_tokens(tokens, weights), ("batch", "length", "embed"))
+        if weights is None:
+            x, features, kv = self._run_blocks(x, cos, sin, mask, None, None)
+            return self.final_norm(x), features, kv
+        features, kvs = x, []
+        for i in range(cfg.n_layers):
+            if i == cfg.n_layers - 1:
+                features = x
+            x, kv = nnx.merge(weights.graphdef, weights.layers[i])(x, cos, sin, mask)
+            kvs.append(kv)
+        kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
         return self.final_norm(x), features, kv
 
-    def decode_paged(self, token: jax.Array, kv, active: jax.Array, layers: tuple | None = None):
+    def _embed_tokens(self, tokens: jax.Array, weights: DecodeWeights | None) -> jax.Array:
+        """The embedding rows of tokens [B,T] in the compute dtype (with `weights`, gathered
+        from its integer view of a 16-bit table: no f32 copy of the table on XLA:CPU)."""
+        if weights is not None and weights.embed_bits is not None:
+            x = jax.lax.bitcast_convert_type(jnp.take(weights.embed_bits, tokens, axis=0),
+                                             self.embed.dtype)  # fmt: skip
+        else:
+            x = jnp.take(constrain(self.embed[...], ("vocab", None)), tokens, axis=0)
+        return x.astype(self.cfg.compute_jnp_dtype)
+
+    def decode_logits(self, h: jax.Array, weights: DecodeWeights | None = None) -> jax.Array:
+        """`lm_logits` of final-normed h [B,D] -> [B,V] f32; with `weights`, from its
+        out-major head (no f32 copy of a bf16 head on XLA:CPU), rounded to the compute dtype as
+        `lm_logits` rounds them."""
+        if weights is None or weights.head is None:
+            return self.lm_logits(h[:, None])[:, 0]
+        logits = jax.lax.dot_general(
+            h.astype(weights.head.dtype), weights.head, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return constrain(logits.astype(h.dtype).astype(jnp.float32), ("batch", "vocab"))
+
+    def decode_paged(self, token: jax.Array, kv, active: jax.Array,
+                     weights: DecodeWeights | None = None):  # fmt: skip
         """One decode step over a paged cache (sample/paged.py `PagedKV`, S rows).
 
         token [S] int; active [S] bool (inactive rows write nothing and keep their length).
@@ -283,15 +351,19 @@ class Transformer(nnx.Module):
         write_page = jnp.where(active, jnp.take_along_axis(kv.page_table, col[:, None], 1)[:, 0],
                                -1)  # fmt: skip
         cos, sin = rope_cos_sin(pos[:, None], cfg)
-        x = jnp.take(constrain(self.embed[...], ("vocab", None)), token[:, None], axis=0)
-        x = constrain(x.astype(cfg.compute_jnp_dtype), ("batch", "length", "embed"))
+        x = constrain(self._embed_tokens(token[:, None], weights), ("batch", "length", "embed"))
         graphdef, params = nnx.split(self.blocks)
+        if weights is not None:
+            graphdef = weights.graphdef
         feat = jnp.zeros_like(x)
         ks, vs = [], []
         for i in range(cfg.n_layers):
             if i == cfg.n_layers - 1:
                 feat = x
-            p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
+            if weights is not None:
+                p = weights.layers[i]
+            else:  # accelerators: the slice is read in place
+                p = jax.tree.map(lambda a, i=i: a[i], params)
             layer = PagedLayer(kv.k[i], kv.v[i], kv.page_table, pos + 1, write_page, pos % page,
                                kv.impl)  # fmt: skip
             x, (k_pool, v_pool) = nnx.merge(graphdef, p)(x, cos, sin, None, paged=layer)
@@ -299,7 +371,7 @@ class Transformer(nnx.Module):
             vs.append(v_pool)
         h = self.final_norm(x)
         kv = kv.replace(k=tuple(ks), v=tuple(vs), kv_len=pos + active.astype(pos.dtype))
-        return self.lm_logits(h)[:, 0], feat[:, 0], kv
+        return self.decode_logits(h[:, 0], weights), feat[:, 0], kv
 
     def sprm_logits(
         self, features: jax.Array, *, dropout_rng: jax.Array | None = None

@@ -332,7 +332,7 @@ def evaluate_cli(capsys, ckpt, bench, out, *extra):  # noqa: F811
     step = ",".join(map(str, STEP_IDS))
     main(["metastone-jax", "evaluate", f"--ckpt={ckpt}", f"--benchmark={bench}",
           f"--out={out}", "--max_new_tokens=12", f"--step_ids={step}", "--temperature=1.0",
-          "--batch_prompts=2", "--slots=4", "--page_size=8", "--no_progress",
+          "--slots=4", "--page_size=8", "--no_progress",
           *extra])  # fmt: skip
     return capsys.readouterr().out
 

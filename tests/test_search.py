@@ -58,15 +58,15 @@ def test_beam_with_constant_scores_keeps_the_first_beams(constant_model):
     # "min" is exactly 0.5 for any number of steps (a geometric mean may round differently).
     config = SearchConfig(strategy="beam", beam_width=2, expansions=3, aggregation="min")
     beam = run(constant_model, PROMPTS, search=config, params=params, step=step, seeds=[0, 1, 2])
-    assert len(beam.stats["beam_kept"]) > 3
+    kept_per_prompt = beam.stats["beam_kept"]  # [prompt][round] -> the beams kept
+    assert all(len(rounds) > 3 for rounds in kept_per_prompt)
     # All scores tie at 0.5, so every round keeps the two lowest rows (ties go to the lower
     # index): 0 and 1, or 0 and 3 once beam 0 has finished and its duplicates (rows 1, 2) are
     # out of the ranking...
-    rounds = beam.stats["beam_kept"]
-    for kept in rounds:
-        for per_prompt in kept:
-            assert per_prompt in ([0, 1], [0, 3])
-    assert sum(per_prompt == [0, 1] for kept in rounds for per_prompt in kept) > 10
+    for rounds in kept_per_prompt:
+        for kept in rounds:
+            assert kept in ([0, 1], [0, 3])
+    assert sum(kept == [0, 1] for rounds in kept_per_prompt for kept in rounds) > 10
     # ...and row 0 is always child 0 of row 0, which keeps its key: it is best-of-k's first
     # candidate with the same seeds.
     plain = sampler.generate(constant_model, PROMPTS, k=6, params=params, step=step,

@@ -268,7 +268,7 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
             continue
         beams[int(k)] = beam_eval(
             model, tokenizer, records, k=int(k), sampling=sampling_params(cfg, tokenizer),
-            step=step, batch_prompts=int(e.batch_prompts), seed=int(cfg.seed),
+            step=step, seed=int(cfg.seed),
             progress=bool(cfg.progress),
         )  # fmt: skip
         _write_json(path, beams[int(k)])

@@ -40,8 +40,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="output directory (default: eval/<ckpt name>/<benchmark>)")  # fmt: skip
     add_sampling_args(p, max_new_tokens=32768)  # the released evaluation's budget
     add_engine_args(p)
-    p.add_argument("--batch_prompts", type=int, default=8,
-                   help="questions per beam-search call (--strategy=beam)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of a table")
@@ -78,7 +76,7 @@ def main(argv: list[str]) -> None:
     report = evaluate(
         args.ckpt, args.benchmark, modes=modes, ks=ks, samples=args.samples,
         strategy=args.strategy, out_dir=out, sampling=sampling, step_ids=step_ids,
-        batch_prompts=args.batch_prompts, engine=engine_from_args(args), seed=args.seed,
+        engine=engine_from_args(args), seed=args.seed,
         limit=args.limit, groups=args.groups,
         chat_template=not args.no_chat_template, progress=not args.no_progress,
     )  # fmt: skip

@@ -135,18 +135,6 @@ def _prompts(records, tokenizer, chat_template, max_len, max_new) -> list[list[i
     return prompts
 
 
-def _chunks(n: int, size: int):
-    """Fixed batches of question indices [c*size, (c+1)*size): a resumed run and an
-    uninterrupted one call the sampler with the same batches."""
-    for start in range(0, n, size):
-        yield list(range(start, min(start + size, n)))
-
-
-def _batch(indices: list[int], size: int) -> list[int]:
-    """A chunk padded to ``size`` rows by repeating its first question (one compiled shape)."""
-    return indices + [indices[0]] * (size - len(indices))
-
-
 def sample_pool(
     model,
     tokenizer,
@@ -316,38 +304,35 @@ def beam_split(k: int) -> tuple[int, int]:
 
 
 def beam_eval(
-    model, tokenizer, records: list[dict], *, k: int, sampling, step, batch_prompts: int = 8,
+    model, tokenizer, records: list[dict], *, k: int, sampling, step, engine=None,
     seed: int = 0, progress: bool = True, chat_template: bool = True, mesh=None,
 ) -> list[dict]:  # fmt: skip
     """SPRM-guided step-level beam search (``search.run``, strategy "beam", ``beam_split(k)``)
-    per question, in the same fixed batches and seeds as ``sample_pool``. -> per question
-    {"id", "index", "answer", "correct", "selected": {...}, "tokens"}; "tokens" sums the
-    lengths of the k final beams (a shared prefix counts once per beam)."""
-    from tqdm import tqdm
-
+    per question, every question in one queue of the engine (``engine``: its EngineConfig),
+    with ``sample_pool``'s seeds. -> per question {"id", "index", "answer", "correct",
+    "selected": {...}, "tokens"}; "tokens" sums the lengths of the k final beams (a shared
+    prefix counts once per beam)."""
     from metastone_jax.sample import search
 
     width, expansions = beam_split(k)
     config = search.SearchConfig(strategy="beam", k=k, beam_width=width, expansions=expansions)
     prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
                        sampling.max_new_tokens)  # fmt: skip
+    res = search.run(
+        model, prompts, search=config, params=sampling, step=step, tokenizer=tokenizer,
+        seeds=[question_seed(seed, i) for i in range(len(records))], mesh=mesh, engine=engine,
+        progress=progress,
+    )  # fmt: skip
     out = []
-    for chunk in tqdm(list(_chunks(len(records), batch_prompts)), desc=f"beam k={k}",
-                      unit="batch", disable=not progress):  # fmt: skip
-        rows = _batch(chunk, batch_prompts)
-        res = search.run(
-            model, [prompts[i] for i in rows], search=config, params=sampling, step=step,
-            tokenizer=tokenizer, seeds=[question_seed(seed, i) for i in rows], mesh=mesh,
-        )  # fmt: skip
-        for r, i in enumerate(chunk):
-            j = int(res.selected[r])
-            correct, how = grade_detail(res.answers[r][j], records[i]["answer"])
-            selected = {"text": res.texts[r][j], "answer": res.answers[r][j],
-                        "score": float(res.scores[r, j]), "grade": how,
-                        "tokens": int(res.candidates.length[r, j])}  # fmt: skip
-            out.append({"id": str(records[i]["id"]), "index": i, "answer": records[i]["answer"],
-                        "correct": bool(correct), "selected": selected,
-                        "tokens": int(res.candidates.length[r].sum())})  # fmt: skip
+    for i, record in enumerate(records):
+        j = int(res.selected[i])
+        correct, how = grade_detail(res.answers[i][j], record["answer"])
+        selected = {"text": res.texts[i][j], "answer": res.answers[i][j],
+                    "score": float(res.scores[i, j]), "grade": how,
+                    "tokens": int(res.candidates.length[i, j])}  # fmt: skip
+        out.append({"id": str(record["id"]), "index": i, "answer": record["answer"],
+                    "correct": bool(correct), "selected": selected,
+                    "tokens": int(res.candidates.length[i].sum())})  # fmt: skip
     return out
 
 
@@ -385,7 +370,6 @@ def evaluate(
     out_dir: str,
     sampling=None,
     step_ids=None,
-    batch_prompts: int = 8,
     engine=None,
     seed: int = 0,
     limit: int | None = None,
@@ -404,11 +388,11 @@ def evaluate(
     answer's accuracy. ``sampling``: a SamplingParams (default: SPRM.md section 5, temperature
     0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids become the
     tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
-    ``engine``: the pool's sampling engine (`sample.engine.EngineConfig`); ``batch_prompts``:
-    questions per beam-search call. ``limit``: the first N questions. ``groups``: how many
-    groups of k each question counts when candidate counts differ (``metrics.GROUP_COUNTS``;
-    "common" is the released metric). Writes ``out_dir/metrics.json`` (temp + rename) and
-    returns the same dict. Bad arguments raise ValueError before anything is loaded.
+    ``engine``: the sampling engine's settings (`sample.engine.EngineConfig`). ``limit``: the
+    first N questions. ``groups``: how many groups of k each question counts when candidate
+    counts differ (``metrics.GROUP_COUNTS``; "common" is the released metric). Writes
+    ``out_dir/metrics.json`` (temp + rename) and returns the same dict. Bad arguments raise
+    ValueError before anything is loaded.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -457,8 +441,8 @@ def evaluate(
     }  # fmt: skip
     if strategy == "beam":
         for label, k in want.items():
-            entries = beam_eval(model, tokenizer, records, k=k, batch_prompts=batch_prompts,
-                                mesh=mesh, **common)  # fmt: skip
+            entries = beam_eval(model, tokenizer, records, k=k, engine=engine, mesh=mesh,
+                                **common)  # fmt: skip
             os.makedirs(out_dir, exist_ok=True)  # only now: a failed run leaves nothing
             path = os.path.join(out_dir, f"beam_k{k}.jsonl")
             lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)

@@ -85,11 +85,34 @@ def prefill_work_bytes(cfg: ModelConfig, rows: int, t: int, tp: int) -> int:
     return int(layer + kv + rows * cfg.vocab_size * (5 + c))
 
 
-def block_param_bytes(cfg: ModelConfig) -> int:
-    """The L blocks' parameters in the param dtype (the per-layer slices the CPU path copies)."""
+def _block_param_bytes(cfg: ModelConfig) -> int:
+    """The L stacked blocks' parameters in the param dtype."""
     d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     attn = d * (h + 2 * k) * hd + h * hd * d + (h + 2 * k) * hd * int(cfg.qkv_bias)
     return cfg.n_layers * (attn + 3 * d * f + 2 * d) * cfg.param_jnp_dtype.itemsize
+
+
+def replaced_param_bytes(cfg: ModelConfig) -> int:
+    """The parameters a CPU decode segment does not read because `decode_weight_bytes` stands
+    in for them (XLA drops unused arguments): the stacked blocks, the untied LM head, a 16-bit
+    embedding."""
+    p = cfg.param_jnp_dtype.itemsize
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * p
+    embed = cfg.vocab_size * cfg.d_model * p if p == 2 else 0
+    return _block_param_bytes(cfg) + head + embed
+
+
+def decode_weight_bytes(cfg: ModelConfig) -> int:
+    """The CPU path's decode copy of the weights (`Transformer.decode_weights`): the L blocks'
+    Linear kernels in the compute dtype (norms and biases as stored), + the untied LM head,
+    + a 16-bit embedding's integer view."""
+    d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    kernels = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f
+    rest = (h + 2 * k) * hd * int(cfg.qkv_bias) + 2 * d
+    c, p = cfg.compute_jnp_dtype.itemsize, cfg.param_jnp_dtype.itemsize
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d * c
+    embed_bits = cfg.vocab_size * d * p if p == 2 else 0  # a 16-bit table, gathered as ints
+    return cfg.n_layers * (kernels * c + rest * p) + head + embed_bits
 
 
 def rows_on_device(n: int, mesh_shape: dict) -> int:
@@ -257,12 +280,13 @@ def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int
 def cpu_segment_bytes(cfg: ModelConfig, *, params: int, slots: int, pages: int, page: int,
                       columns: int, max_new: int, top_p: float) -> int:  # fmt: skip
     """The planner's figure for `engine.segment` compiled on one CPU device (xla layout): its
-    arguments (params, pool, slot state, free list) + its temporaries (the per-layer weight
-    slices the CPU path copies, `Transformer.layer_params`, + the segment's work). What
-    bench/engine_memory.py and tests/test_plan.py compare with XLA's memory analysis."""
+    arguments (the params it reads, the decode copy of the weights, pool, slot state, free
+    list) + its temporaries (the segment's work). What bench/engine_memory.py and tests/test_plan.py
+    compare with XLA's memory analysis."""
     return (
         params
-        + block_param_bytes(cfg)
+        - replaced_param_bytes(cfg)
+        + decode_weight_bytes(cfg)
         + pages * page_bytes(cfg, page, 1, "xla")
         + slot_state_bytes(cfg, slots, columns, pages, max_new)
         + segment_work_bytes(cfg, slots, page, 1, "xla", top_p)
@@ -287,6 +311,8 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     from metastone_jax.sprm import StepTokens
 
     graphdef, model_state = nnx.split(abstract_model(cfg))
+    weights = jax.eval_shape(lambda st: engine.decode_weights(nnx.merge(graphdef, st)),
+                             model_state)  # fmt: skip
     params = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=max_new, stop_ids=(1,))
     opts = sampler.DecodeOptions(params=params, step=StepTokens((5,), 6, 7), pad_id=0)
     columns = math.ceil((prompt_len + max_new) / page)
@@ -294,9 +320,10 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     state = jax.eval_shape(functools.partial(engine.empty_state, cfg, layout, opts))
     fn = functools.partial(engine.segment, graphdef, opts=opts, steps=steps)
     compiled = (
-        jax.jit(fn, donate_argnums=(1,))
-        .lower(model_state, state, jax.ShapeDtypeStruct((pages,), jnp.int32),
-               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+        jax.jit(fn, donate_argnums=(2,))
+        .lower(model_state, weights, state, jax.ShapeDtypeStruct((pages,), jnp.int32),
+               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+               jax.ShapeDtypeStruct((slots,), jnp.int32))
         .compile()
     )  # fmt: skip
     m = compiled.memory_analysis()

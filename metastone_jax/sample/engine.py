@@ -81,8 +81,10 @@ class Layout:
 
 
 def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidates: int,
-                n_questions: int) -> Layout:  # fmt: skip
-    """Checks the settings against the model and the requests, before anything is compiled."""
+                n_questions: int, group: int = 0) -> Layout:  # fmt: skip
+    """Checks the settings against the model and the requests, before anything is compiled.
+    group: the candidates of a question decode as one group of that size (beam search,
+    pruning: `GroupPolicy`; 0: independently)."""
     page = engine.page_size
     if not isinstance(page, int) or page < 0:
         raise ValueError(f"page_size: expected a positive integer (0: the default), got {page!r}")
@@ -99,18 +101,30 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
     if engine.segment_steps < 1:
         raise ValueError(f"segment_steps: expected >= 1, got {engine.segment_steps}")
     slots = engine.slots or min(n_candidates, 256)
+    if group and not engine.slots:
+        slots = group * max(1, min(n_questions, 256 // group))
     if slots < 1:
         raise ValueError(f"slots: expected >= 1, got {engine.slots}")
+    if slots < group:
+        raise ValueError(f"slots={slots} cannot hold a question's {group} candidates, which "
+                         "beam search and pruning decode together")  # fmt: skip
     longest = max(prompt_lens) + max_new
     columns = math.ceil(longest / page)
     # A sequence alone (prompt pages + its own) must fit, or nothing could ever finish.
     need_one = columns + 1
     pages = engine.pages
+    prompt_pages = math.ceil(max(prompt_lens) / page)
+    resident = min(slots // group if group else slots, n_questions)
+    every_slot_full = slots * (columns + 1) + resident * prompt_pages
     if not pages:
-        prompt_pages = math.ceil(max(prompt_lens) / page)
-        pages = slots * (columns + 1) + min(slots, n_questions) * prompt_pages
-        if engine.memory_fraction is not None:
+        pages = every_slot_full
+        if engine.memory_fraction is not None and not group:
             pages = min(pages, pages_for_memory(cfg, page, impl, engine.memory_fraction))
+    if group and pages < every_slot_full:
+        raise ValueError(
+            f"pages={pages}: beam search and pruning need a pool in which every slot reaches "
+            f"its whole length ({every_slot_full} pages for slots={slots}; they never preempt)"
+        )
     if pages < slots:
         raise ValueError(f"pages={pages} is fewer than slots={slots}: each slot needs a page")
     if pages < need_one:
@@ -120,6 +134,16 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
             f"at least {need_one} pages are needed"
         )
     return Layout(slots, page, pages, columns, impl)
+
+
+def decode_weights(model):
+    """On XLA:CPU, the weights laid for decoding (`Transformer.decode_weights`): a loop body
+    that slices the stacked ones copies every weight matrix each step (or, hoisted, holds a
+    copy, in f32 for bf16 weights, among the program's temporaries). Elsewhere None: XLA reads
+    the slices in place there."""
+    if jax.default_backend() != "cpu":
+        return None
+    return model.decode_weights()
 
 
 def page_bytes(cfg, page_size: int, impl: str) -> int:
@@ -210,15 +234,16 @@ def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.Dec
     )
 
 
-def segment(graphdef, model_state, state, free, n_free, exit_settled, *, opts, steps: int):
+def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, group, *, opts,
+            steps: int):  # fmt: skip
     """Decodes up to `steps` tokens per slot; stops early once `exit_settled` slots are
     finished (or paused; the host asks for one more than now when it has candidates to start,
-    else for the count at which the slots would shrink), when every slot is idle, or when the
+    else for the count at which the slots would shrink), when every slot is idle, when the
     slots that need a page this step outnumber the free ones (`n_free` pages on top of the
-    stack `free` [P]). -> (state, n_free)."""
-    layers = None
-    if jax.default_backend() == "cpu":  # see sampler.decode
-        layers = nnx.merge(graphdef, model_state).layer_params()
+    stack `free` [P]), or when a group's slots (`group` [S]: an id in [0, S) per slot, -1:
+    none) are all paused or finished (a barrier: beam search, pruning). weights:
+    `decode_weights(model)` (None: the stacked ones, sliced in place on accelerators).
+    -> (state, n_free)."""
     rows = jnp.arange(state.done.shape[0])
 
     def needs_page(s):
@@ -233,10 +258,11 @@ def segment(graphdef, model_state, state, free, n_free, exit_settled, *, opts, s
             & (i < steps)
             & (jnp.sum(needs_page(s)) <= n)
             & (jnp.sum(s.done | s.paused) < exit_settled)
+            & ~_group_settled(s, group)
         )
 
     def forward(model, token, active, s):
-        return model.decode_paged(token, s.cache, active, layers)
+        return model.decode_paged(token, s.cache, active, weights)
 
     def body(carry):
         s, n, i = carry
@@ -255,14 +281,25 @@ def segment(graphdef, model_state, state, free, n_free, exit_settled, *, opts, s
     return state, n_free
 
 
-def prefill(graphdef, model_state, tokens, valid, page_ids, offsets, k_pool, v_pool, *,
+def _group_settled(state, group) -> jax.Array:
+    """Whether some group's slots are all paused or finished. group [S]: ids in [0, S), -1
+    for a slot in no group."""
+    n = group.shape[0]
+    ids = jnp.where(group >= 0, group, n)  # n: no group
+    live = (~state.done & ~state.paused).astype(jnp.int32)
+    members = jax.ops.segment_sum(jnp.ones_like(live), ids, n + 1)[:n]
+    unsettled = jax.ops.segment_sum(live, ids, n + 1)[:n]
+    return jnp.any((members > 0) & (unsettled == 0))
+
+
+def prefill(graphdef, model_state, weights, tokens, valid, page_ids, offsets, k_pool, v_pool, *,
             opts, impl: str):  # fmt: skip
     """Runs right-padded sequences [B, T] once, writing their keys and values into the pages
     `page_ids` [B, T] at `offsets` (page < 0: padding). -> (k_pool, v_pool, per-sequence
     start fields: a DecodeState row template without cache)."""
     model = nnx.merge(graphdef, model_state)
     cfg = model.cfg
-    hidden, features, (ks, vs) = model.prefill_kv(tokens, valid)
+    hidden, features, (ks, vs) = model.prefill_kv(tokens, valid, weights)
     new_k, new_v = [], []
     for i in range(cfg.n_layers):
         # [B, K, T, hd] -> [B, T, K, hd]
@@ -273,7 +310,7 @@ def prefill(graphdef, model_state, tokens, valid, page_ids, offsets, k_pool, v_p
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # noqa: E731
     start = dict(
-        next_logits=model.lm_logits(take(hidden)[:, None])[:, 0],
+        next_logits=model.decode_logits(take(hidden), weights),
         next_feature=take(features),
         **sampler.prompt_fields(tokens, valid, opts.step, cfg.vocab_size),
     )
@@ -333,6 +370,37 @@ def insert(state, slots, fresh, starts, q_rows, keys, limits, saved, page_rows, 
     return _constrain(state.replace(cache=cache, **updates))
 
 
+def regroup(state, slots, src, keys, prune, page_rows, kv_len, copy_src, copy_dst):
+    """A group's barrier: slot slots[i] [M] takes the row of slot src[i] (a beam's child its
+    parent's; itself: unchanged), the key keys[i], its pages page_rows[i] [M, W] and kv_len[i]
+    (page copy_src[i] copied first to copy_dst[i]; < 0: none); prune[i] finishes it (PRUNED);
+    every one is unpaused. Slots = S: padding."""
+    m = slots.shape[0]
+    n = state.done.shape[0]
+    src = jnp.clip(src, 0, n - 1)
+
+    def move(x):
+        return x.at[slots].set(jnp.take(x, src, axis=0), mode="drop") if x.ndim else x
+
+    rest = jax.tree.map(move, _row_fields(state))
+    done = jnp.take(state.done, src) | prune
+    finish = jnp.where(prune, sampler.PRUNED, jnp.take(state.finish, src))
+    rest = rest.replace(
+        keys=rest.keys.at[slots].set(keys.astype(jnp.uint32), mode="drop"),
+        done=rest.done.at[slots].set(done, mode="drop"),
+        finish=rest.finish.at[slots].set(finish, mode="drop"),
+        paused=rest.paused.at[slots].set(jnp.zeros((m,), bool), mode="drop"),
+    )
+    cache = state.cache
+    cache = cache.replace(
+        k=paged.copy_pages(cache.k, copy_src, copy_dst),
+        v=paged.copy_pages(cache.v, copy_src, copy_dst),
+        page_table=cache.page_table.at[slots].set(page_rows, mode="drop"),
+        kv_len=cache.kv_len.at[slots].set(kv_len, mode="drop"),
+    )
+    return _constrain(rest.replace(cache=cache))
+
+
 def compact(state, rows):
     """The state of slots `rows` [S'] only, in that order (the pool unchanged)."""
     cache = state.cache
@@ -357,15 +425,23 @@ def take_rows(state, slots):
 def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
     if which == "segment":
         fn = functools.partial(segment, graphdef, opts=opts, steps=steps)
-        return jax.jit(fn, donate_argnums=(1,))
+        return jax.jit(fn, donate_argnums=(2,))
     if which == "prefill":
         fn = functools.partial(prefill, graphdef, opts=opts, impl=impl)
-        return jax.jit(fn, donate_argnums=(5, 6))
+        return jax.jit(fn, donate_argnums=(6, 7))
     if which == "insert":
         return jax.jit(insert, donate_argnums=(0,))
     if which == "compact":
         return jax.jit(compact)  # smaller outputs: nothing to donate into
+    if which == "regroup":
+        return jax.jit(regroup, donate_argnums=(0,))
     return jax.jit(take_rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_state_fn(cfg, layout: Layout, opts):
+    """The jitted `empty_state` (one compilation per configuration, not per call)."""
+    return jax.jit(functools.partial(empty_state, cfg, layout, opts))
 
 
 def vacate(state, slots):
@@ -389,6 +465,39 @@ _jit_put_starts = jax.jit(put_starts, donate_argnums=(0,))
 
 
 @dataclasses.dataclass
+class GroupView:
+    """A question's candidates at a barrier, in candidate order (host arrays [k]): done,
+    finish, running (`RunningScore`), keys [k, 2]."""
+
+    done: np.ndarray
+    finish: np.ndarray
+    running: Any
+    keys: np.ndarray
+
+
+@dataclasses.dataclass
+class GroupAction:
+    """What a barrier does: candidate i continues from candidate source[i]'s row (None: its
+    own), with keys[i] (None: its own); prune[i] finishes it as PRUNED (None: none)."""
+
+    source: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    prune: np.ndarray | None = None
+
+
+class GroupPolicy:
+    """Decides at each barrier of a question's group (every candidate paused at its next step
+    boundary or finished): sample/search.py's beam search and early pruning. keep_done:
+    finished candidates stay in their slots until the whole group is done (beam search ranks
+    them), else they leave at the barrier."""
+
+    keep_done: bool = False
+
+    def at_barrier(self, question: int, round_: int, view: GroupView) -> GroupAction:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
 class _Request:
     question: int
     candidate: int
@@ -403,6 +512,7 @@ class _Question:
     pending: int  # candidates not started yet
     running: int = 0
     finished: int = 0
+    expected: int = 0  # candidates it completes with (k; the resumed ones of `resume`)
 
 
 @dataclasses.dataclass
@@ -434,7 +544,7 @@ class Engine:
 
     def __init__(self, model, prompts, *, k, params, step, seeds, engine, limits, pad_id,
                  score_steps, keep_features, order, on_question, progress,
-                 mesh=None):  # fmt: skip
+                 mesh=None, policy=None, resume=None, keep_row=None):  # fmt: skip
         cfg = model.cfg
         self.cfg, self.k, self.prompts = cfg, k, [list(p) for p in prompts]
         g = params.max_new_tokens
@@ -444,12 +554,14 @@ class Engine:
         if score_steps and model.sprm is None:
             raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
         b = len(self.prompts)
-        self.layout = plan_layout(cfg, engine, [len(p) for p in self.prompts], g, b * k, b)
+        self.policy = policy
+        self.layout = plan_layout(cfg, engine, [len(p) for p in self.prompts], g, b * k, b,
+                                  group=k if policy is not None else 0)  # fmt: skip
         self.segment_steps = engine.segment_steps
         pad_id = sampler._pad_id(cfg) if pad_id is None else pad_id
         self.opts = sampler.DecodeOptions(
             params=params, step=step, pad_id=pad_id, score_steps=score_steps,
-            keep_features=keep_features,
+            keep_features=keep_features, until_step=policy is not None,
         )  # fmt: skip
         seeds = [seeds] * b if isinstance(seeds, int) else list(seeds)
         if len(seeds) != b:
@@ -462,8 +574,18 @@ class Engine:
             raise ValueError("order: expected a permutation of the prompt indices")
         self.queue = deque(_Request(q, j) for q in order for j in range(k))
         self.resumes: deque[_Request] = deque()
+        # Candidates to continue from rows of an earlier run (the thinking selection's answer
+        # phase): (question, candidate, row [1, ...] without cache, its tokens so far).
+        self.resume = list(resume or [])
+        if self.resume:
+            self.queue.clear()
+            self.resumes.extend(_Request(q, j, row, np.asarray(gen)) for q, j, row, gen in
+                                self.resume)  # fmt: skip
+        self.keep_row = keep_row  # keep_row(q, Candidates of q) -> the candidate whose row stays
+        self.kept_rows: dict[int, tuple[int, Any]] = {}
         self.on_question, self.progress = on_question, progress
         self.graphdef, self.model_state = nnx.split(model)
+        self.weights = decode_weights(model)
         self.mesh = mesh
 
     # -- the pool --------------------------------------------------------------------------
@@ -471,7 +593,21 @@ class Engine:
     def _take_pages(self, n: int) -> list[int]:
         out = self.free[len(self.free) - n :][::-1]
         del self.free[len(self.free) - n :]
+        self.refs[out] = 1
         return out
+
+    def _share(self, pages) -> None:
+        """One more holder of each page (a candidate listing its prompt's or its beam
+        parent's full pages)."""
+        np.add.at(self.refs, np.asarray(pages, np.int64), 1)
+
+    def _give(self, pages) -> None:
+        """One holder fewer; a page nobody holds goes back to the pool."""
+        for p in pages:
+            p = int(p)
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
 
     def run(self) -> tuple[sampler.Candidates, EngineStats]:
         with sampler._mesh_context(self.mesh):
@@ -483,16 +619,20 @@ class Engine:
         t0 = time.perf_counter()
         self.stats = EngineStats()
         self.free = list(range(lay.pages - 1, -1, -1))  # a stack: pages pop from the end
+        self.refs = np.zeros(lay.pages, np.int32)  # holders of each page
         # Made by a jitted call: every field its own buffer (the state is donated).
-        self.state = jax.jit(functools.partial(empty_state, cfg, lay, opts))()
+        self.state = _empty_state_fn(cfg, lay, opts)()
         # The rows a new candidate starts from.
         self.blank = _compiled(self.graphdef, "take", None)(self.state, jnp.arange(s_count))[0]
         # Each resident question's start fields, 2S rows, made with the first prefill.
         self.table = None
         self.free_rows = list(range(2 * s_count - 1, -1, -1))
         self.questions: dict[int, _Question] = {}
+        for q, _, _, _ in self.resume:
+            qs = self.questions.setdefault(q, _Question([], -1, pending=0))
+            qs.expected += 1
+        self.stash: dict[int, dict[int, Any]] = {}  # rows of `keep_row` questions, until done
         self.slot_req: list[_Request | None] = [None] * s_count
-        self.slot_shared = [0] * s_count
         self.slot_started = [0] * s_count
         self.started = 0
         b, k, g = len(self.prompts), self.k, opts.params.max_new_tokens
@@ -502,6 +642,7 @@ class Engine:
         self.completed: set[int] = set()
         bar = _ProgressBar(self.progress, b, b * k)
         segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
+        self.rounds: dict[int, int] = {}  # barriers each question's group has passed
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
             self._fill()
             free_arr = np.zeros(lay.pages, np.int32)
@@ -510,21 +651,25 @@ class Engine:
             clock0 = int(self.state.clock)
             self.state, n_after = segment_fn(
                 self.model_state,
+                self.weights,
                 self.state,
                 jnp.asarray(free_arr),
                 jnp.int32(n_before),
                 jnp.int32(self._exit_settled()),
+                jnp.asarray(self._group_ids()),
             )
             n_after = int(n_after)
-            del self.free[n_after:]  # popped by the slots that grew a page
+            self.refs[self.free[n_after:]] = 1  # popped by the slots that grew a page
+            del self.free[n_after:]
             steps = int(self.state.clock) - clock0
             self.stats.segments += 1
             self.stats.steps += steps
             self.stats.slot_steps += steps * len(self.slot_req)
             held = lay.pages - len(self.free)
             self.stats.peak_pages = max(self.stats.peak_pages, held)
-            self._harvest(results, bar)
-            self._maybe_shrink()
+            changed = self._harvest(results, bar)
+            if not self._maybe_shrink() and not changed and not steps:
+                raise RuntimeError("engine: a segment made no progress (an internal error)")
         bar.close()
         self.stats.tokens = int(results.length.sum())
         self.stats.seconds = time.perf_counter() - t0
@@ -543,6 +688,23 @@ class Engine:
             q = req.question
             plen = len(self.prompts[q])
             copy = 1 if plen % page else 0  # the partial prompt page, copied per candidate
+            if self.policy is not None:  # a question's group starts whole, or waits
+                need = math.ceil(plen / page) + self.k * copy
+                if len(free_slots) < self.k or need + running + len(fresh) > len(self.free):
+                    break
+                for _ in range(self.k):
+                    req = self.queue.popleft()
+                    slot = free_slots.pop(0)
+                    fresh.append((slot, req))
+                    self.slot_req[slot] = req
+                    self.started += 1
+                    self.slot_started[slot] = self.started
+                new_q.append(q)
+                self.questions[q] = _Question(self._take_pages(math.ceil(plen / page)),
+                                              self.free_rows.pop(), pending=self.k,
+                                              expected=self.k)  # fmt: skip
+                self.rounds[q] = 0
+                continue
             if req.saved is not None:
                 later = need = math.ceil((plen + len(req.generated)) / page)
             elif q in self.questions or q in new_q:
@@ -562,7 +724,8 @@ class Engine:
                 if q not in self.questions and q not in new_q:
                     new_q.append(q)
                     self.questions[q] = _Question(self._take_pages(math.ceil(plen / page)),
-                                                  self.free_rows.pop(), pending=self.k)  # fmt: skip
+                                                  self.free_rows.pop(), pending=self.k,
+                                                  expected=self.k)  # fmt: skip
                 fresh.append((slot, req))
             self.slot_req[slot] = req
             self.started += 1
@@ -592,7 +755,8 @@ class Engine:
         valid[len(seqs) :, 0] = True  # padding rows: one token, written nowhere
         fn = _compiled(self.graphdef, "prefill", self.opts, impl=self.layout.impl)
         cache = self.state.cache
-        k, v, starts = fn(self.model_state, tokens, valid, page_ids, offsets, cache.k, cache.v)
+        k, v, starts = fn(self.model_state, self.weights, tokens, valid, page_ids, offsets,
+                          cache.k, cache.v)  # fmt: skip
         self.state = self.state.replace(cache=cache.replace(k=k, v=v))
         self.stats.prefills += 1
         return starts
@@ -626,12 +790,12 @@ class Engine:
             plen = len(self.prompts[req.question])
             full = plen // page
             row = list(qs.pages[:full])
+            self._share(row)
             if plen % page:  # the partial last page: a copy of its own
                 own = self._take_pages(1)[0]
                 src[i], dst[i] = qs.pages[full], own
                 row.append(own)
             page_rows[i, : len(row)] = row
-            self.slot_shared[slot] = full
             slots[i], q_rows[i], kv_len[i] = slot, qs.row, plen
             rid = req.question * self.k + req.candidate
             keys[i], limits[i] = self.keys[rid], self.limits[rid]
@@ -649,12 +813,13 @@ class Engine:
         starts = self._run_prefill([seq], [pages])
         row = np.zeros((1, lay.columns), np.int32)
         row[0, : len(pages)] = pages
-        self.slot_shared[slot] = 0
         self.questions[q].running += 1
         rid = q * self.k + req.candidate
         fn = _compiled(self.graphdef, "insert", None)
+        # The row's own key: the same as the seed's for a preempted candidate; a resumed one
+        # goes on with the key its row had.
         self.state = fn(self.state, jnp.asarray([slot], jnp.int32), jnp.zeros(1, bool), starts,
-                        jnp.zeros(1, jnp.int32), jnp.asarray(self.keys[rid][None]),
+                        jnp.zeros(1, jnp.int32), jnp.asarray(req.saved.keys),
                         jnp.asarray(self.limits[rid][None]), req.saved, jnp.asarray(row),
                         jnp.asarray([len(seq)], jnp.int32), jnp.zeros(1, jnp.int32),
                         jnp.full(1, -1, jnp.int32))  # fmt: skip
@@ -664,8 +829,7 @@ class Engine:
 
     def _release(self, slot: int, kv_len: int, table_row: np.ndarray) -> None:
         page = self.layout.page_size
-        own = table_row[self.slot_shared[slot] : math.ceil(kv_len / page)]
-        self.free.extend(int(p) for p in own)
+        self._give(table_row[: math.ceil(kv_len / page)])
         req = self.slot_req[slot]
         qs = self.questions[req.question]
         qs.running -= 1
@@ -674,16 +838,24 @@ class Engine:
     def _drop_question_if_idle(self, q: int) -> None:
         qs = self.questions[q]
         if qs.running == 0 and qs.pending == 0:
-            self.free.extend(qs.pages)
-            self.free_rows.append(qs.row)
-            qs.pages = []
+            self._give(qs.pages)
+            if qs.row >= 0:
+                self.free_rows.append(qs.row)
+            qs.pages, qs.row = [], -1
 
-    def _harvest(self, results, bar) -> None:
+    def _harvest(self, results, bar) -> bool:
+        """Harvests finished candidates (in groups, at their barriers), preempts when out of
+        pages. -> whether anything changed."""
         lay, page = self.layout, self.layout.page_size
+        changed = False
+        if self.policy is not None:
+            finished, changed = self._barriers()
         st = self.state
         done, kv_len, table = jax.device_get((st.done, st.cache.kv_len, st.cache.page_table))
-        finished = [s for s, r in enumerate(self.slot_req) if r is not None and done[s]]
+        if self.policy is None:
+            finished = [s for s, r in enumerate(self.slot_req) if r is not None and done[s]]
         if finished:
+            changed = True
             slots = np.full(lay.slots, lay.slots - 1, np.int32)
             slots[: len(finished)] = finished
             rows, mask = _compiled(self.graphdef, "take", None)(st, jnp.asarray(slots))
@@ -696,8 +868,14 @@ class Engine:
                 qs = self.questions[req.question]
                 qs.finished += 1
                 self._drop_question_if_idle(req.question)
-                if qs.finished == self.k:
+                if self.keep_row is not None:
+                    one = jax.tree.map(lambda x, i=i: x[i : i + 1] if x.ndim else x, rows)
+                    self.stash.setdefault(req.question, {})[req.candidate] = one
+                if qs.finished == qs.expected:
                     completed.append(req.question)
+                    if self.keep_row is not None:
+                        j = self.keep_row(req.question, results.question(req.question))
+                        self.kept_rows[req.question] = (j, self.stash.pop(req.question)[j])
             bar.update_candidates(
                 len(finished), completed, int(sum(rows.length[i] for i in range(len(finished))))
             )
@@ -705,22 +883,115 @@ class Engine:
         active = ~done & np.array([r is not None for r in self.slot_req])
         need = int(np.sum(active & (kv_len % page == 0)))
         while need > len(self.free):  # out of pages: preempt the newest
+            if self.policy is not None:  # plan_layout sized the pool so that it never runs out
+                raise RuntimeError("engine: a group's pages ran out (an internal error)")
+            changed = True
             s = max((s for s, r in enumerate(self.slot_req) if r is not None),
                     key=lambda s: self.slot_started[s])  # fmt: skip
             self._preempt(s, int(kv_len[s]), table[s])
             if active[s] and kv_len[s] % page == 0:
                 need -= 1
-        self._count_pages(kv_len)
+        self._count_pages(kv_len, table)
         bar.set_postfix(self.stats, lay.pages - len(self.free))
+        return changed
 
-    def _count_pages(self, kv_len) -> None:
-        """Pages held vs pages the live tokens fill (each sequence's own tokens rounded up to
-        pages, a resident prompt's full pages once): the pool's overhead, for `EngineStats`."""
-        page = self.layout.page_size
-        alive = sum(len(self.prompts[q]) // page for q, qs in self.questions.items() if qs.pages)
+    # -- groups (beam search, pruning) ------------------------------------------------------
+
+    def _group_ids(self) -> np.ndarray:
+        """[S] int32: each slot's group (its question's first slot), -1 outside groups."""
+        ids = np.full(len(self.slot_req), -1, np.int32)
+        if self.policy is None:
+            return ids
+        first: dict[int, int] = {}
         for s, req in enumerate(self.slot_req):
             if req is not None:
-                alive += math.ceil(int(kv_len[s]) / page) - self.slot_shared[s]
+                ids[s] = first.setdefault(req.question, s)
+        return ids
+
+    def _barriers(self) -> tuple[list[int], bool]:
+        """Every group whose slots are all paused or finished passes a barrier: the policy
+        decides (`GroupPolicy.at_barrier`), the rows move, finish or go on. -> (slots to
+        harvest: a finished group's, and with `policy.keep_done` False any finished row; whether
+        anything changed)."""
+        done, paused = jax.device_get((self.state.done, self.state.paused))
+        groups: dict[int, list[int]] = {}
+        for s, req in enumerate(self.slot_req):
+            if req is not None:
+                groups.setdefault(req.question, []).append(s)
+        changed = False
+        for q, slots in groups.items():
+            if not all(done[s] or paused[s] for s in slots):
+                continue
+            changed = True
+            if all(done[s] for s in slots):
+                continue
+            slots.sort(key=lambda s: self.slot_req[s].candidate)
+            self.rounds[q] += 1
+            self._pass_barrier(q, slots)
+        done = jax.device_get(self.state.done)
+        harvest = []
+        for slots in groups.values():
+            if all(done[s] for s in slots) or not self.policy.keep_done:
+                harvest += [s for s in slots if done[s]]
+        return harvest, changed
+
+    def _pass_barrier(self, q: int, slots: list[int]) -> None:
+        """Applies the policy's decision to question q's group (slots in candidate order)."""
+        page = self.layout.page_size
+        size = len(self.slot_req)  # the slots now (they shrink for the tail)
+        st = self.state
+        padded = np.full(size, size - 1, np.int32)
+        padded[: len(slots)] = slots
+        rows, _ = _compiled(self.graphdef, "take", None)(st, jnp.asarray(padded))
+        n = len(slots)
+        view = jax.device_get(jax.tree.map(lambda x: x[:n], (
+            rows.done, rows.finish, rows.running, rows.keys)))  # fmt: skip
+        kv_len, table = jax.device_get((st.cache.kv_len, st.cache.page_table))
+        act = self.policy.at_barrier(q, self.rounds[q], GroupView(*view))
+        source = np.arange(n) if act.source is None else np.asarray(act.source)
+        keys = view[3] if act.keys is None else np.asarray(act.keys, np.uint32)
+        prune = np.zeros(n, bool) if act.prune is None else np.asarray(act.prune, bool)
+        src_slots = np.asarray(slots)[source]
+        page_rows = table[padded].copy()
+        new_len = kv_len[padded].copy()
+        copy_src = np.zeros(size, np.int32)
+        copy_dst = np.full(size, -1, np.int32)
+        moved = [i for i in range(n) if source[i] != i]
+        # Children share their parent's full pages and copy its partial last one: the shares
+        # first, then the replaced rows' pages go back, then the copies' pages are taken.
+        for i in moved:
+            p = src_slots[i]
+            self._share(table[p][: kv_len[p] // page])
+        for i in moved:
+            self._give(table[slots[i]][: math.ceil(int(kv_len[slots[i]]) / page)])
+        for i in moved:
+            p = src_slots[i]
+            full, row = kv_len[p] // page, table[p].copy()
+            if kv_len[p] % page:
+                row[full] = self._take_pages(1)[0]
+                copy_src[i], copy_dst[i] = table[p][full], row[full]
+            page_rows[i], new_len[i] = row, kv_len[p]
+        fill = lambda x, v: np.concatenate([x, np.full(size - n, v, x.dtype)])  # noqa: E731
+        slots_arg = fill(np.asarray(slots, np.int32), size)
+        self.state = _compiled(self.graphdef, "regroup", None)(
+            self.state, jnp.asarray(slots_arg), jnp.asarray(fill(src_slots.astype(np.int32), 0)),
+            jnp.asarray(np.concatenate([keys, np.zeros((size - n, 2), np.uint32)])),
+            jnp.asarray(fill(prune, False)), jnp.asarray(page_rows), jnp.asarray(new_len),
+            jnp.asarray(copy_src), jnp.asarray(copy_dst),
+        )  # fmt: skip
+
+    def _count_pages(self, kv_len, table) -> None:
+        """Pages held vs pages the live tokens fill (the distinct pages the live sequences'
+        tokens are in, and the resident prompts' full pages): the pool's overhead, for
+        `EngineStats`."""
+        page = self.layout.page_size
+        live = set()
+        for q, qs in self.questions.items():
+            live.update(qs.pages[: len(self.prompts[q]) // page])
+        for s, req in enumerate(self.slot_req):
+            if req is not None:
+                live.update(table[s][: math.ceil(int(kv_len[s]) / page)].tolist())
+        alive = len(live)
         held = self.layout.pages - len(self.free)
         if alive:
             self.stats.held_over_alive = max(self.stats.held_over_alive, held / alive)
@@ -730,32 +1001,35 @@ class Engine:
     def _exit_settled(self) -> int:
         """How many settled slots end the next segment: one more than now while candidates
         wait for a slot; with the queue empty, as many as make the slots shrink (a finished
-        candidate waits in its slot, frozen, until then)."""
+        candidate waits in its slot, frozen, until then). Groups: none (their barriers end
+        segments; their slots free only there)."""
         size = len(self.slot_req)
+        if self.policy is not None:
+            return size + 1
         settled = sum(r is None for r in self.slot_req)
         if self.queue or self.resumes:
             return settled + 1
         smaller = [n for n in slot_sizes(size) if n < size]
         return size - smaller[-1] if smaller else size
 
-    def _maybe_shrink(self) -> None:
+    def _maybe_shrink(self) -> bool:
         """With the queue empty, shrinks the slots to the smallest of `slot_sizes` that holds
         the live candidates: they move to the first rows of a smaller state (the pool stays),
         so the tail of long candidates does not pay for idle slots (one compilation per size)."""
         if self.queue or self.resumes:
-            return
+            return False
         live = [s for s, r in enumerate(self.slot_req) if r is not None]
         size = min(n for n in slot_sizes(len(self.slot_req)) if n >= len(live))
         if not live or size >= len(self.slot_req):
-            return
+            return False
         idle = next(s for s, r in enumerate(self.slot_req) if r is None)
         rows = live + [idle] * (size - len(live))
         self.state = _compiled(self.graphdef, "compact", None)(self.state, jnp.asarray(rows))
         pick = lambda xs: [xs[s] for s in live] + [xs[idle]] * (size - len(live))  # noqa: E731
         self.slot_req = pick(self.slot_req)
-        self.slot_shared = pick(self.slot_shared)
         self.slot_started = pick(self.slot_started)
         self.stats.resizes += 1
+        return True
 
     def _preempt(self, slot: int, kv_len: int, table_row) -> None:
         req = self.slot_req[slot]
@@ -872,19 +1146,22 @@ def generate(
     progress: bool = False,
     return_stats: bool = False,
     mesh=None,
+    policy: GroupPolicy | None = None,
 ):
     """`sampler.generate` on the engine: k candidates per prompt -> `Candidates` [B, k, ...].
 
     engine: slots, page size, pool (`EngineConfig`). limits: [B, k] per-candidate length caps.
     order: the queue's question order (default: prompt order). on_question(q, Candidates of
     B = 1): called for each question once it and all before it (in prompt order) are done.
-    return_stats: also return the `EngineStats`. mesh: run on it (slots over its row axes, the
+    policy: decode each question's k candidates as a group that pauses at every step boundary
+    for the policy's decision (beam search, pruning). return_stats: also return the
+    `EngineStats`. mesh: run on it (slots over its row axes, the
     pool's KV heads over 'tensor')."""
     eng = Engine(
         model, prompts, k=k, params=params, step=step, seeds=seeds,
         engine=engine or EngineConfig(), limits=limits, pad_id=pad_id, score_steps=score_steps,
         keep_features=keep_features, order=order, on_question=on_question, progress=progress,
-        mesh=mesh,
+        mesh=mesh, policy=policy,
     )  # fmt: skip
     cands, stats = eng.run()
     return (cands, stats) if return_stats else cands

@@ -1,9 +1,10 @@
 """Test-time scaling over the sampler: best-of-k, voting, SPRM-guided step-level beam search,
 early pruning, the low/medium/high modes, and both selection forms (SPRM.md section 5).
 
-Everything is batched over prompts. Between decode segments (each candidate advanced to its next
-step token), rows of the decode state are gathered on device: beams by source beam, the
-selected thinking into the answer phase.
+Candidates come from the continuous-batching engine (sample/engine.py). Beam search and early
+pruning decode each question's candidates as a group that pauses at every step boundary, where
+a `GroupPolicy` here decides (the engine moves beams' rows and pages); the thinking selection
+continues the chosen thinking's row in a second engine run.
 """
 
 from __future__ import annotations
@@ -81,34 +82,6 @@ class SearchResult:
     stats: dict
 
 
-def _gather_rows(state: sampler.DecodeState, rows: jax.Array) -> sampler.DecodeState:
-    """Rows of every per-candidate array, the cache's included."""
-    cache = state.cache.map_rows(lambda x: jnp.take(x, rows, axis=0))
-    rest = jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x,
-                        state.replace(cache=None))  # fmt: skip
-    return rest.replace(cache=cache)
-
-
-@jax.jit
-def _compact_cache(state: sampler.DecodeState) -> sampler.DecodeState:
-    """Moves each row's valid cache slots to the front (order kept) and rewinds the write index.
-
-    Rows paused at a step boundary leave invalid slots while others decode; without this the
-    shared write index would run out of room after a few beam rounds. Attention only looks at
-    valid slots in slot order and keys already carry their rotary positions, so moving the
-    slots changes nothing."""
-    cache = state.cache
-    order = jnp.argsort(~cache.valid, axis=1, stable=True)  # [N, S]: valid slots first
-    gather = order[:, None, :, None]  # slots are axis 2 of values [B, K, S, hd]
-    cache = cache.replace(
-        k=tuple(jnp.take_along_axis(x, order[:, None, None, :], axis=3) for x in cache.k),
-        v=tuple(jnp.take_along_axis(x, gather, axis=2) for x in cache.v),
-        valid=jnp.take_along_axis(cache.valid, order, axis=1),
-        index=jnp.max(jnp.sum(cache.valid, axis=1)).astype(cache.index.dtype),
-    )
-    return state.replace(cache=cache)
-
-
 def run(
     model,
     prompts: list[list[int]],
@@ -120,27 +93,32 @@ def run(
     seeds: list[int] | int = 0,
     mesh=None,
     engine=None,
+    progress: bool = False,
 ) -> SearchResult:
-    """Produces candidates with `search.strategy` and selects one per prompt. Complete
-    candidates (best-of-k and the votes, without pruning) come from the continuous-batching
-    engine (sample/engine.py; `engine`: its `EngineConfig`); beam search, early pruning and the
-    thinking selection run on the static sampler."""
+    """Produces candidates with `search.strategy` and selects one per prompt. Candidates come
+    from the continuous-batching engine (sample/engine.py; `engine`: its `EngineConfig`):
+    beam search and early pruning as groups that pause at step boundaries; the thinking
+    selection as a thinking run and an answer run that goes on from the chosen rows."""
     from metastone_jax.evaluate.grading import extract_final_answer, majority_vote
 
     b = len(prompts)
     stats: dict = {}
+    k = search.k
+    common = dict(params=params, step=step, seeds=seeds, engine=engine, mesh=mesh,
+                  progress=progress)  # fmt: skip
     if search.strategy == "beam":
-        state, k = _beam(model, prompts, search, params, step, seeds, mesh, stats)
+        k = search.beam_width * search.expansions
+        policy = _Beam(search, b)
+        cands = paged_engine.generate(model, prompts, k=k, policy=policy, **common)
+        stats.update(beam_rounds=max(len(kept) for kept in policy.kept) + 1,
+                     beam_kept=policy.kept)  # fmt: skip
     elif search.selection == "thinking":
-        state, k = _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, stats)
+        cands = _thinking_then_answer(model, prompts, search, common, stats)
     elif search.prune_below is not None or search.prune_keep is not None:
-        state, k = _sample_pruned(model, prompts, search, params, step, seeds, mesh, stats)
+        cands = paged_engine.generate(model, prompts, k=k, policy=_Pruning(search), **common)
+        stats.update(_pruning_stats(cands, params.max_new_tokens))
     else:
-        state, k = None, search.k
-        cands = paged_engine.generate(model, prompts, k=k, params=params, step=step,
-                                      seeds=seeds, engine=engine, mesh=mesh)  # fmt: skip
-    if state is not None:
-        cands = sampler.to_candidates(state, b, k)
+        cands = paged_engine.generate(model, prompts, k=k, **common)
     scores = np.asarray(aggregate(cands.step_scores, cands.step_mask, search.aggregation))
     if "thinking_scores" in stats:  # the thinking was chosen on its own scores
         scores = stats.pop("thinking_scores")
@@ -162,140 +140,112 @@ def run(
     return SearchResult(cands, scores, answers, texts, selected, stats)
 
 
-def _sample_pruned(model, prompts, search, params, step, seeds, mesh, stats):
-    """k candidates per prompt with early pruning at step boundaries (the static sampler)."""
-    state, opts, graphdef, model_state = sampler.start(
-        model, prompts, k=search.k, params=params, step=step, seeds=seeds, mesh=mesh,
-        until_step=True,
-    )  # fmt: skip
-    pruned_at = np.full(len(prompts) * search.k, -1)
-    while True:
-        state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
-        done = np.asarray(state.done)
-        if done.all():
-            break
-        state, newly = _prune(state, search, len(prompts))
-        pruned_at[newly] = np.asarray(state.length)[newly]
-        state = state.replace(paused=jnp.zeros_like(state.paused))
-    lengths = np.asarray(state.length).reshape(len(prompts), search.k)
-    finished = np.asarray(state.finish).reshape(len(prompts), search.k) != sampler.PRUNED
-    pruned = pruned_at.reshape(len(prompts), search.k)
-    # Tokens a pruned candidate did not generate, estimated by the mean length of the candidates
-    # of its prompt that ran to the end.
-    saved = 0
-    for i in range(len(prompts)):
-        full = lengths[i][finished[i]]
-        ref = full.mean() if full.size else params.max_new_tokens
-        saved += float(np.clip(ref - pruned[i][pruned[i] >= 0], 0, None).sum())
-    stats.update(pruned=int((pruned >= 0).sum()), tokens_saved_estimate=int(saved))
-    return state, search.k
+class _Pruning(paged_engine.GroupPolicy):
+    """Early pruning at each step boundary: a live candidate with at least `prune_min_steps`
+    steps is dropped when its running score is below `prune_below`, or when it ranks past
+    `prune_keep` among the question's live candidates (ties to the lower index)."""
+
+    keep_done = False  # a finished or pruned candidate leaves its slot at once
+
+    def __init__(self, search: SearchConfig):
+        self.search = search
+
+    def at_barrier(self, question, round_, view):
+        s = self.search
+        value = np.asarray(view.running.value(s.aggregation))
+        live = ~view.done
+        eligible = live & (np.asarray(view.running.count) >= s.prune_min_steps)
+        drop = np.zeros(live.shape, bool)
+        if s.prune_below is not None:
+            drop |= eligible & (value < s.prune_below)
+        if s.prune_keep is not None:
+            alive = np.flatnonzero(live & ~drop)
+            if alive.size > s.prune_keep:
+                order = alive[np.argsort(-value[alive], kind="stable")]
+                drop[order[s.prune_keep :]] |= eligible[order[s.prune_keep :]]
+        return paged_engine.GroupAction(prune=drop)
 
 
-def _prune(state, search, b):
-    """Marks rows done (PRUNED) by threshold or rank on the running score; returns new ids."""
-    k = search.k
-    value = np.asarray(state.running.value(search.aggregation)).reshape(b, k)
-    steps = np.asarray(state.running.count).reshape(b, k)
-    live = ~np.asarray(state.done).reshape(b, k)
-    eligible = live & (steps >= search.prune_min_steps)
-    drop = np.zeros((b, k), bool)
-    if search.prune_below is not None:
-        drop |= eligible & (value < search.prune_below)
-    if search.prune_keep is not None:
-        for i in range(b):
-            alive = np.flatnonzero(live[i] & ~drop[i])
-            if alive.size > search.prune_keep:
-                order = alive[np.argsort(-value[i, alive], kind="stable")]
-                drop[i, order[search.prune_keep :]] |= eligible[i, order[search.prune_keep :]]
-    flat = drop.reshape(-1)
-    state = state.replace(
-        done=state.done | jnp.asarray(flat),
-        finish=jnp.where(jnp.asarray(flat), sampler.PRUNED, state.finish),
-    )
-    return state, np.flatnonzero(flat)
+def _pruning_stats(cands: sampler.Candidates, max_new: int) -> dict:
+    """Pruned candidates, and the tokens they did not generate, estimated by the mean length
+    of the candidates of their prompt that ran to the end."""
+    pruned = cands.finish == sampler.PRUNED
+    saved = 0.0
+    for i in range(pruned.shape[0]):
+        full = cands.length[i][~pruned[i]]
+        ref = full.mean() if full.size else max_new
+        saved += float(np.clip(ref - cands.length[i][pruned[i]], 0, None).sum())
+    return dict(pruned=int(pruned.sum()), tokens_saved_estimate=int(saved))
 
 
-def _thinking_then_answer(model, prompts, search, params, step, seeds, mesh, stats):
-    """The paper's form: k thinking traces stop at `</think>`; the best one per prompt (by its
-    step scores) continues into the answer. Other candidates keep only their thinking."""
+def _thinking_then_answer(model, prompts, search, common, stats) -> sampler.Candidates:
+    """The paper's form: k thinking traces stop at `</think>`; the best one per question (by
+    its step scores) continues into the answer, from the row it left (a second engine run:
+    its prompt and thinking are prefilled again). Other candidates keep only their thinking."""
+    step, params = common["step"], common["params"]
     if step.think_close is None:
         raise ValueError("selection='thinking' needs a `</think>` token in the vocabulary")
-    think_params = dataclasses.replace(params, stop_ids=(*params.stop_ids, step.think_close))
-    state, opts, graphdef, model_state = sampler.start(
-        model, prompts, k=search.k, params=think_params, step=step, seeds=seeds, mesh=mesh
-    )
-    state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
-    b, k = len(prompts), search.k
-    mask = sampler.final_step_mask(state)
-    scores = np.asarray(aggregate(state.step_scores, mask, search.aggregation)).reshape(b, k)
-    best = np.asarray(select(scores))
-    # Continue only the chosen rows: gather them, run the answer phase, scatter them back.
-    rows = jnp.asarray(np.arange(b) * k + best)
-    chosen = _gather_rows(state, rows)
-    ended_thinking = (np.asarray(chosen.prev) == step.think_close) & (
-        np.asarray(chosen.finish) == sampler.STOPPED
-    )
-    chosen = chosen.replace(
-        done=chosen.done & ~jnp.asarray(ended_thinking),
-        finish=jnp.where(jnp.asarray(ended_thinking), sampler.RUNNING, chosen.finish),
-    )
-    answer_opts = dataclasses.replace(opts, params=params)
-    chosen = sampler.run_decode(graphdef, model_state, chosen, answer_opts, mesh)
-    state = jax.tree.map(
-        lambda full, part: (
-            full.at[rows].set(part) if full.ndim and full.shape[0] == b * k else full
-        ),
-        state.replace(cache=None),
-        chosen.replace(cache=None),
-    )
-    stats.update(selected=best, thinking_scores=scores)
-    return state, k
+
+    def best(question, cands):  # cands: the question's k thinking traces
+        return int(select(aggregate(cands.step_scores, cands.step_mask, search.aggregation))[0])
+
+    think = dict(common, params=dataclasses.replace(
+        params, stop_ids=(*params.stop_ids, step.think_close)))  # fmt: skip
+    first = paged_engine.Engine(model, prompts, k=search.k, keep_row=best,
+                                **_engine_args(think))  # fmt: skip
+    cands, _ = first.run()
+    scores = np.asarray(aggregate(cands.step_scores, cands.step_mask, search.aggregation))
+    chosen = np.asarray(select(scores))
+    resume = []
+    for q, (j, row) in sorted(first.kept_rows.items()):
+        if row.prev[0] == step.think_close and row.finish[0] == sampler.STOPPED:
+            resume.append((q, j, row, row.tokens[0, : row.length[0]]))
+    if resume:
+        answers, _ = paged_engine.Engine(model, prompts, k=search.k, resume=resume,
+                                         **_engine_args(common)).run()  # fmt: skip
+        for q, j, _, _ in resume:
+            for name in ("tokens", "length", "finish", "logprob", "step_scores", "step_index",
+                         "step_mask"):  # fmt: skip
+                getattr(cands, name)[q, j] = getattr(answers, name)[q, j]
+    stats.update(selected=chosen, thinking_scores=scores)
+    return cands
 
 
-def _beam(model, prompts, search, params, step, seeds, mesh, stats):
-    """SPRM-guided step-level beam search: W beams per prompt, each expanded into E children
-    that advance to their next step token; the W best children by running score are kept and
-    the cache is gathered by source. W = E = 1 reproduces best-of-1 exactly."""
-    w, e = search.beam_width, search.expansions
-    n_per = w * e
-    b = len(prompts)
-    state, opts, graphdef, model_state = sampler.start(
-        model, prompts, k=n_per, params=params, step=step, seeds=seeds, mesh=mesh,
-        until_step=True, cache_extra=params.max_new_tokens,
+def _engine_args(common: dict) -> dict:
+    """`engine.Engine`'s arguments from `run`'s (generate's defaults for the rest)."""
+    return dict(
+        params=common["params"], step=common["step"], seeds=common["seeds"],
+        engine=common["engine"] or paged_engine.EngineConfig(), limits=None, pad_id=None,
+        score_steps=True, keep_features=False, order=None, on_question=None,
+        progress=common["progress"], mesh=common["mesh"],
     )  # fmt: skip
-    rounds, history = 0, []
-    while True:
-        state = sampler.run_decode(graphdef, model_state, state, opts, mesh)
-        rounds += 1
-        if np.asarray(state.done).all():
-            break
-        value = np.asarray(state.running.value(search.aggregation)).reshape(b, n_per)
-        value = np.where(np.asarray(state.finish).reshape(b, n_per) == sampler.PRUNED, -np.inf,
-                         value)  # fmt: skip
-        done = np.asarray(state.done).reshape(b, n_per)
-        rows = np.zeros((b, n_per), int)
-        child = np.zeros((b, n_per), int)
-        for i in range(b):
-            # Rank, ties to the lower index; pruned duplicates rank last.
-            order = np.argsort(-value[i], kind="stable")[:w]
-            rows[i] = np.repeat(order, e)[:n_per] + i * n_per
-            child[i] = np.tile(np.arange(e), w)[:n_per]
-        history.append(rows[:, ::e] - np.arange(b)[:, None] * n_per)  # kept beams, per prompt
-        rows_flat = jnp.asarray(rows.reshape(-1))
-        state = _compact_cache(_gather_rows(state, rows_flat))
-        # Child 0 keeps its parent's key (so W = E = 1 is best-of-1); the others fork it.
-        keys = state.keys
-        forked = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(child.reshape(-1) + rounds * e))
-        keys = jnp.where(jnp.asarray(child.reshape(-1) == 0)[:, None], keys, forked)
-        # A finished beam is kept once: its duplicates are marked pruned.
-        dup = jnp.asarray((child.reshape(-1) > 0) & done.reshape(-1)[rows.reshape(-1)])
-        state = state.replace(
-            keys=keys.astype(jnp.uint32),
-            paused=jnp.zeros_like(state.paused),
-            done=state.done | dup,
-            finish=jnp.where(dup, sampler.PRUNED, state.finish),
-        )
-        if not np.asarray(~state.done).any():
-            break
-    stats.update(beam_rounds=rounds, beam_kept=[h.tolist() for h in history])
-    return state, n_per
+
+
+class _Beam(paged_engine.GroupPolicy):
+    """SPRM-guided step-level beam search: W beams per prompt, each expanded into E children
+    that advance to their next step token; at each step boundary the W best of the W * E by
+    running score are kept, each E times (children share its pages). Child 0 keeps its
+    parent's key, the others fork it, so W = E = 1 reproduces best-of-1 exactly; a finished
+    beam is kept once (its duplicates are pruned). kept[q]: the beams kept at each round."""
+
+    keep_done = True  # finished beams stay ranked until the whole group is done
+
+    def __init__(self, search: SearchConfig, n_prompts: int):
+        self.w, self.e, self.aggregation = search.beam_width, search.expansions, search.aggregation
+        self.kept: list[list[list[int]]] = [[] for _ in range(n_prompts)]
+
+    def at_barrier(self, question, round_, view):
+        w, e = self.w, self.e
+        n = w * e
+        value = np.asarray(view.running.value(self.aggregation))
+        value = np.where(view.finish == sampler.PRUNED, -np.inf, value)
+        order = np.argsort(-value, kind="stable")[:w]  # ties to the lower index
+        self.kept[question].append(order.tolist())
+        source = np.repeat(order, e)[:n]
+        child = np.tile(np.arange(e), w)[:n]
+        keys = view.keys[source]
+        fold = jax.vmap(jax.random.fold_in)
+        forked = np.asarray(fold(jnp.asarray(keys), jnp.asarray(child + round_ * e)))
+        keys = np.where((child == 0)[:, None], keys, forked).astype(np.uint32)
+        return paged_engine.GroupAction(source=source, keys=keys,
+                                        prune=(child > 0) & view.done[source])  # fmt: skip
