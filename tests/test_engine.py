@@ -4,6 +4,7 @@ candidates equal whatever the slots, page size, queue order or preemptions; page
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tolerances import logit_bound, logprob_tol, score_tol, sprm_head_terms, transformer_terms
@@ -209,3 +210,32 @@ def test_the_default_page_size_divides_max_len():
         cfg = dataclasses.replace(CFG, max_len=max_len)
         layout = engine.plan_layout(cfg, EngineConfig(), [4], 8, n_candidates=2, n_questions=1)
         assert layout.page_size == page and max_len % page == 0
+
+
+def test_decode_weights_are_the_models_laid_out_major_and_made_once_per_parameters():
+    """The CPU decode copy (`Transformer.decode_weights`): each Linear out-major, in bf16 the
+    same product as the stacked kernel's up to one bf16 rounding of the f32-accumulated sums
+    (their orders differ); reused while the model's arrays are the same, remade after an
+    update."""
+    from flax import nnx
+
+    from metastone_jax.layers import Linear
+
+    cfg = dataclasses.replace(CFG, param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = create_model(cfg, seed=0)
+    weights = engine.decode_weights(model)
+    assert engine.decode_weights(model) is weights
+    block = nnx.merge(nnx.split(model.blocks)[0],
+                      jax.tree.map(lambda a: a[0], nnx.state(model.blocks)))  # fmt: skip
+    out_major = nnx.merge(weights.graphdef, weights.layers[0])
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        ref, got = getattr(block.attn, name), getattr(out_major.attn, name)
+        assert isinstance(got, Linear) and got.out_major
+        shape = (5, *ref.kernel.shape[: ref.n_in])
+        inp = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+        want, have = np.asarray(ref(inp), np.float32), np.asarray(got(inp), np.float32)
+        eps = float(jnp.finfo(jnp.bfloat16).eps)
+        np.testing.assert_allclose(have, want, rtol=0, atol=eps * np.abs(want).max())
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda a: a + 0, state))
+    assert engine.decode_weights(model) is not weights

@@ -323,7 +323,7 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
         jax.jit(fn, donate_argnums=(2,))
         .lower(model_state, weights, state, jax.ShapeDtypeStruct((pages,), jnp.int32),
                jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-               jax.ShapeDtypeStruct((slots,), jnp.int32))
+               jax.ShapeDtypeStruct((slots,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
         .compile()
     )  # fmt: skip
     m = compiled.memory_analysis()

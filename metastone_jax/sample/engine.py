@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import time
 from collections import deque
 from typing import Any
@@ -39,6 +40,8 @@ from metastone_jax.sprm import RunningScore, StepTokens
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 64
 MIN_SLOTS = 8  # the tail's slots shrink down to this many (`Engine._maybe_shrink`)
+SHRINK_MIN_STEPS = 128  # ... while some candidate may still run this many tokens
+REFILL_FRACTION = 16  # with candidates waiting, a segment ends once 1/16 of the slots are free
 
 
 def slot_sizes(slots: int) -> list[int]:
@@ -136,14 +139,27 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
     return Layout(slots, page, pages, columns, impl)
 
 
+_decode_cache: list = []  # [(the model's parameter arrays, their decode weights)]: the last
+
+
 def decode_weights(model):
     """On XLA:CPU, the weights laid for decoding (`Transformer.decode_weights`): a loop body
     that slices the stacked ones copies every weight matrix each step (or, hoisted, holds a
     copy, in f32 for bf16 weights, among the program's temporaries). Elsewhere None: XLA reads
-    the slices in place there."""
+    the slices in place there. The last model's are kept and reused while its parameters are
+    the same arrays (repeated calls on one model make them once)."""
     if jax.default_backend() != "cpu":
         return None
-    return model.decode_weights()
+    leaves = jax.tree.leaves(nnx.state(model))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # traced (the planner): no cache
+        return model.decode_weights()
+    for cached, weights in _decode_cache:
+        if len(cached) == len(leaves) and all(map(operator.is_, cached, leaves)):
+            return weights
+    _decode_cache.clear()  # the last model's copy goes before the next one is made
+    weights = model.decode_weights()
+    _decode_cache.append((leaves, weights))
+    return weights
 
 
 def page_bytes(cfg, page_size: int, impl: str) -> int:
@@ -234,14 +250,15 @@ def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.Dec
     )
 
 
-def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, group, *, opts,
-            steps: int):  # fmt: skip
+def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, group,
+            exit_groups, *, opts, steps: int):  # fmt: skip
     """Decodes up to `steps` tokens per slot; stops early once `exit_settled` slots are
     finished (or paused; the host asks for one more than now when it has candidates to start,
     else for the count at which the slots would shrink), when every slot is idle, when the
     slots that need a page this step outnumber the free ones (`n_free` pages on top of the
-    stack `free` [P]), or when a group's slots (`group` [S]: an id in [0, S) per slot, -1:
-    none) are all paused or finished (a barrier: beam search, pruning). weights:
+    stack `free` [P]), or when `exit_groups` groups have their slots (`group` [S]: an id in
+    [0, S) per slot, -1: none) all paused or finished (at a barrier: beam search, pruning).
+    weights:
     `decode_weights(model)` (None: the stacked ones, sliced in place on accelerators).
     -> (state, n_free)."""
     rows = jnp.arange(state.done.shape[0])
@@ -258,7 +275,7 @@ def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, g
             & (i < steps)
             & (jnp.sum(needs_page(s)) <= n)
             & (jnp.sum(s.done | s.paused) < exit_settled)
-            & ~_group_settled(s, group)
+            & (_settled_groups(s, group) < exit_groups)
         )
 
     def forward(model, token, active, s):
@@ -281,15 +298,15 @@ def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, g
     return state, n_free
 
 
-def _group_settled(state, group) -> jax.Array:
-    """Whether some group's slots are all paused or finished. group [S]: ids in [0, S), -1
+def _settled_groups(state, group) -> jax.Array:
+    """How many groups have their slots all paused or finished. group [S]: ids in [0, S), -1
     for a slot in no group."""
     n = group.shape[0]
     ids = jnp.where(group >= 0, group, n)  # n: no group
     live = (~state.done & ~state.paused).astype(jnp.int32)
     members = jax.ops.segment_sum(jnp.ones_like(live), ids, n + 1)[:n]
     unsettled = jax.ops.segment_sum(live, ids, n + 1)[:n]
-    return jnp.any((members > 0) & (unsettled == 0))
+    return jnp.sum((members > 0) & (unsettled == 0))
 
 
 def prefill(graphdef, model_state, weights, tokens, valid, page_ids, offsets, k_pool, v_pool, *,
@@ -643,6 +660,7 @@ class Engine:
         bar = _ProgressBar(self.progress, b, b * k)
         segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
         self.rounds: dict[int, int] = {}  # barriers each question's group has passed
+        self.max_remaining = opts.params.max_new_tokens  # tokens a live candidate may still add
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
             self._fill()
             free_arr = np.zeros(lay.pages, np.int32)
@@ -656,7 +674,7 @@ class Engine:
                 jnp.asarray(free_arr),
                 jnp.int32(n_before),
                 jnp.int32(self._exit_settled()),
-                jnp.asarray(self._group_ids()),
+                *self._group_args(),
             )
             n_after = int(n_after)
             self.refs[self.free[n_after:]] = 1  # popped by the slots that grew a page
@@ -892,21 +910,28 @@ class Engine:
             if active[s] and kv_len[s] % page == 0:
                 need -= 1
         self._count_pages(kv_len, table)
+        self.max_remaining = max(
+            (self.limits[r.question * self.k + r.candidate]
+             - (int(kv_len[s]) - len(self.prompts[r.question])))
+            for s, r in enumerate(self.slot_req) if r is not None
+        ) if any(r is not None for r in self.slot_req) else 0  # fmt: skip
         bar.set_postfix(self.stats, lay.pages - len(self.free))
         return changed
 
     # -- groups (beam search, pruning) ------------------------------------------------------
 
-    def _group_ids(self) -> np.ndarray:
-        """[S] int32: each slot's group (its question's first slot), -1 outside groups."""
+    def _group_args(self):
+        """The segment's group arguments: [S] int32 each slot's group (its question's first
+        slot; -1 outside groups), and how many groups at their barriers end the segment: half
+        of them (a segment per barrier cost more host round trips than the waiting rows)."""
         ids = np.full(len(self.slot_req), -1, np.int32)
         if self.policy is None:
-            return ids
+            return jnp.asarray(ids), jnp.int32(len(ids) + 1)
         first: dict[int, int] = {}
         for s, req in enumerate(self.slot_req):
             if req is not None:
                 ids[s] = first.setdefault(req.question, s)
-        return ids
+        return jnp.asarray(ids), jnp.int32(max(1, len(first) // 2))
 
     def _barriers(self) -> tuple[list[int], bool]:
         """Every group whose slots are all paused or finished passes a barrier: the policy
@@ -1008,9 +1033,19 @@ class Engine:
             return size + 1
         settled = sum(r is None for r in self.slot_req)
         if self.queue or self.resumes:
-            return settled + 1
+            # A batch of slots at a time: a segment per finished candidate cost more in host
+            # round trips than the slots it refilled sooner (the demo's short candidates: a
+            # segment per decode step).
+            return min(settled + max(1, size // REFILL_FRACTION), size)
         smaller = [n for n in slot_sizes(size) if n < size]
-        return size - smaller[-1] if smaller else size
+        if not smaller or not self._tail_is_long():
+            return size + 1
+        return size - smaller[-1]
+
+    def _tail_is_long(self) -> bool:
+        """Whether some live candidate may still run `SHRINK_MIN_STEPS` tokens: shrinking the
+        slots (a compilation per size) pays only for a long tail."""
+        return self.max_remaining >= SHRINK_MIN_STEPS
 
     def _maybe_shrink(self) -> bool:
         """With the queue empty, shrinks the slots to the smallest of `slot_sizes` that holds
@@ -1020,7 +1055,7 @@ class Engine:
             return False
         live = [s for s, r in enumerate(self.slot_req) if r is not None]
         size = min(n for n in slot_sizes(len(self.slot_req)) if n >= len(live))
-        if not live or size >= len(self.slot_req):
+        if not live or size >= len(self.slot_req) or not self._tail_is_long():
             return False
         idle = next(s for s, r in enumerate(self.slot_req) if r is None)
         rows = live + [idle] * (size - len(live))
