@@ -83,12 +83,7 @@ def run_engine(tmp: str, new: int, runs: int) -> dict:
     call()  # compiles
     rss_first = _peak_rss_gib()
     compiles = _count_compiles()
-    times = []
-    for _ in range(runs):
-        time.sleep(2.0)
-        t0 = time.perf_counter()
-        cands = call()
-        times.append(time.perf_counter() - t0)
+    times, cands = timed(call, runs)
     assert (cands.length == new).all()
     recompiled = _count_compiles() - compiles
     rss_peak = _peak_rss_gib()  # before the memory analysis below compiles a copy
@@ -142,15 +137,21 @@ def run_transformers(tmp: str, new: int, runs: int) -> dict:
                                   num_return_sequences=K, pad_token_id=0)  # fmt: skip
 
     call()
+    times, out = timed(call, runs)
+    assert out.shape == (K, PROMPT_LEN + new)
+    return dict(seconds=min(times), times=times, tok_s=K * new / min(times),
+                threads=torch.get_num_threads(), rss_gib=_peak_rss_gib())  # fmt: skip
+
+
+def timed(call, runs: int):
+    """(seconds of each of `runs` calls, each after a pause, the last call's result)."""
     times = []
     for _ in range(runs):
         time.sleep(2.0)
         t0 = time.perf_counter()
         out = call()
         times.append(time.perf_counter() - t0)
-    assert out.shape == (K, PROMPT_LEN + new)
-    return dict(seconds=min(times), times=times, tok_s=K * new / min(times),
-                threads=torch.get_num_threads(), rss_gib=_peak_rss_gib())  # fmt: skip
+    return times, out
 
 
 def _rss_gib() -> float:

@@ -258,9 +258,8 @@ def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, g
     slots that need a page this step outnumber the free ones (`n_free` pages on top of the
     stack `free` [P]), or when `exit_groups` groups have their slots (`group` [S]: an id in
     [0, S) per slot, -1: none) all paused or finished (at a barrier: beam search, pruning).
-    weights:
-    `decode_weights(model)` (None: the stacked ones, sliced in place on accelerators).
-    -> (state, n_free)."""
+    weights: `decode_weights(model)` (None: the stacked ones, sliced in place on
+    accelerators). -> (state, n_free)."""
     rows = jnp.arange(state.done.shape[0])
 
     def needs_page(s):
