@@ -942,7 +942,7 @@ class Engine:
         for s, req in enumerate(self.slot_req):
             if req is not None:
                 groups.setdefault(req.question, []).append(s)
-        changed = False
+        changed, at = False, []
         for q, slots in groups.items():
             if not all(done[s] or paused[s] for s in slots):
                 continue
@@ -951,7 +951,9 @@ class Engine:
                 continue
             slots.sort(key=lambda s: self.slot_req[s].candidate)
             self.rounds[q] += 1
-            self._pass_barrier(q, slots)
+            at.append((q, slots))
+        if at:
+            self._pass_barriers(at)
         done = jax.device_get(self.state.done)
         harvest = []
         for slots in groups.values():
@@ -959,48 +961,55 @@ class Engine:
                 harvest += [s for s in slots if done[s]]
         return harvest, changed
 
-    def _pass_barrier(self, q: int, slots: list[int]) -> None:
-        """Applies the policy's decision to question q's group (slots in candidate order)."""
+    def _pass_barriers(self, at: list[tuple[int, list[int]]]) -> None:
+        """Applies the policy's decisions to the groups `at` ((question, slots in candidate
+        order) each; their slots are disjoint): one read of their rows, one device update."""
         page = self.layout.page_size
         size = len(self.slot_req)  # the slots now (they shrink for the tail)
         st = self.state
-        padded = np.full(size, size - 1, np.int32)
-        padded[: len(slots)] = slots
-        rows, _ = _compiled(self.graphdef, "take", None)(st, jnp.asarray(padded))
-        n = len(slots)
-        view = jax.device_get(jax.tree.map(lambda x: x[:n], (
+        order = np.full(size, size - 1, np.int32)  # the groups' slots, one after another
+        n_all = sum(len(slots) for _, slots in at)
+        order[:n_all] = [s for _, slots in at for s in slots]
+        rows, _ = _compiled(self.graphdef, "take", None)(st, jnp.asarray(order))
+        views = jax.device_get(jax.tree.map(lambda x: x[:n_all], (
             rows.done, rows.finish, rows.running, rows.keys)))  # fmt: skip
         kv_len, table = jax.device_get((st.cache.kv_len, st.cache.page_table))
-        act = self.policy.at_barrier(q, self.rounds[q], GroupView(*view))
-        source = np.arange(n) if act.source is None else np.asarray(act.source)
-        keys = view[3] if act.keys is None else np.asarray(act.keys, np.uint32)
-        prune = np.zeros(n, bool) if act.prune is None else np.asarray(act.prune, bool)
-        src_slots = np.asarray(slots)[source]
-        page_rows = table[padded].copy()
-        new_len = kv_len[padded].copy()
+        dst = np.full(size, size, np.int32)  # S: padding
+        src = np.zeros(size, np.int32)
+        keys = np.zeros((size, 2), np.uint32)
+        prune = np.zeros(size, bool)
+        moved = []  # (position, child's slot, parent's slot)
+        start = 0
+        for q, slots in at:
+            n = len(slots)
+            view = GroupView(*jax.tree.map(lambda x, a=start, n=n: x[a : a + n], views))
+            act = self.policy.at_barrier(q, self.rounds[q], view)
+            source = np.arange(n) if act.source is None else np.asarray(act.source)
+            parents = np.asarray(slots)[source]
+            part = slice(start, start + n)
+            dst[part], src[part] = slots, parents
+            keys[part] = view.keys if act.keys is None else np.asarray(act.keys, np.uint32)
+            prune[part] = False if act.prune is None else np.asarray(act.prune, bool)
+            moved += [(start + i, slots[i], parents[i]) for i in range(n) if source[i] != i]
+            start += n
+        page_rows, new_len = table[order].copy(), kv_len[order].copy()
         copy_src = np.zeros(size, np.int32)
         copy_dst = np.full(size, -1, np.int32)
-        moved = [i for i in range(n) if source[i] != i]
         # Children share their parent's full pages and copy its partial last one: the shares
         # first, then the replaced rows' pages go back, then the copies' pages are taken.
-        for i in moved:
-            p = src_slots[i]
+        for _, _, p in moved:
             self._share(table[p][: kv_len[p] // page])
-        for i in moved:
-            self._give(table[slots[i]][: math.ceil(int(kv_len[slots[i]]) / page)])
-        for i in moved:
-            p = src_slots[i]
+        for _, c, _ in moved:
+            self._give(table[c][: math.ceil(int(kv_len[c]) / page)])
+        for i, _, p in moved:
             full, row = kv_len[p] // page, table[p].copy()
             if kv_len[p] % page:
                 row[full] = self._take_pages(1)[0]
                 copy_src[i], copy_dst[i] = table[p][full], row[full]
             page_rows[i], new_len[i] = row, kv_len[p]
-        fill = lambda x, v: np.concatenate([x, np.full(size - n, v, x.dtype)])  # noqa: E731
-        slots_arg = fill(np.asarray(slots, np.int32), size)
         self.state = _compiled(self.graphdef, "regroup", None)(
-            self.state, jnp.asarray(slots_arg), jnp.asarray(fill(src_slots.astype(np.int32), 0)),
-            jnp.asarray(np.concatenate([keys, np.zeros((size - n, 2), np.uint32)])),
-            jnp.asarray(fill(prune, False)), jnp.asarray(page_rows), jnp.asarray(new_len),
+            self.state, jnp.asarray(dst), jnp.asarray(src), jnp.asarray(keys),
+            jnp.asarray(prune), jnp.asarray(page_rows), jnp.asarray(new_len),
             jnp.asarray(copy_src), jnp.asarray(copy_dst),
         )  # fmt: skip
 
