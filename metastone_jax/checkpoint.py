@@ -206,7 +206,8 @@ class _AbandonedTaskFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        ours = any(name in message for name in ("orbax", "OCDBT", "tensorstore"))
+        # Any case: a gathered future's message names only "TensorStore" and "'ocdbt'".
+        ours = any(name in message.lower() for name in ("orbax", "ocdbt", "tensorstore"))
         return not ("exception was never retrieved" in message and ours)
 
 
