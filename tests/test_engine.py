@@ -100,6 +100,28 @@ def test_sampled_candidates_do_not_depend_on_the_schedule(model, static_runs, co
         assert stats.peak_pages <= config.pages
 
 
+def test_candidates_are_unchanged_when_the_tail_shrinks_at_every_chance(
+    model, static_runs, monkeypatch
+):
+    """The tail's rows move into fewer slots (`Engine._maybe_shrink`) whenever they fit: here
+    forced at every chance, where the measured rule (`shrink_cost`) would rarely pay on this
+    tiny model; the candidates stay the static sampler's."""
+    monkeypatch.setattr(engine.Engine, "_shrink_pays", lambda self, size, to: True)
+    ref = static_runs[SAMPLED]
+    got, stats = engine.generate(
+        model,
+        PROMPTS,
+        k=K,
+        params=SAMPLED,
+        step=STEP,
+        seeds=SEEDS,
+        engine=EngineConfig(slots=32, page_size=8),
+        return_stats=True,
+    )
+    assert stats.resizes >= 3  # 32 slots through 28, 24, ... as the candidates end
+    _assert_same(got, ref, model, SAMPLED)
+
+
 def test_pages_are_shared_owned_once_and_all_returned(model, monkeypatch):
     """After every segment: each page's holder count is the number of tables (up to their
     tokens) and resident prompts that list it, the free pages are exactly those nobody holds,

@@ -291,7 +291,7 @@ def _engine_shapes(cfg, slots, pages, page, prompt_len, g):
     i32 = jax.ShapeDtypeStruct((1, 16), jnp.int32)
     pool = (state.cache.k, state.cache.v)
     starts = jax.eval_shape(
-        functools.partial(engine.prefill, graphdef, opts=opts, impl="xla"), model_state, None,
+        functools.partial(engine.prefill, graphdef, step=opts.step, impl="xla"), model_state, None,
         i32, jax.ShapeDtypeStruct((1, 16), bool), i32, i32, *pool,
     )[2]  # fmt: skip
     return state, starts

@@ -151,7 +151,9 @@ class EnginePlan:
 
 def default_pages(slots: int, columns: int, prompts: int, prompt_pages: int) -> int:
     """engine.plan_layout with pages = 0 and no memory_fraction."""
-    return slots * (columns + 1) + min(slots, prompts) * prompt_pages
+    from metastone_jax.sample.engine import default_pages as engine_default
+
+    return engine_default(slots, columns, min(slots, prompts), prompt_pages)
 
 
 def slots_for_pool(pages: int, cap: int, k: int, prompt_len: int, max_new: int,

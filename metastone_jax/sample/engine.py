@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metastone_jax.sample import paged, sampler
+from metastone_jax.sample import paged, sampler, shrink_cost
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import constrain
 from metastone_jax.sprm import RunningScore, StepTokens
@@ -40,7 +40,6 @@ from metastone_jax.sprm import RunningScore, StepTokens
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 64
 MIN_SLOTS = 8  # the tail's slots shrink down to this many (`Engine._maybe_shrink`)
-SHRINK_MIN_STEPS = 128  # ... while some candidate may still run this many tokens
 REFILL_FRACTION = 16  # with candidates waiting, a segment ends once 1/16 of the slots are free
 
 
@@ -120,7 +119,7 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
     resident = min(slots // group if group else slots, n_questions)
     every_slot_full = slots * (columns + 1) + resident * prompt_pages
     if not pages:
-        pages = every_slot_full
+        pages = default_pages(slots, columns, resident, prompt_pages)
         if engine.memory_fraction is not None and not group:
             pages = min(pages, pages_for_memory(cfg, page, impl, engine.memory_fraction))
     if group and pages < every_slot_full:
@@ -137,6 +136,16 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
             f"at least {need_one} pages are needed"
         )
     return Layout(slots, page, pages, columns, impl)
+
+
+def default_pages(slots: int, columns: int, resident: int, prompt_pages: int) -> int:
+    """The pool with no size given: every slot's whole budget (`columns` pages and one for a
+    prompt's partial page) and the `resident` questions' prompt pages, rounded up to a whole
+    multiple of `slots`, so that calls differing only in their resident questions (beam
+    search at k = 2, 8, 32; the evaluation pool) share one pool shape and so their compiled
+    programs."""
+    need = slots * (columns + 1) + resident * prompt_pages
+    return -(-need // slots) * slots
 
 
 _decode_cache: list = []  # [(the model's parameter arrays, their decode weights)]: the last
@@ -309,7 +318,7 @@ def _settled_groups(state, group) -> jax.Array:
 
 
 def prefill(graphdef, model_state, weights, tokens, valid, page_ids, offsets, k_pool, v_pool, *,
-            opts, impl: str):  # fmt: skip
+            step, impl: str):  # fmt: skip
     """Runs right-padded sequences [B, T] once, writing their keys and values into the pages
     `page_ids` [B, T] at `offsets` (page < 0: padding). -> (k_pool, v_pool, per-sequence
     start fields: a DecodeState row template without cache)."""
@@ -328,7 +337,7 @@ def prefill(graphdef, model_state, weights, tokens, valid, page_ids, offsets, k_
     start = dict(
         next_logits=model.decode_logits(take(hidden), weights),
         next_feature=take(features),
-        **sampler.prompt_fields(tokens, valid, opts.step, cfg.vocab_size),
+        **sampler.prompt_fields(tokens, valid, step, cfg.vocab_size),
     )
     return paged.constrain_pool(new_k, impl), paged.constrain_pool(new_v, impl), start
 
@@ -439,11 +448,15 @@ def take_rows(state, slots):
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
+    """The engine's jitted programs, one per (model graph, program, static settings). opts:
+    the DecodeOptions for "segment", the StepTokens for "prefill", None for the others."""
     if which == "segment":
         fn = functools.partial(segment, graphdef, opts=opts, steps=steps)
         return jax.jit(fn, donate_argnums=(2,))
     if which == "prefill":
-        fn = functools.partial(prefill, graphdef, opts=opts, impl=impl)
+        # Keyed on the step tokens alone (all it reads of the options): sampling stages with
+        # other options (the pool, beam search) share its compilations.
+        fn = functools.partial(prefill, graphdef, step=opts, impl=impl)
         return jax.jit(fn, donate_argnums=(6, 7))
     if which == "insert":
         return jax.jit(insert, donate_argnums=(0,))
@@ -658,6 +671,10 @@ class Engine:
         self.completed: set[int] = set()
         bar = _ProgressBar(self.progress, b, b * k)
         segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
+        self.clock = shrink_cost.SegmentClock(
+            (self.graphdef, opts, self.segment_steps),
+            lambda n: dataclasses.replace(lay, slots=n),
+        )  # fmt: skip
         self.rounds: dict[int, int] = {}  # barriers each question's group has passed
         self.max_remaining = opts.params.max_new_tokens  # tokens a live candidate may still add
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
@@ -666,6 +683,7 @@ class Engine:
             free_arr[: len(self.free)] = self.free
             n_before = len(self.free)
             clock0 = int(self.state.clock)
+            size, seg_t0 = len(self.slot_req), time.perf_counter()
             self.state, n_after = segment_fn(
                 self.model_state,
                 self.weights,
@@ -676,9 +694,10 @@ class Engine:
                 *self._group_args(),
             )
             n_after = int(n_after)
+            steps = int(self.state.clock) - clock0
+            self.clock.record(size, time.perf_counter() - seg_t0, steps)
             self.refs[self.free[n_after:]] = 1  # popped by the slots that grew a page
             del self.free[n_after:]
-            steps = int(self.state.clock) - clock0
             self.stats.segments += 1
             self.stats.steps += steps
             self.stats.slot_steps += steps * len(self.slot_req)
@@ -770,7 +789,7 @@ class Engine:
             page_ids[i, : len(seq)] = np.asarray(pg)[pos // page]
             offsets[i, : len(seq)] = pos % page
         valid[len(seqs) :, 0] = True  # padding rows: one token, written nowhere
-        fn = _compiled(self.graphdef, "prefill", self.opts, impl=self.layout.impl)
+        fn = _compiled(self.graphdef, "prefill", self.opts.step, impl=self.layout.impl)
         cache = self.state.cache
         k, v, starts = fn(self.model_state, self.weights, tokens, valid, page_ids, offsets,
                           cache.k, cache.v)  # fmt: skip
@@ -971,8 +990,9 @@ class Engine:
         n_all = sum(len(slots) for _, slots in at)
         order[:n_all] = [s for _, slots in at for s in slots]
         rows, _ = _compiled(self.graphdef, "take", None)(st, jnp.asarray(order))
-        views = jax.device_get(jax.tree.map(lambda x: x[:n_all], (
-            rows.done, rows.finish, rows.running, rows.keys)))  # fmt: skip
+        # Sliced on the host: a slice of a device array compiles per length.
+        views = jax.tree.map(lambda x: x[:n_all], jax.device_get(
+            (rows.done, rows.finish, rows.running, rows.keys)))  # fmt: skip
         kv_len, table = jax.device_get((st.cache.kv_len, st.cache.page_table))
         dst = np.full(size, size, np.int32)  # S: padding
         src = np.zeros(size, np.int32)
@@ -1045,26 +1065,27 @@ class Engine:
             # round trips than the slots it refilled sooner (the demo's short candidates: a
             # segment per decode step).
             return min(settled + max(1, size // REFILL_FRACTION), size)
-        smaller = [n for n in slot_sizes(size) if n < size]
-        if not smaller or not self._tail_is_long():
-            return size + 1
-        return size - smaller[-1]
+        paying = [n for n in slot_sizes(size) if n < size and self._shrink_pays(size, n)]
+        return size - max(paying) if paying else size + 1
 
-    def _tail_is_long(self) -> bool:
-        """Whether some live candidate may still run `SHRINK_MIN_STEPS` tokens: shrinking the
-        slots (a compilation per size) pays only for a long tail."""
-        return self.max_remaining >= SHRINK_MIN_STEPS
+    def _shrink_pays(self, size: int, to: int) -> bool:
+        """Whether `to` slots instead of `size` save more over the longest candidate's
+        remaining tokens than compiling the segment for `to` costs (`shrink_cost`)."""
+        return self.clock.pays(size, to, self.max_remaining)
 
     def _maybe_shrink(self) -> bool:
         """With the queue empty, shrinks the slots to the smallest of `slot_sizes` that holds
-        the live candidates: they move to the first rows of a smaller state (the pool stays),
-        so the tail of long candidates does not pay for idle slots (one compilation per size)."""
+        the live candidates and pays for its compilation (`_shrink_pays`): they move to the
+        first rows of a smaller state (the pool stays), so the tail of long candidates does not
+        pay for idle slots."""
         if self.queue or self.resumes:
             return False
         live = [s for s, r in enumerate(self.slot_req) if r is not None]
-        size = min(n for n in slot_sizes(len(self.slot_req)) if n >= len(live))
-        if not live or size >= len(self.slot_req) or not self._tail_is_long():
+        now = len(self.slot_req)
+        paying = [n for n in slot_sizes(now) if len(live) <= n < now and self._shrink_pays(now, n)]
+        if not live or not paying:
             return False
+        size = min(paying)
         idle = next(s for s, r in enumerate(self.slot_req) if r is None)
         rows = live + [idle] * (size - len(live))
         self.state = _compiled(self.graphdef, "compact", None)(self.state, jnp.asarray(rows))

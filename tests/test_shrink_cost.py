@@ -1,0 +1,47 @@
+"""The engine's rule for shrinking the tail's slots (sample/shrink_cost.py): the time saved over
+the remaining steps against a compilation, both from measured call times."""
+
+import pytest
+
+from metastone_jax.sample import shrink_cost
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state(monkeypatch):
+    monkeypatch.setattr(shrink_cost, "_compiled", set())
+    monkeypatch.setattr(shrink_cost, "_compile_seconds", {})
+
+
+def _clock(program="segment"):
+    return shrink_cost.SegmentClock(program, lambda n: ("layout", n))
+
+
+def test_compile_time_is_the_first_calls_excess_over_its_steps():
+    clock = _clock()
+    clock.record(256, 5.0, 64)  # first call at 256 slots: compile + 64 steps
+    assert clock.compile_seconds() == 5.0  # no step time yet: the whole call, an upper bound
+    clock.record(256, 1.28, 64)  # steady: 20 ms per step
+    assert clock.per_step(256) == pytest.approx(0.02)
+    assert clock.compile_seconds() == pytest.approx(5.0 - 64 * 0.02)
+    assert clock.per_step(128) == pytest.approx(0.01)  # scaled linearly from 256
+
+
+def test_shrinking_pays_when_the_saved_steps_outweigh_the_compilation():
+    clock = _clock()
+    clock.record(256, 5.0, 64)
+    clock.record(256, 1.28, 64)  # 20 ms per step, compilation 3.72 s
+    # 256 -> 128 saves 10 ms a step: 372 steps make up for the compilation.
+    assert not clock.pays(256, 128, 300)
+    assert clock.pays(256, 128, 400)
+    # Compiled once (any earlier run in this process), a size always pays.
+    clock.record(128, 4.0, 10)  # its first call: 10 steps at ~10 ms, the rest compilation
+    assert clock.compiled(128) and clock.pays(256, 128, 1)
+    # Another engine run of the same program knows both, the latest compilation included.
+    other = _clock()
+    assert other.compiled(128) and other.compile_seconds() == pytest.approx(4.0 - 10 * 0.01)
+
+
+def test_nothing_is_known_before_a_steady_call():
+    clock = _clock()
+    assert clock.per_step(64) is None and clock.compile_seconds() is None
+    assert not clock.pays(256, 8, 10**6)
