@@ -145,7 +145,6 @@ def collect_rollouts(
         _log(f"rollouts: reusing {path}")
         return dict(np.load(path))
     from flax import nnx
-    from tqdm import tqdm
 
     records = train_records(cfg, first + count)[first:]
     if len(records) < count:
@@ -154,27 +153,21 @@ def collect_rollouts(
     width = int(cfg.sft.max_prompt_len)
     graphdef, params = nnx.split(model)
     sampling = sampling_params(cfg, tokenizer)
-    chunk, parts = 32, []
     k = int(cfg.spr.k)
-    for i in tqdm(range(0, len(records), chunk), desc="rollouts", unit="batch",
-                  disable=not cfg.progress):  # fmt: skip
-        recs = records[i : i + chunk]
-        prompts = [encode_question(r, tokenizer) for r in recs]
-        for r, p in zip(recs, prompts, strict=True):
-            if len(p) > width:
-                raise ValueError(f"problem {r['id']!r}: prompt of {len(p)} tokens is longer "
-                                 f"than sft.max_prompt_len={width}")  # fmt: skip
-        answers = [r["answer"] for r in recs]
-        seeds = [int(cfg.seed) * 1_000_003 + first + i + j for j in range(len(recs))]
-        cands = sample_rollouts(graphdef, params, prompts, k=k, sampling=sampling, step=step,
-                                seeds=seeds, pad_id=pad_id(tokenizer))  # fmt: skip
-        rewards = grade_rollouts(cands.texts(tokenizer), answers)
-        rows = pack_rollouts(prompts, cands, rewards, prompt_width=width,
-                             pad_id=pad_id(tokenizer))  # fmt: skip
-        rows["group"] = np.repeat(np.arange(first + i, first + i + len(recs)), k)
-        parts.append(rows)
-    # Every chunk has the same width: prompt_width + max_new_tokens.
-    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    prompts = [encode_question(r, tokenizer) for r in records]
+    for r, p in zip(records, prompts, strict=True):
+        if len(p) > width:
+            raise ValueError(f"problem {r['id']!r}: prompt of {len(p)} tokens is longer "
+                             f"than sft.max_prompt_len={width}")  # fmt: skip
+    # Every prompt's candidates in one engine queue: a slot freed by a short candidate takes
+    # the next one at once (in chunks, a chunk's slots idled until its longest candidate ended).
+    seeds = [int(cfg.seed) * 1_000_003 + first + i for i in range(len(records))]
+    cands = sample_rollouts(graphdef, params, prompts, k=k, sampling=sampling, step=step,
+                            seeds=seeds, pad_id=pad_id(tokenizer),
+                            progress=bool(cfg.progress))  # fmt: skip
+    rewards = grade_rollouts(cands.texts(tokenizer), [r["answer"] for r in records])
+    rows = pack_rollouts(prompts, cands, rewards, prompt_width=width, pad_id=pad_id(tokenizer))
+    rows["group"] = np.repeat(np.arange(first, first + len(records)), k)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, **rows)

@@ -32,15 +32,16 @@ def sample_rollouts(
     pad_id: int,
     mesh=None,
     engine: paged_engine.EngineConfig | None = None,
+    progress: bool = False,
 ) -> Candidates:
     """k candidates per prompt with the current policy, on the continuous-batching engine
     (`engine`: slots, page size, pool; config rl.slots, rl.page_size, rl.pages,
     rl.memory_fraction). No step scoring: the train step recomputes SPRM logits with
-    gradients anyway."""
+    gradients anyway. progress: the engine's progress bar."""
     model = nnx.merge(graphdef, params)
     return paged_engine.generate(
         model, prompts, k=k, params=sampling, step=step, seeds=list(seeds), pad_id=pad_id,
-        mesh=mesh, score_steps=False, engine=engine,
+        mesh=mesh, score_steps=False, engine=engine, progress=progress,
     )  # fmt: skip
 
 
