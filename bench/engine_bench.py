@@ -14,7 +14,11 @@ transformers and converted HF -> JAX (bench/common.py), fp32, no EOS. Two worklo
     static sampler, the engine with every candidate in a slot, and transformers `generate`
     (num_return_sequences=32) on the same weights.
 
-Both sides alternate over --rounds rounds and each reports its fastest (this machine drifts).
+Both sides alternate over --rounds rounds and each reports its fastest (this machine drifts),
+after untimed calls: one of the static sampler (it compiles one program per shape), --warmup of
+the engine (it compiles a smaller slot count for its tail once the idle slots that count would
+save have cost a compilation, sample/shrink_cost.py, which over repeated calls such as GRPO's
+rollouts takes a few calls).
 
     .venv/bin/python bench/engine_bench.py [--slots 64 --rounds 2 --sigma 0.8]
 """
@@ -41,6 +45,7 @@ def main() -> None:
     parser.add_argument("--max_new", type=int, default=512)
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed engine calls first")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16000)
@@ -108,7 +113,9 @@ def main() -> None:
                                    seeds=list(range(b)), limits=limits, engine=conf,
                                    return_stats=True)  # fmt: skip
 
-        static(), paged()  # compile
+        static()  # compiles (one program per shape: nothing more to warm)
+        for _ in range(args.warmup):  # compiles, then the tail's slot counts as they pay
+            paged()
         res = alternate({"static": static, "engine": paged}, args.rounds)
         t_s, ts_s, c_s = res["static"]
         t_e, ts_e, (c_e, stats) = res["engine"]

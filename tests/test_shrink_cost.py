@@ -1,5 +1,6 @@
 """The engine's rule for shrinking the tail's slots (sample/shrink_cost.py): the time saved over
-the remaining steps against a compilation, both from measured call times."""
+the remaining steps, and the idle slots' cost so far, against a compilation, all from measured
+call times."""
 
 import pytest
 
@@ -10,10 +11,12 @@ from metastone_jax.sample import shrink_cost
 def fresh_process_state(monkeypatch):
     monkeypatch.setattr(shrink_cost, "_compiled", set())
     monkeypatch.setattr(shrink_cost, "_compile_seconds", {})
+    monkeypatch.setattr(shrink_cost, "_idle_seconds", {})
+    monkeypatch.setattr(shrink_cost, "_step_seconds", {})
 
 
 def _clock(program="segment"):
-    return shrink_cost.SegmentClock(program, lambda n: ("layout", n))
+    return shrink_cost.SegmentClock(program)
 
 
 def test_compile_time_is_the_first_calls_excess_over_its_steps():
@@ -45,3 +48,18 @@ def test_nothing_is_known_before_a_steady_call():
     clock = _clock()
     assert clock.per_step(64) is None and clock.compile_seconds() is None
     assert not clock.pays(256, 8, 10**6)
+
+
+def test_short_tails_of_many_calls_add_up_to_a_compilation():
+    """Ski rental: each call's tail alone (100 steps at 256 slots that 128 would hold: 1 s
+    idle at 20 ms a step) never pays for a 3.72 s compilation; the fourth call's does, once
+    the idle seconds of the earlier ones count."""
+    clock = _clock()
+    clock.record(256, 5.0, 64)
+    clock.record(256, 1.28, 64)  # 20 ms per step, compilation 3.72 s
+    for call in range(4):
+        run = _clock()  # one engine call each: the idle time is the process's
+        assert run.pays(256, 128, 100) == (call == 3)
+        run.record(256, 2.0, 100, fitting=[128, 160])  # its tail: live rows fit 128 slots
+    assert shrink_cost._idle_seconds[("segment", 128)] == pytest.approx(4.0)
+    assert shrink_cost._idle_seconds[("segment", 160)] == pytest.approx(4 * 0.75)

@@ -672,9 +672,8 @@ class Engine:
         bar = _ProgressBar(self.progress, b, b * k)
         segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
         self.clock = shrink_cost.SegmentClock(
-            (self.graphdef, opts, self.segment_steps),
-            lambda n: dataclasses.replace(lay, slots=n),
-        )  # fmt: skip
+            (self.graphdef, opts, self.segment_steps, dataclasses.replace(lay, slots=0))
+        )
         self.rounds: dict[int, int] = {}  # barriers each question's group has passed
         self.max_remaining = opts.params.max_new_tokens  # tokens a live candidate may still add
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
@@ -684,6 +683,7 @@ class Engine:
             n_before = len(self.free)
             clock0 = int(self.state.clock)
             size, seg_t0 = len(self.slot_req), time.perf_counter()
+            fitting = self._fitting_sizes()
             self.state, n_after = segment_fn(
                 self.model_state,
                 self.weights,
@@ -695,7 +695,7 @@ class Engine:
             )
             n_after = int(n_after)
             steps = int(self.state.clock) - clock0
-            self.clock.record(size, time.perf_counter() - seg_t0, steps)
+            self.clock.record(size, time.perf_counter() - seg_t0, steps, fitting)
             self.refs[self.free[n_after:]] = 1  # popped by the slots that grew a page
             del self.free[n_after:]
             self.stats.segments += 1
@@ -1068,9 +1068,17 @@ class Engine:
         paying = [n for n in slot_sizes(size) if n < size and self._shrink_pays(size, n)]
         return size - max(paying) if paying else size + 1
 
+    def _fitting_sizes(self) -> list[int]:
+        """In the tail (no candidate waits), the smaller slot counts that hold the live rows."""
+        if self.queue or self.resumes:
+            return []
+        live = sum(r is not None for r in self.slot_req)
+        return [n for n in slot_sizes(len(self.slot_req)) if live <= n < len(self.slot_req)]
+
     def _shrink_pays(self, size: int, to: int) -> bool:
-        """Whether `to` slots instead of `size` save more over the longest candidate's
-        remaining tokens than compiling the segment for `to` costs (`shrink_cost`)."""
+        """Whether `to` slots instead of `size` save more (over the longest candidate's
+        remaining tokens, and what the idle slots already cost earlier calls) than compiling
+        the segment for `to` costs (`shrink_cost`)."""
         return self.clock.pays(size, to, self.max_remaining)
 
     def _maybe_shrink(self) -> bool:
@@ -1082,7 +1090,7 @@ class Engine:
             return False
         live = [s for s, r in enumerate(self.slot_req) if r is not None]
         now = len(self.slot_req)
-        paying = [n for n in slot_sizes(now) if len(live) <= n < now and self._shrink_pays(now, n)]
+        paying = [n for n in self._fitting_sizes() if self._shrink_pays(now, n)]
         if not live or not paying:
             return False
         size = min(paying)

@@ -1,5 +1,5 @@
-"""When shrinking the engine's slots pays: the time a smaller segment saves over the tail against
-the compilation it costs, both measured in this process.
+"""When shrinking the engine's slots pays: the time a smaller segment saves against the
+compilation it costs, both measured in this process.
 
 The engine's tail (queue empty, some candidates still running) decodes every slot each step;
 moving the live rows into fewer slots (`Engine._maybe_shrink`) makes each step cheaper (the step
@@ -8,52 +8,70 @@ compiled for the smaller slot count once per process. On a long tail (the heavy-
 hundreds of steps of a few rows) that pays many times over; on a short one (the demo's 128-token
 budget: a compilation takes ~200 steps of the full slots) it does not. A fixed threshold in steps
 is right for one model and one machine only, so the engine measures both sides instead.
+
+Many short calls of one program (GRPO rollouts every train step, a bench's rounds) add up to a
+long tail that no single call sees: the time already lost to idle slots that a smaller size
+would have saved counts too (ski rental: keep paying for the idle slots until what they cost
+reaches the compilation, then compile; at most twice the cost of knowing the future).
+
+Keys: (program, slots), where the program is the segment's static settings but the slot count.
 """
 
 from __future__ import annotations
 
-# (segment program, layout with its slot count): compiled in this process.
-_compiled: set = set()
-# segment program -> seconds its last compilation took (the first call's time at a new slot
-# count less its decode steps at the measured step time).
+_compiled: set = set()  # (program, slots) compiled in this process
+_step_seconds: dict = {}  # (program, slots) -> seconds per decode step, the last steady call's
+# program -> seconds its last compilation took (the first call at a new slot count less its
+# decode steps at the measured step time)
 _compile_seconds: dict = {}
+# (program, smaller slots) -> seconds the tail spent on slots this size would have left out,
+# summed over the process's calls
+_idle_seconds: dict = {}
 
 
 class SegmentClock:
-    """Times one engine run's segment calls. `program`: the segment program's key (without the
-    slot count); `layout(slots)`: the full key of one compiled shape."""
+    """Times one engine run's segment calls (`program`: a hashable key of the segment's static
+    settings but the slot count)."""
 
-    def __init__(self, program, layout_key):
-        self.program, self.layout_key = program, layout_key
-        self.step_seconds: dict[int, float] = {}  # slots -> seconds per decode step
+    def __init__(self, program):
+        self.program = program
         self.pending: dict[int, tuple[float, int]] = {}  # slots -> (first call's s, its steps)
 
     def compiled(self, slots: int) -> bool:
-        return (self.program, self.layout_key(slots)) in _compiled
+        return (self.program, slots) in _compiled
 
-    def record(self, slots: int, seconds: float, steps: int) -> None:
-        """One segment call at `slots` took `seconds` for `steps` decode steps."""
-        key = (self.program, self.layout_key(slots))
+    def record(self, slots: int, seconds: float, steps: int, fitting=()) -> None:
+        """One segment call at `slots` took `seconds` for `steps` decode steps. fitting: the
+        smaller slot counts that would have held its live rows (the tail's; none while
+        candidates wait)."""
+        key = (self.program, slots)
         if key not in _compiled:
             _compiled.add(key)
             self.pending[slots] = (seconds, steps)
         elif steps:
-            self.step_seconds[slots] = seconds / steps
+            _step_seconds[key] = seconds / steps
         for n, (first, first_steps) in list(self.pending.items()):
             per_step = self.per_step(n)
             if per_step is not None:
                 _compile_seconds[self.program] = max(0.0, first - first_steps * per_step)
                 del self.pending[n]
+        for to in fitting:
+            idle = (self.program, to)
+            _idle_seconds[idle] = _idle_seconds.get(idle, 0.0) + self.saving(slots, to, steps)
 
     def per_step(self, slots: int) -> float | None:
         """Seconds per decode step at `slots`: measured there, else scaled linearly from the
         nearest measured slot count (None before any steady call)."""
-        if slots in self.step_seconds:
-            return self.step_seconds[slots]
-        if not self.step_seconds:
+        measured = {n: t for (p, n), t in _step_seconds.items() if p == self.program}
+        if not measured:
             return None
-        near = min(self.step_seconds, key=lambda n: abs(n - slots))
-        return self.step_seconds[near] * slots / near
+        near = min(measured, key=lambda n: abs(n - slots))
+        return measured[near] * slots / near
+
+    def saving(self, size: int, to: int, steps: int) -> float:
+        """Seconds `steps` decode steps at `to` slots save over `size` (0: unmeasured)."""
+        per_step = self.per_step(size)
+        return 0.0 if per_step is None else per_step * (1 - to / size) * steps
 
     def compile_seconds(self) -> float | None:
         """The segment program's last measured compilation (None: not measured yet; a first
@@ -65,12 +83,13 @@ class SegmentClock:
         return None
 
     def pays(self, size: int, to: int, steps_left: int) -> bool:
-        """Whether decoding the next `steps_left` steps (at most) at `to` slots instead of
-        `size` saves more time than compiling the segment for `to` costs (nothing once
-        compiled)."""
+        """Whether `to` slots instead of `size` save more time than compiling the segment for
+        `to` costs (nothing once compiled): over the next `steps_left` steps (at most), and
+        what idle slots that `to` would have left out already cost this process."""
         if self.compiled(to):
             return True
-        per_step, compile_s = self.per_step(size), self.compile_seconds()
-        if per_step is None or compile_s is None:
+        compile_s = self.compile_seconds()
+        if compile_s is None or self.per_step(size) is None:
             return False
-        return per_step * (1 - to / size) * steps_left > compile_s
+        lost = _idle_seconds.get((self.program, to), 0.0)
+        return lost + self.saving(size, to, steps_left) > compile_s
