@@ -20,7 +20,8 @@ Keys: (program, slots), where the program is the segment's static settings but t
 from __future__ import annotations
 
 _compiled: set = set()  # (program, slots) compiled in this process
-_step_seconds: dict = {}  # (program, slots) -> seconds per decode step, the last steady call's
+# program -> {slots: seconds per decode step, the last steady call's}
+_step_seconds: dict = {}
 # program -> seconds its last compilation took (the first call at a new slot count less its
 # decode steps at the measured step time)
 _compile_seconds: dict = {}
@@ -49,7 +50,7 @@ class SegmentClock:
             _compiled.add(key)
             self.pending[slots] = (seconds, steps)
         elif steps:
-            _step_seconds[key] = seconds / steps
+            _step_seconds.setdefault(self.program, {})[slots] = seconds / steps
         for n, (first, first_steps) in list(self.pending.items()):
             per_step = self.per_step(n)
             if per_step is not None:
@@ -62,7 +63,7 @@ class SegmentClock:
     def per_step(self, slots: int) -> float | None:
         """Seconds per decode step at `slots`: measured there, else scaled linearly from the
         nearest measured slot count (None before any steady call)."""
-        measured = {n: t for (p, n), t in _step_seconds.items() if p == self.program}
+        measured = _step_seconds.get(self.program)
         if not measured:
             return None
         near = min(measured, key=lambda n: abs(n - slots))
