@@ -9,6 +9,7 @@ from metastone_jax.sample import shrink_cost
 
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch):
+    monkeypatch.setattr(shrink_cost, "_program_ids", {})
     monkeypatch.setattr(shrink_cost, "_compiled", set())
     monkeypatch.setattr(shrink_cost, "_compile_seconds", {})
     monkeypatch.setattr(shrink_cost, "_idle_seconds", {})
@@ -61,5 +62,13 @@ def test_short_tails_of_many_calls_add_up_to_a_compilation():
         run = _clock()  # one engine call each: the idle time is the process's
         assert run.pays(256, 128, 100) == (call == 3)
         run.record(256, 2.0, 100, fitting=[128, 160])  # its tail: live rows fit 128 slots
-    assert shrink_cost._idle_seconds[("segment", 128)] == pytest.approx(4.0)
-    assert shrink_cost._idle_seconds[("segment", 160)] == pytest.approx(4 * 0.75)
+    assert shrink_cost._idle_seconds[(clock.program, 128)] == pytest.approx(4.0)
+    assert shrink_cost._idle_seconds[(clock.program, 160)] == pytest.approx(4 * 0.75)
+
+
+def test_programs_are_told_apart():
+    """Another program's measurements (other static settings) are not this one's."""
+    _clock("segment").record(256, 5.0, 64)
+    _clock("segment").record(256, 1.28, 64)
+    other = _clock(("segment", "other settings"))
+    assert not other.compiled(256) and other.per_step(256) is None
