@@ -67,7 +67,8 @@ def profile(fn, module: str, workdir: str) -> collections.Counter:
                 if event.name.startswith(_HOST_EVENTS):
                     continue
                 where = lines.get(event.name)
-                key = "%s:%d" % where.most_common(1)[0][0] if where else event.name
+                (file, line), _ = where.most_common(1)[0] if where else ((event.name, 0), 0)
+                key = f"{file}:{line}" if where else event.name
                 seconds[key] += event.duration_ns / 1e9
     return seconds
 
@@ -100,11 +101,18 @@ def main() -> None:
                             max_new_tokens=g)  # fmt: skip
     step = StepTokens(step_ids=(7,), think_open=None, think_close=None)
     sides = {
-        "decode": lambda: sampler.generate(model, prompts, k=k, params=params, step=step,
-                                           seeds=list(range(b))),  # fmt: skip
-        "segment": lambda: engine.generate(model, prompts, k=k, params=params, step=step,
-                                           seeds=list(range(b)),
-                                           engine=engine.EngineConfig(slots=b * k)),  # fmt: skip
+        "decode": lambda: sampler.generate(
+            model, prompts, k=k, params=params, step=step, seeds=list(range(b))
+        ),
+        "segment": lambda: engine.generate(
+            model,
+            prompts,
+            k=k,
+            params=params,
+            step=step,
+            seeds=list(range(b)),
+            engine=engine.EngineConfig(slots=b * k),
+        ),
     }
     totals = {}
     for module, fn in sides.items():
