@@ -35,21 +35,15 @@ def main() -> None:
 
     kh, g, hd = 2, 4, 64
     scale = hd**-0.5
-    this = types.SimpleNamespace(scale=scale)  # what layers.Attention._attend reads
+    # What layers.Attention's attention methods read of the module.
+    this = types.SimpleNamespace(scale=scale, _attend=lambda *a: layers.Attention._attend(this, *a))
 
     def dense(q, k, v, seg):
         """layers.Attention's training path: causal query blocks, each with its mask slice."""
         t = q.shape[3]
-        mask = (jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]) & (seg > 0)[
-            :, None, :
-        ]
-        blk = layers.CAUSAL_BLOCK
-        outs = [
-            layers.Attention._attend(this, q[:, :, :, s : s + blk], k[:, :, : s + blk],
-                                     v[:, :, : s + blk], mask[:, s : s + blk, : s + blk])
-            for s in range(0, t, blk)
-        ]  # fmt: skip
-        return jnp.concatenate(outs, axis=1)  # [B,T,H,hd]
+        causal = jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]
+        mask = causal & (seg > 0)[:, None, :]
+        return layers.Attention._attend_causal_blocks(this, q, k, v, mask)  # [B,T,H,hd]
 
     def flash(q, k, v, seg):
         out = flash_attention(q, k, v, seg, seg, scale=scale, block_q=args.block,

@@ -19,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from metastone_jax.layers import MASK_VALUE
+
 DEFAULT_BLOCK = 512
 
 

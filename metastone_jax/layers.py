@@ -258,15 +258,7 @@ class Attention(nnx.Module):
         elif k_cache is not None:
             out = self._attend(q, k.transpose(0, 1, 3, 2), v, mask)
         elif k_cache is None and t > CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:
-            # Without a cache the mask is causal: query block i never sees keys past its end, so
-            # each block attends to keys [0, end) only (~(n+1)/2n of the full T x T work).
-            out = jnp.concatenate(
-                [self._attend(q[:, :, :, s : s + CAUSAL_BLOCK], k[:, :, : s + CAUSAL_BLOCK],
-                              v[:, :, : s + CAUSAL_BLOCK], mask[:, s : s + CAUSAL_BLOCK,
-                              : s + CAUSAL_BLOCK])
-                 for s in range(0, t, CAUSAL_BLOCK)],
-                axis=1,
-            )  # fmt: skip
+            out = self._attend_causal_blocks(q, k, v, mask)
         else:
             out = self._attend(q, k, v, mask)
         return self.o_proj(out), (k, v)
@@ -313,6 +305,19 @@ class Attention(nnx.Module):
         own = jnp.sum((e_own / total)[..., None] * v[:, :, None].astype(q.dtype), axis=3)
         pre = jnp.einsum("pkqs,pksh->pkqh", per_prompt(e_pre / total), pv.astype(q.dtype))
         return own + per_row(pre)
+
+    def _attend_causal_blocks(self, q, k, v, mask):
+        """`_attend` without a cache, where the mask is causal: query block i never sees keys
+        past its end, so each block attends to keys [0, end) only (~(n+1)/2n of the full T x T
+        work). T a multiple of CAUSAL_BLOCK."""
+        t = q.shape[3]
+        return jnp.concatenate(
+            [self._attend(q[:, :, :, s : s + CAUSAL_BLOCK], k[:, :, : s + CAUSAL_BLOCK],
+                          v[:, :, : s + CAUSAL_BLOCK], mask[:, s : s + CAUSAL_BLOCK,
+                          : s + CAUSAL_BLOCK])
+             for s in range(0, t, CAUSAL_BLOCK)],
+            axis=1,
+        )  # fmt: skip
 
     def _attend(self, q, k, v, mask):
         """q [B,K,G,T,hd], k/v [B,K,S,hd], mask [B,T,S] -> [B,T,H,hd]."""
