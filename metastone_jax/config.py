@@ -15,6 +15,11 @@ import jax.numpy as jnp
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention of cacheless forwards (training, prefill): "dense" (a [B,T,S] mask, scores per
+# 64-query block), "flash" (blocked online softmax in XLA, memory linear in the length),
+# "splash" (the Pallas TPU kernel), "auto" (splash on TPU, else flash from
+# FLASH_MIN_LENGTH tokens, dense below: see layers.attention_impl).
+ATTENTION_IMPLS = ("auto", "dense", "flash", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ModelConfig:
     sprm_head: bool = True
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
     arch: str = "qwen2"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -101,6 +107,10 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat: expected one of {REMAT_POLICIES}, got {self.remat!r}"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention: expected one of {ATTENTION_IMPLS}, got {self.attention!r}"
             )
         if self.arch not in ARCHITECTURES:
             raise ValueError(

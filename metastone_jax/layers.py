@@ -174,6 +174,44 @@ class PagedLayer:
 
 # Query block of the causal-blocked attention used without a cache (training, full forwards).
 CAUSAL_BLOCK = 64
+# "auto" attention off TPU: the flash path from this many tokens per row, the dense one below
+# (bench/RESULTS.md "Long-sequence training": on CPU the dense path is faster for short rows,
+# and its [B,H,T,T] work is small there).
+FLASH_MIN_LENGTH = 2048
+
+
+def attention_impl(setting: str, length: int) -> str:
+    """The attention a cacheless forward of `length` tokens per row runs (ModelConfig.attention):
+    "dense", "flash" or "splash". "splash" needs a TPU backend."""
+    backend = jax.default_backend()
+    if setting == "auto":
+        if backend == "tpu":
+            return "splash"
+        return "flash" if length >= FLASH_MIN_LENGTH else "dense"
+    if setting == "splash" and backend != "tpu":
+        raise ValueError(
+            f"ModelConfig.attention='splash' needs a TPU (the backend is {backend!r}); "
+            "use 'flash' (the same memory in XLA) or 'auto'"
+        )
+    return setting
+
+
+@struct.dataclass
+class SegmentMask:
+    """A cacheless forward's mask as segment ids, not a [B,T,S] array (flash and splash
+    attention derive each block's mask): a query sees keys at earlier or equal slots of its
+    own segment; segment 0 is padding. q [B,T], k [B,S] int32; queries are the last T slots."""
+
+    q: jax.Array
+    k: jax.Array
+    impl: str = struct.field(pytree_node=False, default="flash")
+
+    def dense(self) -> jax.Array:
+        """The [B,T,S] bool mask it stands for."""
+        t, s = self.q.shape[1], self.k.shape[1]
+        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+        same = (self.q[:, :, None] == self.k[:, None, :]) & (self.k[:, None, :] != 0)
+        return causal[None] & same
 
 
 class Attention(nnx.Module):
@@ -208,7 +246,8 @@ class Attention(nnx.Module):
         prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         paged: PagedLayer | None = None,
     ):
-        """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend).
+        """x [B,T,D]; cos/sin [B,T,hd]; mask [B,T,S] bool (True = may attend), or without a
+        cache a `SegmentMask` (flash or splash attention, no [B,T,S] array).
 
         With a cache (this layer's k_cache [B,K,hd,S], v_cache [B,K,S,hd]) the chunk's keys and
         values are written at slots [write_index, write_index+T) in place and attention runs
@@ -257,6 +296,8 @@ class Attention(nnx.Module):
             raise ValueError("Attention: a shared prefix is read by single-token decode only")
         elif k_cache is not None:
             out = self._attend(q, k.transpose(0, 1, 3, 2), v, mask)
+        elif isinstance(mask, SegmentMask):
+            out = self._attend_segments(q, k, v, mask)
         elif k_cache is None and t > CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:
             out = self._attend_causal_blocks(q, k, v, mask)
         else:
@@ -305,6 +346,21 @@ class Attention(nnx.Module):
         own = jnp.sum((e_own / total)[..., None] * v[:, :, None].astype(q.dtype), axis=3)
         pre = jnp.einsum("pkqs,pksh->pkqh", per_prompt(e_pre / total), pv.astype(q.dtype))
         return own + per_row(pre)
+
+    def _attend_segments(self, q, k, v, mask: SegmentMask):
+        """Flash or splash attention, q [B,K,G,T,hd], k/v [B,K,S,hd] -> [B,T,H,hd]."""
+        if mask.impl == "splash":
+            from metastone_jax.splash_attention import splash_attention
+
+            out = splash_attention(q, k, v, mask.q, mask.k, scale=self.scale)
+        else:
+            from metastone_jax import flash_attention as flash
+
+            block = flash.DEFAULT_BLOCK  # read here, so tests can shrink it
+            out = flash.flash_attention(q, k, v, mask.q, mask.k, scale=self.scale,
+                                        block_q=block, block_k=block)  # fmt: skip
+        b, kh, g, t, hd = out.shape  # [B,K,G,T,hd]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, hd)
 
     def _attend_causal_blocks(self, q, k, v, mask):
         """`_attend` without a cache, where the mask is causal: query block i never sees keys

@@ -22,6 +22,8 @@ from metastone_jax.layers import (
     Linear,
     PagedLayer,
     RMSNorm,
+    SegmentMask,
+    attention_impl,
     normal_init,
     rope_cos_sin,
     uniform_init,
@@ -159,9 +161,13 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         with_logits: bool = True,
         layers: tuple | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> ModelOutput:
         """tokens [B,T] int; valid [B,T] bool (False = padding); positions [B,T] (default: the
-        count of valid tokens before each one, so left padding is handled). with_logits=False
+        count of valid tokens before each one, so left padding is handled). segment_ids [B,T]
+        int (no cache): packed rows, several sequences per row (data/packing.py); a token
+        attends to earlier tokens of its own segment only, 0 is padding, and positions default
+        to each token's index within its segment. with_logits=False
         skips the LM head (losses that apply it in chunks read `hidden` and `head_kernel()`).
         layers: the blocks' parameters already split per layer (`layer_params()`), used with a
         cache instead of slicing the stacked ones here.
@@ -172,6 +178,8 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("Transformer: segment_ids (packed rows) are for cacheless forwards")
         if cache is None:
             slot_valid, q_slots, write_index, offset = valid, jnp.arange(t), None, 0
         else:
@@ -179,11 +187,16 @@ class Transformer(nnx.Module):
             q_slots = cache.index + jnp.arange(t)
             write_index = cache.index
             offset = jnp.sum(cache.valid, axis=1, keepdims=True) + cache.prefix_lengths()
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
             positions = offset + jnp.cumsum(valid, axis=1) - 1
             positions = jnp.maximum(positions, 0)
-        k_slots = jnp.arange(slot_valid.shape[1])
-        mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & slot_valid[:, None, :]
+        if cache is None:
+            mask = cacheless_mask(cfg, valid, segment_ids)
+        else:
+            k_slots = jnp.arange(slot_valid.shape[1])
+            mask = (k_slots[None, None, :] <= q_slots[None, :, None]) & slot_valid[:, None, :]
         cos, sin = rope_cos_sin(positions, cfg)
 
         # FSDP gathers the table's embed axis before the lookup; vocab stays tensor-sharded.
@@ -298,8 +311,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         valid = valid.astype(bool)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        t = tokens.shape[1]
-        mask = (jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]) & valid[:, None, :]
+        mask = cacheless_mask(cfg, valid, None)
         cos, sin = rope_cos_sin(positions, cfg)
         x = constrain(self._embed_tokens(tokens, weights), ("batch", "length", "embed"))
         if weights is None:
@@ -380,6 +392,34 @@ class Transformer(nnx.Module):
         if self.sprm is None:
             raise ValueError("this model has no SPRM head (ModelConfig.sprm_head=False)")
         return self.sprm(features, dropout_rng=dropout_rng)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's index within its segment (a run of equal ids along the row): [B,T] int."""
+    t = segment_ids.shape[1]
+    index = jnp.arange(t)
+    change = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    return index - jax.lax.cummax(jnp.where(change, index, 0), axis=1)
+
+
+def cacheless_mask(cfg: ModelConfig, valid: jax.Array, segment_ids: jax.Array | None):
+    """The mask of a forward without a cache: a `SegmentMask` for flash or splash attention
+    (ModelConfig.attention), else the [B,T,T] bool array of the dense path. valid [B,T] bool;
+    segment_ids [B,T] or None (one sequence per row)."""
+    t = valid.shape[1]
+    impl = attention_impl(cfg.attention, t)
+    segments = valid.astype(jnp.int32)
+    if segment_ids is not None:
+        segments = jnp.where(valid, segment_ids.astype(jnp.int32), 0)
+    if impl != "dense" and t > 1:
+        return SegmentMask(segments, segments, impl)
+    if segment_ids is not None:
+        return SegmentMask(segments, segments, impl).dense()
+    # One sequence per row: padding queries may see earlier valid keys (as HF's mask does).
+    causal = jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None]
+    return causal & valid[:, None, :]
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -40,7 +40,7 @@ DATA_DIR = "data"
 EXPORT_DIR = "export"
 # Non-shape fields a run may change relative to its init checkpoint (param_dtype: a bf16
 # checkpoint is restored, cast exactly, into fp32 master weights).
-RUNTIME_FIELDS = ("remat", "scan_layers", "compute_dtype", "param_dtype")
+RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "compute_dtype", "param_dtype")
 
 
 @dataclasses.dataclass
