@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "seq_len": 128 if not released else 9216,  # sft row length
                 "max_prompt_len": 48 if not released else 1024,
                 "grad_accum": 1,  # micro-batches per update
+                # > 0: pack each micro-batch's sequences into rows of this many tokens
+                # (data/packing.py; verl's ppo_max_token_len_per_gpu: with one packed row per
+                # device, its tokens per forward); 0: one padded row per sequence.
+                "pack_tokens": 0,
                 "save_rollouts": False,  # grpo: keep each step's rollouts in WORKDIR/rollouts
                 "rollouts_dir": "",  # spr: train on these saved rollouts instead of sampling
             },

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from metastone_jax.sprm import aggregate
+from metastone_jax.sprm import LOG_CLAMP, aggregate
 
 FORMS = ("filtered", "paper", "bce")
 POS_WEIGHT = 1.5  # extra weight on positive steps in the released class balance
@@ -70,8 +70,13 @@ def spr_loss(logits, mask, labels, include, *, form: str = "filtered", ranks: in
             "ranks split evenly"
         )
     s = jnp.asarray(logits, jnp.float32)
-    y = jnp.broadcast_to(jnp.asarray(labels, jnp.float32)[:, None], s.shape)
-    eligible = jnp.asarray(mask, bool) & jnp.asarray(include, bool)[:, None]
+    y, include = jnp.asarray(labels, jnp.float32), jnp.asarray(include, bool)
+    if y.ndim == 1:  # per row; packed rows give them per token
+        y = y[:, None]
+    if include.ndim == 1:
+        include = include[:, None]
+    y = jnp.broadcast_to(y, s.shape)
+    eligible = jnp.asarray(mask, bool) & include
     if form == "bce":
         kept = eligible
     else:
@@ -110,7 +115,7 @@ def spr_loss(logits, mask, labels, include, *, form: str = "filtered", ranks: in
     return loss, jax.lax.stop_gradient(metrics)
 
 
-def score_gap(logits, mask, labels, include=None) -> dict[str, jnp.ndarray]:
+def score_gap(logits, mask, labels, include=None, segment_ids=None) -> dict[str, jnp.ndarray]:
     """Mean trajectory score of correct vs incorrect rollouts (the paper's "aha" curves).
 
     logits, mask [N, T]; labels [N]; include [N] or None (all). A trajectory's score is the
@@ -119,11 +124,17 @@ def score_gap(logits, mask, labels, include=None) -> dict[str, jnp.ndarray]:
     skipped. Returns score_correct, score_incorrect (0 when the class is empty), score_gap
     (correct - incorrect; 0 unless both classes are non-empty, so an empty class cannot fake a
     separation), n_correct, n_incorrect (trajectories counted).
+
+    segment_ids [N, T] (packed rows, several trajectories each; data/packing.py): a trajectory
+    is a (row, segment), and labels / include are per token [N, T].
     """
     s = jnp.asarray(logits, jnp.float32)
     m = jnp.asarray(mask, bool)
-    traj = aggregate(jax.nn.sigmoid(s), m, "geomean")  # [N]
-    valid = m.any(axis=-1)
+    if segment_ids is not None:
+        traj, valid, labels, include = _per_segment(s, m, labels, include, segment_ids)
+    else:
+        traj = aggregate(jax.nn.sigmoid(s), m, "geomean")  # [N]
+        valid = m.any(axis=-1)
     if include is not None:
         valid = valid & jnp.asarray(include, bool)
     correct = jnp.asarray(labels) == 1
@@ -135,3 +146,26 @@ def score_gap(logits, mask, labels, include=None) -> dict[str, jnp.ndarray]:
     both = (out["n_correct"] > 0) & (out["n_incorrect"] > 0)
     out["score_gap"] = jnp.where(both, out["score_correct"] - out["score_incorrect"], 0.0)
     return jax.lax.stop_gradient(out)
+
+
+def _per_segment(logits, mask, labels, include, segment_ids):
+    """score_gap's per-trajectory values for packed rows: (geomean score, has a scored step,
+    label, include), each [N*T] over (row, segment) ids row * T + segment."""
+    n, t = logits.shape
+    ids = (jnp.arange(n)[:, None] * t + jnp.asarray(segment_ids)).reshape(-1)
+    m = mask.reshape(-1)
+
+    def seg_sum(x):
+        return jax.ops.segment_sum(x.reshape(-1), ids, num_segments=n * t)
+
+    log_p = jnp.where(m, jnp.log(jnp.maximum(jax.nn.sigmoid(logits.reshape(-1)), LOG_CLAMP)), 0)
+    count = seg_sum(m.astype(jnp.float32))
+    traj = jnp.exp(seg_sum(log_p) / jnp.maximum(count, 1.0))
+    real = (jnp.asarray(segment_ids) > 0).reshape(-1)
+    label = jax.ops.segment_max(jnp.where(real, jnp.asarray(labels, jnp.float32).reshape(-1),
+                                          -1.0), ids, num_segments=n * t)  # fmt: skip
+    keep = None
+    if include is not None:
+        keep = jax.ops.segment_max(jnp.asarray(include, bool).reshape(-1) & real, ids,
+                                   num_segments=n * t)  # fmt: skip
+    return traj, count > 0, label, keep

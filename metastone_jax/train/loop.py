@@ -36,6 +36,7 @@ from metastone_jax.train.rollout import (
     engine_config,
     grade_rollouts,
     minibatches,
+    pack_for_training,
     pack_rollouts,
     sample_rollouts,
     save_rollouts,
@@ -231,7 +232,7 @@ def _train(config, workdir: str, engine) -> dict[str, Any]:
                         state, records, ctx, config, step_fn, logprobs, step, mesh, engine
                     )
                 else:
-                    batch = setup.sft_rows(records, ctx, config)
+                    batch = _packed(setup.sft_rows(records, ctx, config), config, mesh, None)
                     state, m = step_fn(state, batch)
                     metrics = _host(m)
                 loss = metrics["loss"]
@@ -268,6 +269,16 @@ def _train(config, workdir: str, engine) -> dict[str, Any]:
     return last
 
 
+def _packed(batch, config, mesh, step_tokens):
+    """Micro-batches [A, b, T] packed into rows of data.pack_tokens (unchanged when 0), as
+    many rows as the most any micro-batch needs, rounded up to the rows' devices."""
+    width = int(config.data.get("pack_tokens", 0))
+    if not width:
+        return batch
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    return pack_for_training(batch, width, rows_multiple=devices, step=step_tokens)
+
+
 def _grpo_update(
     state: TrainState, records, ctx, config, step_fn, logprobs, step: int, mesh, engine
 ):
@@ -293,7 +304,7 @@ def _grpo_update(
     )  # fmt: skip
     if config.data.save_rollouts and jax.process_index() == 0:
         save_rollouts(os.path.join(ctx.workdir, ROLLOUTS_DIR), step, rows)
-    mbs = [split_micro(mb, int(config.data.grad_accum))
+    mbs = [_packed(split_micro(mb, int(config.data.grad_accum)), config, mesh, ctx.step_tokens)
            for mb in minibatches(rows, int(config.rl.mini_batches))]  # fmt: skip
     if config.kind == "grpo":
         # The PPO ratio's denominator: the rollout policy, i.e. the params before any update.

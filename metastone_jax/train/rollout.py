@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
+from metastone_jax.data.packing import pack_micro_batches
 from metastone_jax.evaluate.grading import answers_match, extract_final_answer
 from metastone_jax.rl import group_advantages
 from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sample.sampler import LENGTH, Candidates
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
 
 
 def sample_rollouts(
@@ -168,6 +169,22 @@ def pack_rollouts(
         "labels": labels,
         "include": include,
     }
+
+
+def pack_for_training(batch: dict[str, np.ndarray], width: int, *, rows_multiple: int = 1,
+                      step: StepTokens | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Micro-batches [A, b, T] -> packed rows [A, R, width] (data/packing.py), each
+    micro-batch on its own. With `step` (the SPR loss) the step mask is taken per sequence
+    first ("spr_mask", feature positions), since its think-tag bounds are per sequence."""
+    batch = dict(batch)
+    start = batch.pop("response_start", None)
+    if step is not None and "labels" in batch:
+        a, b, t = batch["tokens"].shape
+        flat = {k: v.reshape(a * b, *v.shape[2:]) for k, v in batch.items()}
+        mask = step_mask(flat["tokens"], step, mode="train", valid=flat["valid"],
+                         response_start=None if start is None else start.reshape(-1))  # fmt: skip
+        batch["spr_mask"] = np.asarray(shift_for_scoring(mask)).reshape(a, b, t)
+    return pack_micro_batches(batch, width, rows_multiple=rows_multiple)
 
 
 def split_micro(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:

@@ -95,14 +95,29 @@ def _model(graphdef, params):
     return nnx.merge(graphdef, params)
 
 
+def _forward(model, batch, *, with_logits: bool):
+    """The model over a batch's rows; packed rows (data/packing.py) carry "segment_ids"."""
+    return model(batch["tokens"], valid=batch["valid"], with_logits=with_logits,
+                 segment_ids=batch.get("segment_ids"))  # fmt: skip
+
+
+def _target_mask(batch, key: str):
+    """[b, T-1]: positions t whose target tokens[t + 1] counts under batch[key] [b, T]; in
+    packed rows a target must be in t's own sequence."""
+    mask = batch[key][:, 1:] & batch["valid"][:, 1:]
+    if "segment_ids" in batch:
+        mask = mask & (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
+    return mask
+
+
 def sft_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """Mean next-token NLL over batch['loss_mask'] positions. tokens/valid/loss_mask [b, T]."""
     del key
     model = _model(graphdef, params)
     tokens = batch["tokens"]
-    mask = batch["loss_mask"][:, 1:] & batch["valid"][:, 1:]
+    mask = _target_mask(batch, "loss_mask")
     chunked = cfg.logits_chunk > 0
-    out = model(tokens, valid=batch["valid"], with_logits=not chunked)
+    out = _forward(model, batch, with_logits=not chunked)
     if chunked:
         # Position t predicts tokens[t + 1]: targets rolled left, the last position weighs 0.
         weights = jnp.pad(mask, ((0, 0), (0, 1))) / jnp.maximum(jnp.sum(mask), 1)
@@ -136,20 +151,29 @@ def _spr_terms(model, features, batch, key, cfg: StepConfig):
     """SPR loss + metrics from penultimate features [b, T, D] at the training step mask; the
     backbone sees the loss's gradient scaled by cfg.spr_grad_scale."""
     tokens, valid = batch["tokens"], batch["valid"]
-    mask = step_mask(
-        tokens, cfg.step, mode="train", valid=valid, response_start=batch["response_start"]
-    )
-    feat_mask = shift_for_scoring(mask)
+    if "spr_mask" in batch:  # packed rows: computed per sequence before packing
+        feat_mask = batch["spr_mask"]
+    else:
+        mask = step_mask(
+            tokens, cfg.step, mode="train", valid=valid, response_start=batch["response_start"]
+        )
+        feat_mask = shift_for_scoring(mask)
     feats = spr_loss.scale_gradient(features, cfg.spr_grad_scale)
     drop = key if cfg.sprm_dropout else None
     logits = model.sprm_logits(feats, dropout_rng=drop)
     labels, include = batch["labels"], batch["include"]
     ranks = _spr_ranks(cfg, rows=tokens.shape[0])
+    if ranks > 1 and "segment_ids" in batch:
+        raise ValueError(
+            "spr.scope='rank' normalises per rank's rollouts, which packed rows mix; use "
+            "spr.scope='batch' with data.pack_tokens, or data.pack_tokens=0"
+        )
     loss, metrics = spr_loss.spr_loss(
         logits, feat_mask, labels, include, form=cfg.spr_form, ranks=ranks
     )
     clean = model.sprm_logits(jax.lax.stop_gradient(features))
-    metrics = {**metrics, **spr_loss.score_gap(clean, feat_mask, labels, include)}
+    gap = spr_loss.score_gap(clean, feat_mask, labels, include, batch.get("segment_ids"))
+    metrics = {**metrics, **gap}
     return loss, metrics
 
 
@@ -175,15 +199,18 @@ def _spr_ranks(cfg: StepConfig, rows: int) -> int:
 def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """Policy loss (+KL, -entropy) + spr_coef * SPR loss over rollouts [b, T]."""
     model = _model(graphdef, params)
-    out = model(batch["tokens"], valid=batch["valid"], with_logits=cfg.logits_chunk == 0)
+    out = _forward(model, batch, with_logits=cfg.logits_chunk == 0)
     logp, entropy = _logprobs_entropy(
         model, out, batch["tokens"], temperature=cfg.temperature, chunk=cfg.logits_chunk,
         top_k=cfg.support_top_k, top_p=cfg.support_top_p, with_entropy=True,
     )  # fmt: skip
-    mask = batch["response_mask"][:, 1:] & batch["valid"][:, 1:]
+    mask = _target_mask(batch, "response_mask")
     ref = batch.get("ref_logp") if cfg.kl_coef > 0 else None
+    advantages = batch["advantages"]
+    if advantages.ndim == 2:  # packed rows: per token, the target's sequence's
+        advantages = advantages[:, 1:]
     loss, metrics = rl.grpo_loss(
-        logp, batch["old_logp"], ref, entropy, batch["advantages"], mask,
+        logp, batch["old_logp"], ref, entropy, advantages, mask,
         clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
     )  # fmt: skip
     metrics = {**metrics, "tokens": jnp.sum(mask).astype(jnp.float32)}
@@ -197,7 +224,7 @@ def grpo_loss(params, batch, key, *, graphdef, cfg: StepConfig):
 def spr_only_loss(params, batch, key, *, graphdef, cfg: StepConfig):
     """The SPR loss alone (backbone gradient scaled by spr_grad_scale, as in grpo)."""
     model = _model(graphdef, params)
-    out = model(batch["tokens"], valid=batch["valid"], with_logits=False)
+    out = _forward(model, batch, with_logits=False)
     loss, metrics = _spr_terms(model, out.features, batch, key, cfg)
     tokens = jnp.sum(batch["valid"]).astype(jnp.float32)
     return loss, {**metrics, "loss": loss, "tokens": tokens}
@@ -287,6 +314,7 @@ def compile_step(graphdef, cfg: StepConfig, tx, mesh, shardings: TrainState):
         with jax.set_mesh(mesh):
             return jitted(state, global_batch(batch, mesh))
 
+    step.jitted = jitted  # to lower and compile ahead (memory analysis: planning, benches)
     return step
 
 
@@ -312,7 +340,7 @@ def rollout_logprobs_fn(
 
     def logp(params, mb):
         model = _model(graphdef, params)
-        out = model(mb["tokens"], valid=mb["valid"], with_logits=logits_chunk == 0)
+        out = _forward(model, mb, with_logits=logits_chunk == 0)
         return _logprobs_entropy(
             model, out, mb["tokens"], temperature=temperature, chunk=logits_chunk,
             top_k=top_k, top_p=top_p, with_entropy=False,

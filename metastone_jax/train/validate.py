@@ -92,6 +92,7 @@ RULES: dict[str, Range | OneOf] = {
     "data.seq_len": at_least(2),  # a prompt token and a response token
     "data.max_prompt_len": at_least(1),
     "data.grad_accum": at_least(1),
+    "data.pack_tokens": at_least(0),  # 0 = no packing
     "optim.lr": at_least(0.0),
     "optim.schedule": OneOf(SCHEDULES),
     "optim.warmup_steps": at_least(0),
@@ -186,8 +187,27 @@ def _micro_batches(config) -> str | None:
     return None
 
 
+def _packing(config) -> str | None:
+    """A packed row must hold the longest sequence; rank-scoped SPR needs unpacked rows."""
+    width = int(config.data.get("pack_tokens", 0))
+    if not width:
+        return None
+    if config.kind == "sft":
+        longest, what = int(config.data.seq_len), "config.data.seq_len"
+    else:
+        longest = int(config.data.max_prompt_len) + int(config.rl.max_new_tokens)
+        what = "config.data.max_prompt_len + config.rl.max_new_tokens"
+    if width < longest:
+        return (f"config.data.pack_tokens={width}: expected at least the longest sequence, "
+                f"{what} = {longest}")  # fmt: skip
+    if config.kind != "sft" and config.spr.get("scope") == "rank":
+        return (f"config.data.pack_tokens={width} with config.spr.scope='rank': packed rows mix "
+                "the ranks' rollouts; use spr.scope='batch' or pack_tokens=0")  # fmt: skip
+    return None
+
+
 # Settings that must agree; each returns the problem or None (run only when RULES all pass).
-CROSS_CHECKS: tuple[Callable[[object], str | None], ...] = (_task_ops, _micro_batches)
+CROSS_CHECKS: tuple[Callable[[object], str | None], ...] = (_task_ops, _micro_batches, _packing)
 
 
 def validate_train_config(config) -> None:
