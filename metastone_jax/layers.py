@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from metastone_jax.config import ModelConfig, RopeScaling
-from metastone_jax.sharding import constrain
+from metastone_jax.sharding import constrain, sequence_sharded
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
@@ -81,12 +81,21 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.out_major:
             return self._call_out_major(x)
-        # One 2-D matmul [rows, in] x [in, out]: XLA:CPU's backward of a 3-D dot_general writes
-        # transposed copies of the gradients (~20% of a train step, bench/RESULTS.md); the
-        # reshapes merge dims whose sharding sits on the major one, so they move no data.
         kernel = self.kernel[...].astype(self.compute_dtype)
         in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
         lead = x.shape[: x.ndim - self.n_in]
+        if len(lead) > 1 and sequence_sharded():
+            # Rows merged from a batch and a sequence sharded over different axes: GSPMD
+            # cannot split such a reshape and gathers every row onto every device; a
+            # dot_general keeps the lead dims apart.
+            dims = (tuple(range(len(lead), x.ndim)), tuple(range(self.n_in)))
+            y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel, (dims, ((), ())))
+            if self.bias is not None:
+                y = y + self.bias[...].astype(self.compute_dtype)
+            return y
+        # One 2-D matmul [rows, in] x [in, out]: XLA:CPU's backward of a 3-D dot_general writes
+        # transposed copies of the gradients (~20% of a train step, bench/RESULTS.md); the
+        # reshapes merge dims whose sharding sits on the major one, so they move no data.
         rows = x.astype(self.compute_dtype).reshape(math.prod(lead), math.prod(in_shape))
         y = jnp.dot(rows, kernel.reshape(math.prod(in_shape), math.prod(out_shape)))
         if self.bias is not None:
@@ -350,9 +359,9 @@ class Attention(nnx.Module):
     def _attend_segments(self, q, k, v, mask: SegmentMask):
         """Flash or splash attention, q [B,K,G,T,hd], k/v [B,K,S,hd] -> [B,T,H,hd]."""
         if mask.impl == "splash":
-            from metastone_jax.splash_attention import splash_attention
+            from metastone_jax.splash_attention import sharded_splash_attention
 
-            out = splash_attention(q, k, v, mask.q, mask.k, scale=self.scale)
+            out = sharded_splash_attention(q, k, v, mask.q, mask.k, scale=self.scale)
         else:
             from metastone_jax import flash_attention as flash
 

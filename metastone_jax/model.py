@@ -78,12 +78,14 @@ class Block(nnx.Module):
         self, x, cos, sin, mask, k_cache=None, v_cache=None, write_index=None, prefix=None,
         paged=None,
     ):  # fmt: skip
-        y, kv = self.attn(
-            self.attn_norm(x), cos, sin, mask, k_cache, v_cache, write_index, prefix, paged
-        )
+        # The norms run on the sequence-sharded stream (the saved layer inputs); their outputs
+        # are gathered along the sequence before the projections, whose weights are split over
+        # 'tensor' by heads and MLP columns (Megatron-LM's sequence parallelism).
+        h = constrain(self.attn_norm(x), ("batch", "length", "embed"))
+        y, kv = self.attn(h, cos, sin, mask, k_cache, v_cache, write_index, prefix, paged)
         x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "embed")), kv
+        x = x + self.mlp(constrain(self.mlp_norm(x), ("batch", "length", "embed")))
+        return constrain(x, ("batch", "activation_length", "embed")), kv
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -202,7 +204,7 @@ class Transformer(nnx.Module):
         # FSDP gathers the table's embed axis before the lookup; vocab stays tensor-sharded.
         table = constrain(self.embed[...], ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(cfg.compute_jnp_dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "activation_length", "embed"))
         x, features, kv = self._run_blocks(x, cos, sin, mask, cache, write_index, layers)
 
         h = self.final_norm(x)

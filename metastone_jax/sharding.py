@@ -23,6 +23,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    # The residual stream between blocks (what remat saves for the backward pass): sequence
+    # parallelism, as Megatron-LM's. Inside a block the heads and the MLP take 'tensor', so XLA
+    # all-gathers the sequence before the projections and reduce-scatters after them.
+    ("activation_length", ("tensor",)),
     ("cache_length", None),
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
@@ -169,6 +173,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, x.shape, dict(mesh.shape), strict=False, name="activation")
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def sequence_sharded() -> bool:
+    """Whether the current mesh splits the residual stream along the sequence (the
+    'activation_length' rule's axes, of size > 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):
+        return False
+    return any(dict(mesh.shape)[a] > 1 for a in _RULES["activation_length"] or ())
 
 
 def _path_name(path) -> str:

@@ -83,6 +83,31 @@ def splash_attention(q, k, v, q_segments, k_segments, *, scale: float, interpret
     return jnp.where(real, out, jnp.zeros((), out.dtype)).astype(q.dtype)
 
 
+def sharded_splash_attention(q, k, v, q_segments, k_segments, *, scale: float,
+                             interpret: bool = False, block: int = DEFAULT_BLOCK):  # fmt: skip
+    """`splash_attention` under the current mesh: a Pallas call is opaque to XLA's sharding
+    propagation (it would gather its operands whole onto every device), so it runs in a
+    shard_map over the rows ('batch': data, fsdp) and the KV heads ('kv_heads': tensor), each
+    device on its own rows and heads; the sequence is whole inside (all-gathered, as the
+    projections before it are). Without a mesh, the plain call."""
+    from jax.sharding import PartitionSpec
+
+    from metastone_jax.sharding import MESH_AXES, logical_to_spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    attend = functools.partial(splash_attention, scale=scale, interpret=interpret, block=block)
+    if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):
+        return attend(q, k, v, q_segments, k_segments)
+    rows, heads = logical_to_spec(("batch", "kv_heads"), q.shape[:2], dict(mesh.shape),
+                                  strict=False)  # fmt: skip
+    q_spec = PartitionSpec(rows, heads, None, None, None)
+    kv_spec = PartitionSpec(rows, heads, None, None)
+    seg_spec = PartitionSpec(rows, None)
+    specs = (q_spec, kv_spec, kv_spec, seg_spec, seg_spec)
+    sharded = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
+    return sharded(q, k, v, q_segments, k_segments)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

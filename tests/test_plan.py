@@ -96,11 +96,17 @@ def test_every_mesh_preset_fits_its_slice(preset):
         assert plan.fits, (preset, plan.total / GIB, plan.hbm / GIB)
 
 
-def test_released_32b_recipe_rollouts_plan_within_90_percent_of_a_v5p_128():
-    """The issue's bar: the released 32B recipe's rollout phase (128 prompts x 8, prompts of
-    2048, responses of 32768 tokens) on a v5p-128 with the slots and pool the planner picks,
-    as the preset and as the issue's command line spells it (the v5p-64 preset, overridden)."""
+def test_released_32b_recipe_plans_on_a_v5p_128():
+    """The issues' bars: the released 32B recipe (128 prompts x 8, prompts of 2048, responses
+    of 32768 tokens, 4 mini-batches) on a v5p-128: its rollout phase within 90% of HBM with
+    the slots and pool the planner picks, its train step within 60%; as the preset and as the
+    issue's command line spells it (the v5p-64 preset, overridden)."""
     plan = _plan("grpo-32b-v5p-128")
+    preset = MESHES.get_config("grpo-32b-v5p-128")
+    assert (preset.data.batch_size, preset.rl.k, preset.rl.mini_batches) == (128, 8, 4)
+    assert (preset.data.max_prompt_len, preset.rl.max_new_tokens) == (2048, 32768)
+    assert plan.workload.seq_len == 2048 + 32768 and plan.rows_per_device == 1
+    assert plan.step_peak <= 0.6 * plan.hbm, plan.step_peak / plan.hbm
     config = MESHES.get_config("grpo-32b-v5p-64")
     config.data.update(batch_size=128, grad_accum=16)
     config.rl.max_new_tokens = 32768
@@ -146,12 +152,22 @@ def test_peak_is_resident_plus_the_larger_phase():
     plan = _plan("grpo-1.5b-v5e-8")
     parts = {c.name: c.bytes for c in plan.components}
     resident = parts["params"] + parts["reference params"] + parts["optimizer state"]
-    step = parts["gradients"] + parts["activations"] + max(parts["layer work"], parts["logits"])
+    step = parts["gradients"] + parts["activations"] + parts["SPR head"]
+    step += max(parts["layer work"], parts["logits"])
     rollout = parts["page pool"] + parts["slot state"] + parts["question table"]
     rollout += parts["decode weights"] + max(parts["segment work"], parts["prefill work"])
     assert plan.total == resident + max(step, rollout)
     acts = plan.activations_by_remat
-    assert acts["full"] < acts["dots_no_batch"] < acts["dots"] < acts["none"]
+    # The preset's attention plans as splash (a TPU): no per-token scores, and the two dots
+    # policies keep the same (XLA compiles them to one program with flash: planning/memory.py).
+    assert acts["full"] < acts["dots_no_batch"] == acts["dots"] < acts["none"]
+    dense = plan_config(_dense(MESHES.get_config("grpo-1.5b-v5e-8"))).activations_by_remat
+    assert dense["full"] < dense["dots_no_batch"] < dense["dots"] < dense["none"]
+
+
+def _dense(config):
+    config.model.attention = "dense"
+    return config
 
 
 @pytest.mark.parametrize(
@@ -326,13 +342,11 @@ def test_engine_terms_are_the_engines_own_arrays():
     assert em.page_bytes(cfg, page, 4, "xla") == em.page_bytes(cfg, page, 1, "xla")  # 4 ∤ K
 
 
-@pytest.mark.parametrize(
-    "kind, remat, mesh", [("grpo", "full", (1, 8, 1)), ("sft", "none", (1, 4, 2))]
-)
-def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
-    """The estimated step memory (gradients + activations + max(layer work, logits)) against
-    XLA's own buffer assignment of the compiled step (CPU, fp32 compute, nothing allocated). A
-    guard against the formulas drifting from the model code: within -25% / +40%."""
+def step_temp_and_estimate(kind, remat, mesh, *, attention="dense", t=256, packed=False,
+                           rows_per_device=1, chunk=0, layers=2):  # fmt: skip
+    """(XLA's temporaries of the compiled train step, the planner's step estimate) for a small
+    model (CPU, fp32 compute, nothing allocated). packed: the batch carries segment ids and
+    per-token row values, as data/packing.py lays it out."""
     from functools import partial
 
     from flax import nnx
@@ -355,12 +369,13 @@ def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
     from metastone_jax.train.step import StepConfig, batch_sharding, train_step
 
     cfg = ModelConfig(
-        vocab_size=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
+        vocab_size=4096, d_model=256, n_layers=layers, n_heads=4, n_kv_heads=2, d_ff=512,
         qkv_bias=True, param_dtype="float32", compute_dtype="float32", remat=remat,
+        attention=attention, max_len=max(t, 4096),
     )  # fmt: skip
     shape = dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
     mesh = make_mesh(shape)
-    rows, t = shape["data"] * shape["fsdp"], 256
+    rows = shape["data"] * shape["fsdp"] * rows_per_device
     optim = OptimConfig(train_sprm=kind == "grpo")
     tx = make_optimizer(optim)
     model = abstract_model(cfg)
@@ -373,16 +388,24 @@ def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
         return jax.ShapeDtypeStruct((1, rows, *shape), dtype, sharding=sharding)
 
     batch = {"tokens": arr(t), "valid": arr(t, dtype=bool)}
+    per_row = (t,) if packed else ()
+    if packed:
+        batch["segment_ids"] = arr(t)
     if kind == "sft":
         batch["loss_mask"] = arr(t, dtype=bool)
     else:
         f32 = jnp.float32
         batch.update(
-            response_mask=arr(t, dtype=bool), response_start=arr(), advantages=arr(dtype=f32),
-            labels=arr(dtype=f32), include=arr(dtype=bool), old_logp=arr(t - 1, dtype=f32),
-            ref_logp=arr(t - 1, dtype=f32),
+            response_mask=arr(t, dtype=bool), advantages=arr(*per_row, dtype=f32),
+            labels=arr(*per_row, dtype=f32), include=arr(*per_row, dtype=bool),
+            old_logp=arr(t - 1, dtype=f32), ref_logp=arr(t - 1, dtype=f32),
         )  # fmt: skip
-    step_cfg = StepConfig(kind=kind, step=StepTokens((5,), 6, 7) if kind == "grpo" else None)
+        if packed:  # the SPR step mask comes per sequence, taken before packing
+            batch["spr_mask"] = arr(t, dtype=bool)
+        else:
+            batch["response_start"] = arr()
+    step_cfg = StepConfig(kind=kind, step=StepTokens((5,), 6, 7) if kind == "grpo" else None,
+                          logits_chunk=chunk)  # fmt: skip
     fn = partial(train_step, graphdef=nnx.graphdef(model), cfg=step_cfg, tx=tx)
     out = (shardings, NamedSharding(mesh, PartitionSpec()))
     with jax.set_mesh(mesh):
@@ -391,11 +414,41 @@ def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
         )
     xla_temp = lowered.compile().memory_analysis().temp_size_in_bytes
     state = state_bytes(cfg, shape, optim, with_ref=kind == "grpo")
-    work = Workload(kind=kind, train_rows=rows, seq_len=t)
+    work = Workload(kind=kind, train_rows=rows, seq_len=t, logits_chunk=chunk,
+                    pack_tokens=t if packed else 0, spr=kind == "grpo")  # fmt: skip
     tpu = TpuType("cpu", "cpu", 8, 1 << 40)
     plan = build_plan(cfg, name="x", tpu=tpu, mesh_shape=shape, workload=work, state=state)
-    estimate = plan.step_peak - plan.resident
+    return xla_temp, plan.step_peak - plan.resident, plan
+
+
+@pytest.mark.parametrize(
+    "kind, remat, mesh", [("grpo", "full", (1, 8, 1)), ("sft", "none", (1, 4, 2))]
+)
+def test_step_estimate_tracks_xla_memory_analysis(kind, remat, mesh):
+    """The estimated step memory (gradients + activations + max(layer work, logits)) against
+    XLA's own buffer assignment of the compiled step, dense attention at 256 tokens. A guard
+    against the formulas drifting from the model code: within -25% / +40%."""
+    xla_temp, estimate, plan = step_temp_and_estimate(kind, remat, mesh)
     assert 0.75 * xla_temp <= estimate <= 1.4 * xla_temp, (estimate / xla_temp, plan.components)
+
+
+@pytest.mark.parametrize(
+    "kind, remat, mesh, t, packed, layers",
+    [
+        ("sft", "full", (1, 4, 2), 4096, False, 8),  # saved inputs sharded along the sequence
+        ("grpo", "dots", (1, 8, 1), 2048, True, 2),  # packed rows, the SPR head
+        ("sft", "none", (2, 2, 2), 2048, False, 2),  # every intermediate kept
+    ],
+)
+def test_long_row_estimate_is_within_20_percent_of_xla_memory_analysis(
+    kind, remat, mesh, t, packed, layers
+):
+    """Flash attention on long rows (LM head in chunks of 256, so that the layers dominate):
+    the planner's step estimate within 20% of XLA's temporaries of the compiled step."""
+    xla_temp, estimate, plan = step_temp_and_estimate(
+        kind, remat, mesh, attention="flash", t=t, packed=packed, chunk=256, layers=layers
+    )
+    assert 0.8 * xla_temp <= estimate <= 1.2 * xla_temp, (estimate / xla_temp, plan.components)
 
 
 def test_full_logits_that_cannot_fit_point_to_logits_chunk():
@@ -495,3 +548,25 @@ def test_mean_response_length_matches_draws():
     g = 32768
     x = np.minimum(np.random.default_rng(0).lognormal(np.log(g / 4), 0.7, 200_000), g)
     assert abs(mean_capped_lognormal(g) - x.mean()) <= 4 * x.std() / np.sqrt(x.size)
+
+
+def test_packed_rows_are_planned_from_simulated_lengths(capsys):
+    """data.pack_tokens: a micro-batch's rollouts in as many packed rows as first-fit
+    decreasing needs over the reference length distribution, a multiple of data*fsdp; the
+    table says so, and which term dominates the step."""
+    from metastone_jax.planning.packed_rows import packed_rows
+
+    config = MESHES.get_config("grpo-1.5b-v6e-8")  # 32 x 8 rollouts, 4 updates, grad_accum 16
+    width = config.data.max_prompt_len + config.rl.max_new_tokens
+    config.data.update(grad_accum=2, pack_tokens=2 * width)  # 32 rollouts per micro-batch
+    plan = plan_config(config)
+    w = plan.workload
+    assert (w.unpacked_rows, w.seq_len, w.pack_tokens) == (32, 2 * width, 2 * width)
+    assert w.train_rows == packed_rows(32, 1024, 8192, 2 * width, 4)
+    # Responses average ~0.3 of the cap: far fewer rows than sequences, at least the tokens'.
+    assert w.train_rows % 4 == 0 and 4 <= w.train_rows < 32
+    overrides = ["--config.data.grad_accum=2", f"--config.data.pack_tokens={2 * width}"]
+    main(["metastone-jax", "plan", "--preset=grpo-1.5b-v6e-8", *overrides])
+    out = capsys.readouterr().out
+    assert f"packed: each micro-batch's 32 sequences in {w.train_rows} rows of" in out
+    assert "train step peak dominated by:" in out

@@ -49,6 +49,46 @@ def test_sharded_forward_equals_single_device():
     assert logits.addressable_shards[0].data.shape[0] == 4 // 4
 
 
+def test_packed_flash_gradients_on_2x2x2_with_sequence_sharding_equal_one_device(monkeypatch):
+    """Flash attention over packed rows, remat'd blocks whose saved inputs are sharded along
+    the sequence over 'tensor' (the 'activation_length' rule): the same loss and gradients as
+    one device, and the saved residual stream per device is [L, b/4, T/2, D]."""
+    from metastone_jax import flash_attention
+
+    monkeypatch.setattr(flash_attention, "DEFAULT_BLOCK", 16)
+    cfg = CFG.replace(attention="flash", remat="full")
+    rng = np.random.default_rng(1)
+    b, t = 4, 48
+    tokens = rng.integers(0, cfg.vocab_size, (b, t))
+    segments = np.repeat(np.array([[1] * 20 + [2] * 17 + [3] * 7 + [0] * 4]), b, axis=0)
+    weights = rng.normal(size=(b, t, cfg.vocab_size)) * (segments > 0)[..., None]
+
+    def loss(state, graphdef):
+        out = nnx.merge(graphdef, state)(tokens, valid=segments > 0, segment_ids=segments)
+        return (out.logits * weights).sum()
+
+    single = create_model(cfg, seed=3)
+    g1, s1 = nnx.split(single)
+    ref_loss, ref_grads = jax.value_and_grad(loss)(s1, g1)
+    mesh = make_mesh(MESH)
+    g8, s8 = nnx.split(create_model(cfg, seed=3, mesh=mesh))
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    with jax.set_mesh(mesh):
+        got_loss, got_grads = step(s8, g8)
+        hlo = step.lower(s8, g8).compile().as_text()
+    d, layers = cfg.d_model, cfg.n_layers
+    assert f"f32[{layers},1,{t // 2},{d}]" in hlo  # the scan's saved inputs, sequence-sharded
+    assert f"f32[{layers},1,{t},{d}]" not in hlo
+    terms = 2 * transformer_terms(cfg, t) + tokens.size
+    assert abs(float(got_loss) - float(ref_loss)) <= fp32_reduction_tol(terms, abs(float(ref_loss)))
+    for (path, a), g in zip(jax.tree_util.tree_leaves_with_path(ref_grads),
+                            jax.tree.leaves(got_grads), strict=True):  # fmt: skip
+        a = np.asarray(a)
+        tol = fp32_reduction_tol(terms, max(np.abs(a).max(), 1e-30))
+        np.testing.assert_allclose(np.asarray(g), a, rtol=0, atol=tol,
+                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+
+
 def test_parameters_are_created_sharded():
     mesh = make_mesh(MESH)
     model = create_model(CFG, mesh=mesh)

@@ -283,6 +283,26 @@ def test_rollouts_must_split_into_mini_batches_and_micro_batches():
     validate_train_config(config)
 
 
+def test_packing_settings_are_checked():
+    from metastone_jax.train.validate import validate_train_config
+
+    config, _ = _preset("tiny-grpo")  # prompts of 48 + 48 new tokens
+    config.data.pack_tokens = 64
+    longest = r"config.data.max_prompt_len \+ config.rl.max_new_tokens = 96"
+    with pytest.raises(ValueError, match=r"pack_tokens=64: expected at least the longest "
+                       r"sequence, " + longest):  # fmt: skip
+        validate_train_config(config)
+    config.data.pack_tokens, config.mesh.tensor = 193, 2
+    with pytest.raises(ValueError, match=r"pack_tokens=193: expected a multiple of "
+                       r"config.mesh.tensor=2"):  # fmt: skip
+        validate_train_config(config)
+    config.data.pack_tokens, config.spr.scope = 192, "rank"
+    with pytest.raises(ValueError, match=r"spr.scope='rank': packed rows mix"):
+        validate_train_config(config)
+    config.spr.scope = "batch"
+    validate_train_config(config)
+
+
 def test_loop_and_validation_agree_on_the_logprob_supports():
     from metastone_jax.train.loop import LOGPROB_SUPPORTS
     from metastone_jax.train.validate import RULES

@@ -31,9 +31,11 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def workload(config, *, sample_rows: int | None = None, sample_len: int | None = None):
+def workload(config, *, sample_rows: int | None = None, sample_len: int | None = None,
+             mesh_shape: dict | None = None):  # fmt: skip
     """The Workload of a train config; sample_rows / sample_len override the rollouts per step
-    and the longest sequence (prompt + new tokens)."""
+    and the longest sequence (prompt + new tokens). mesh_shape (resolved): the devices packed
+    rows are laid over (default: config.mesh's data x fsdp)."""
     from metastone_jax.sample.sampler import bucket_length
 
     kind = config.kind
@@ -72,7 +74,18 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             page_size=int(rl.get("page_size", 64)),
             memory_fraction=float(rl.get("memory_fraction", 0.0)),
             top_p=float(rl.get("top_p", 1.0)),
+            spr=kind == "spr" or float(config.spr.get("coef", 0.0)) > 0,
         )
+    width = int(data.get("pack_tokens", 0))
+    if width:
+        rows = w.train_rows
+        if kind != "sft":  # rollouts: simulated lengths (planning/packed_rows.py)
+            from metastone_jax.planning.packed_rows import packed_rows
+
+            dp = _dp(config) if mesh_shape is None else mesh_shape["data"] * mesh_shape["fsdp"]
+            rows = packed_rows(rows, int(data.max_prompt_len), w.max_new, width, dp)
+        w = dataclasses.replace(w, train_rows=rows, seq_len=width, pack_tokens=width,
+                                unpacked_rows=w.train_rows)  # fmt: skip
     if sample_rows is not None or sample_len is not None:
         n = w.candidates if sample_rows is None else int(sample_rows)
         length = w.kv_len if sample_len is None else int(sample_len)
@@ -84,6 +97,11 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             max_new=length - prompt, cache_len=length,
         )  # fmt: skip
     return w
+
+
+def _dp(config) -> int:
+    """The devices a micro-batch's rows are laid over (data x fsdp; 1 when an axis is -1)."""
+    return max(1, int(config.mesh.get("data", 1))) * max(1, int(config.mesh.get("fsdp", 1)))
 
 
 def model_config(config) -> ModelConfig:
@@ -132,7 +150,7 @@ def plan_config(
     tpu_type = parse_tpu(tpu_name)
     mesh_shape = resolve_mesh(dict(mesh if mesh is not None else config.mesh), tpu_type)
     cfg = model_config(config)
-    w = workload(config, sample_rows=sample_rows, sample_len=sample_len)
+    w = workload(config, sample_rows=sample_rows, sample_len=sample_len, mesh_shape=mesh_shape)
     from metastone_jax.train.loop import optim_config  # the run's own optimizer settings
 
     with_ref = config.kind == "grpo" and float(config.rl.kl_coef) > 0

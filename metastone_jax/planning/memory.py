@@ -19,8 +19,10 @@ Exact (from the abstract train state, no allocation; planning/state_bytes.py):
                   with grad_accum A > 1 one micro-batch's gradients exist next to it: x2.
 
 Estimated (train step, one micro-batch of b = ceil(rows / dp) rows of T tokens per device;
-s_eff = keys per query: (T + 64) / 2 with the causal 64-query blocks of layers.py when 64 | T,
-else T; scores = H/tp * s_eff elements per token and layer):
+the attention as model.attention sets it, "auto" planned as on a TPU (splash). Dense: s_eff =
+keys per query, (T + 64) / 2 with the causal 64-query blocks of layers.py when 64 | T, else T;
+scores = H/tp * s_eff elements per token and layer. Flash and splash: scores = 0, their scores
+live per block; with packing (data.pack_tokens) T is the packed row and b the packed rows):
   s_none, bytes per token of one layer's intermediates:
       s_none = c*(3D + 3hq + 3hkv + 4f) + 4*(2D + hq + hkv) + (8 + c)*scores
     (in c: attention-norm out, mid residual, MLP-norm out; q and k projections and their rotary
@@ -30,13 +32,20 @@ else T; scores = H/tp * s_eff elements per token and layer):
   s_policy, bytes per token each layer keeps for the backward pass under model.remat:
     none           s_none
     dots           c*(2D + 2hq + 2hkv + 2f) + 4*scores   (every matmul output: q, k, v, the
-                   fp32 scores, attention output, o_proj, gate, up, down)
-    dots_no_batch  c*(2D + hq + 2hkv + 2f)   (the attention einsums have batch dims: not kept)
+                   fp32 scores, attention output, o_proj, gate, up, down); with flash or
+                   splash c*2f (XLA keeps gate and up and recomputes the rest)
+    dots_no_batch  c*(2D + hq + 2hkv + 2f)   (the attention einsums have batch dims: not kept);
+                   with flash or splash the same as dots (one compiled program)
     full           0
-  activations  = b*T*(L*(2*c*D + s_policy) + 2*c*D + 4*D)   (+ the scan carry (h, features)
-                 each layer saves, + embedding and final norm outside the blocks)
-  layer work   = b*T*s_none   (the layer being differentiated: recomputed intermediates or
-                 cotangents)
+  activations  = b*T*(L*(2*c*D/sp + s_policy) + 2*c*D + 4*D)   (+ the scan carry (h, features)
+                 each layer saves, sharded along the sequence over sp = tp when tp divides T
+                 (sharding.py 'activation_length': Megatron-style sequence parallelism), +
+                 embedding and final norm outside the blocks)
+  SPR head     = b*T*2D*5   (grpo with the SPR loss, spr: the head's fp32 hidden [b, T, 2D] over
+                 every position and its dropout mask, kept for its backward)
+  layer work   = b*T*s_none + flash block   (the layer being differentiated: recomputed
+                 intermediates or cotangents; flash block = b*(H/tp)*B^2*4*2, two f32 blocks
+                 of B = min(512, T) queries x keys; splash keeps its blocks in VMEM: 0)
   logits       = b*T*v*(c + 4*n): the LM head output in c and n fp32 [b, T, V/tp] arrays
                  (logits, log-softmax pieces, cotangent): sft n = 3; grpo n = 6 (temperature,
                  entropy's softmax, more pieces); an SPR-only step never reads the logits (XLA
@@ -47,12 +56,17 @@ else T; scores = H/tp * s_eff elements per token and layer):
                  (rematerialised chunks). Calibrated on CPU (tiny model, V 32768, T 256, C 16
                  to 64: the slope of XLA's temp bytes in C is exactly 3 and 4 chunk copies).
   The logits are freed before the layers' backward starts, so the step holds
-      gradients + activations + max(layer work, logits).
+      gradients + activations + SPR head + max(layer work, logits).
   Calibration: compiled steps of a 4-layer d=512 model on 8 CPU devices (T 512 to 2048, every
   remat policy, sft and grpo, tensor 1 and 2, grad_accum 1 and 2; XLA's memory_analysis) came
   within -9%/+20% of these formulas with fp32 compute and -20%/+12% with bf16 (the CPU upcasts
-  bf16 logits); the coefficients (8 + c per score, n = 3 / 6) were read off those runs. A TPU
-  compiles differently: treat the estimate as +-25%.
+  bf16 logits); the coefficients (8 + c per score, n = 3 / 6) were read off those runs. Flash
+  attention (2- and 8-layer d=256 models on 8 CPU devices, T 1024 to 4096, every remat policy,
+  sft and grpo with packed rows, tensor 1 and 2, LM head in chunks of 256): the per-token
+  slopes within 3% (none, full) and 2% (dots) of XLA's, the totals within -9%/+7%
+  (tests/test_plan.py); the flash block's 2 copies and the dots terms were read off those
+  runs. A TPU compiles differently (and splash is not measured here): treat the estimate as
+  +-25%.
 
 Estimated (rollouts, GRPO / SPR sampling, on the engine of sample/engine.py: S slots decode
 together over a pool of pages). One engine runs over the whole mesh (`engine._constrain`): its
@@ -149,6 +163,8 @@ from metastone_jax.config import REMAT_POLICIES, ModelConfig
 from metastone_jax.planning.tpu import GIB, TpuType
 
 CAUSAL_BLOCK = 64  # layers.CAUSAL_BLOCK: queries per block of the causal attention
+FLASH_BLOCK = 512  # flash_attention.DEFAULT_BLOCK: queries and keys per block
+FLASH_BLOCK_COPIES = 2  # f32 [rows, H/tp, bq, bk] arrays a flash block pass holds (calibrated)
 LOGIT_COPIES = {"sft": 3, "grpo": 6, "spr": 0}
 CHUNK_COPIES = {"sft": 3, "grpo": 4, "spr": 0}
 WARN_FRACTION = 0.9
@@ -172,6 +188,9 @@ class Workload:
     max_new: int = 0
     cache_len: int = 0
     logits_chunk: int = 0  # train.logits_chunk: LM-head positions per chunk (0 = full logits)
+    pack_tokens: int = 0  # data.pack_tokens: rows are packed to seq_len = this many tokens
+    unpacked_rows: int = 0  # with packing: the micro-batch's sequences (train_rows: packed rows)
+    spr: bool = False  # the step runs the SPR loss (its head on every position)
     slots: int = 0
     pages: int = 0
     page_size: int = 64
@@ -294,6 +313,11 @@ def causal_keys_per_query(t: int) -> float:
     return float(t)
 
 
+def planned_attention(cfg: ModelConfig, t: int) -> str:
+    """The attention a plan assumes: the setting's, with "auto" as on a TPU (splash)."""
+    return "splash" if cfg.attention == "auto" else cfg.attention
+
+
 def layer_bytes_per_token(cfg: ModelConfig, tp: int, t: int) -> dict[str, float]:
     """Bytes kept per token and layer for the backward pass under each remat policy."""
     c = cfg.compute_jnp_dtype.itemsize
@@ -301,28 +325,57 @@ def layer_bytes_per_token(cfg: ModelConfig, tp: int, t: int) -> dict[str, float]
     hq = _split(cfg.n_heads, tp) * cfg.head_dim
     hkv = _split(cfg.n_kv_heads, tp) * cfg.head_dim
     f = _split(cfg.d_ff, tp)
-    scores = _split(cfg.n_heads, tp) * causal_keys_per_query(t)
+    dense = planned_attention(cfg, t) == "dense"
+    # flash and splash: scores live per block (flash_block_bytes), never per token
+    scores = _split(cfg.n_heads, tp) * causal_keys_per_query(t) if dense else 0.0
     none = c * (3 * d + 3 * hq + 3 * hkv + 4 * f) + 4 * (2 * d + hq + hkv) + (8 + c) * scores
+    # dots with flash: XLA keeps the MLP's gate and up outputs and recomputes the rest, and
+    # compiles dots_no_batch to the same program (measured: equal temporaries)
+    dots = c * (2 * d + 2 * hq + 2 * hkv + 2 * f) + 4 * scores if dense else c * 2 * f
     return {
         "none": none,
-        "dots": c * (2 * d + 2 * hq + 2 * hkv + 2 * f) + 4 * scores,
-        "dots_no_batch": c * (2 * d + hq + 2 * hkv + 2 * f),
+        "dots": dots,
+        "dots_no_batch": c * (2 * d + hq + 2 * hkv + 2 * f) if dense else dots,
         "full": 0.0,
     }
 
 
+def sequence_shards(tp: int, t: int) -> int:
+    """Ways the residual stream between blocks is split along the sequence (sharding.py's
+    'activation_length' rule: over 'tensor' when it divides the length)."""
+    return tp if t % tp == 0 else 1
+
+
 def activation_bytes(cfg: ModelConfig, tp: int, rows: int, t: int, remat: str) -> int:
     """Estimated activations one micro-batch (rows per device x t tokens) keeps for the backward
-    pass under `remat`."""
+    pass under `remat`; the blocks' saved inputs sharded along the sequence."""
     c = cfg.compute_jnp_dtype.itemsize
     d = cfg.d_model
     kept = layer_bytes_per_token(cfg, tp, t)[remat]
-    return int(rows * t * (cfg.n_layers * (2 * c * d + kept) + 2 * c * d + 4 * d))
+    carry = 2 * c * d / sequence_shards(tp, t)
+    return int(rows * t * (cfg.n_layers * (carry + kept) + 2 * c * d + 4 * d))
+
+
+def spr_head_bytes(cfg: ModelConfig, rows: int, t: int) -> int:
+    """The SPR head's hidden layer over every position, kept for its backward: fp32
+    [rows, t, 2D] and the dropout mask (1 byte each)."""
+    return rows * t * 2 * cfg.d_model * 5
+
+
+def flash_block_bytes(cfg: ModelConfig, tp: int, rows: int, t: int) -> int:
+    """The XLA flash attention's block work: a few f32 [rows, H/tp, bq, bk] arrays (scores,
+    probabilities, their cotangents) of the block being computed; splash keeps its blocks in
+    the TPU's VMEM (0 here), dense has none (its scores are per token)."""
+    if planned_attention(cfg, t) != "flash":
+        return 0
+    block = min(FLASH_BLOCK, -(-t // 8) * 8)
+    return int(rows * _split(cfg.n_heads, tp) * block * block * 4 * FLASH_BLOCK_COPIES)
 
 
 def layer_work_bytes(cfg: ModelConfig, tp: int, rows: int, t: int) -> int:
     """The layer being differentiated: one layer's intermediates (recomputed or cotangents)."""
-    return int(rows * t * layer_bytes_per_token(cfg, tp, t)["none"])
+    per_token = layer_bytes_per_token(cfg, tp, t)["none"]
+    return int(rows * t * per_token) + flash_block_bytes(cfg, tp, rows, t)
 
 
 def logits_bytes(
@@ -390,9 +443,15 @@ def build_plan(
         ),
         Component(
             "activations", "step", activation_bytes(cfg, tp, b, t, cfg.remat),
-            f"kept for backward, remat={cfg.remat}, {b} x {t} tokens",
+            f"kept for backward, remat={cfg.remat}, {b} x {t} tokens"
+            + (f", sequence over tensor/{sequence_shards(tp, t)}" if tp > 1 else ""),
         ),
-        Component("layer work", "step*", work, "the layer being differentiated"),
+        Component(
+            "SPR head", "step", spr_head_bytes(cfg, b, t) if w.spr else 0,
+            f"fc1 hidden [{b}, {t}, {2 * cfg.d_model}] fp32 + dropout mask",
+        ),
+        Component("layer work", "step*", work,
+                  f"the layer being differentiated; {planned_attention(cfg, t)} attention"),
         Component(
             "logits", "step*",
             logits_bytes(cfg, tp, b, t, w.kind, w.logits_chunk, mesh_shape["fsdp"]),

@@ -17,6 +17,7 @@ REMEDIES = {
     "gradients": ("more fsdp (shards the gradients)",),
     "activations": (REMAT, ROWS, SHORTER),
     "layer work": ("more tensor (shards heads and the MLP)", ROWS, SHORTER),
+    "SPR head": (ROWS, SHORTER),
     "logits": (CHUNK, "more tensor (shards the vocabulary)", ROWS, SHORTER),
     "page pool": (
         "fewer pages (rl.pages; 0 sizes the pool to the chip)",
@@ -127,6 +128,16 @@ def format_table(plan: MemoryPlan) -> str:
         f"micro-batch ({w.train_rows} rows / {plan.mesh_shape['data'] * plan.mesh_shape['fsdp']}"
         f" data*fsdp), grad_accum {w.grad_accum}, remat={plan.remat}"
     )
+    if w.pack_tokens:
+        lines.append(
+            f"  packed: each micro-batch's {w.unpacked_rows} sequences in {w.train_rows} rows of "
+            f"{w.pack_tokens} tokens (data.pack_tokens; "
+            + ("one row per sequence, the most packing can need)" if w.kind == "sft" else
+               "first-fit decreasing, the most rows over simulated micro-batches: responses "
+               f"lognormal, median G/4, sigma {SIGMA}, after prompts of the full width)")
+        )  # fmt: skip
+    big = dominant(plan, "step")
+    lines.append(f"  train step peak dominated by: {big.name} ({gib(big.bytes):.2f} GiB)")
     lines += rollout_lines(plan)
     lines.append("")
     lines.append(f"  {'component':<18} {'phase':<9} {'GiB/device':>10} {'% HBM':>7}  detail")
@@ -165,6 +176,7 @@ def to_json(plan: MemoryPlan) -> dict:
             "kind": w.kind,
             "train_rows_per_device": plan.rows_per_device,
             "seq_len": w.seq_len,
+            "pack_tokens": w.pack_tokens,
             "grad_accum": w.grad_accum,
             "candidates": w.candidates,
             "rollout_rows_per_device": plan.rollout_rows_per_device,
@@ -176,6 +188,7 @@ def to_json(plan: MemoryPlan) -> dict:
             for c in plan.components
         },
         "activations_by_remat": dict(plan.activations_by_remat),
+        "step_dominant": dominant(plan, "step").name,
         "resident_bytes": plan.resident,
         "step_peak_bytes": plan.step_peak,
         "rollout_peak_bytes": plan.rollout_peak,

@@ -200,6 +200,11 @@ def _packing(config) -> str | None:
     if width < longest:
         return (f"config.data.pack_tokens={width}: expected at least the longest sequence, "
                 f"{what} = {longest}")  # fmt: skip
+    tensor = int(config.mesh.get("tensor", 1)) if "mesh" in config else 1
+    if tensor > 1 and width % tensor:
+        return (f"config.data.pack_tokens={width}: expected a multiple of config.mesh.tensor="
+                f"{tensor} (the packed rows' activations are sharded along the sequence over "
+                "it)")  # fmt: skip
     if config.kind != "sft" and config.spr.get("scope") == "rank":
         return (f"config.data.pack_tokens={width} with config.spr.scope='rank': packed rows mix "
                 "the ranks' rollouts; use spr.scope='batch' or pack_tokens=0")  # fmt: skip
