@@ -8,16 +8,19 @@ alternate for --rounds rounds. Per side it prints:
   - peak RSS of the process (weights, optimizer state and XLA's buffers included);
   - XLA's compiled temporaries of the step (memory_analysis().temp_size_in_bytes);
   - the median step time over --steps steps after one warm-up step, and the first loss
-    (both sides start from the same weights and batch, so the losses agree).
+    (both sides start from the same weights and batch, so the losses agree);
+  - a fingerprint of the compiled step (sha256 of its optimized HLO): equal = one program.
 'dense' is the attention of earlier releases (scores per 64-query block over every earlier key,
-a [B,T,T] mask); 'flash' the blocked online softmax (metastone_jax/flash_attention.py).
+a [B,T,T] mask); 'flash' the blocked online softmax (metastone_jax/flash_attention.py); 'auto'
+the default (on CPU: dense below 2,048 tokens, flash from there).
 
-    .venv/bin/python bench/long_train_bench.py [--lengths 256,8192] [--batch_tokens 8192]
+    .venv/bin/python bench/long_train_bench.py [--lengths 256,8192] [--sides dense,auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -75,6 +78,7 @@ def one_side(attention: str, seq: int, batch: int, steps: int) -> dict:
     with jax.set_mesh(mesh):
         compiled = step.jitted.lower(state, batch_arrays).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
+    program = hashlib.sha256(compiled.as_text().encode()).hexdigest()[:12]
     times, losses = [], []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -85,7 +89,7 @@ def one_side(attention: str, seq: int, batch: int, steps: int) -> dict:
         losses.append(float(metrics["loss"]))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"attention": attention, "seq": seq, "batch": batch, "temp": temp, "rss": rss,
-            "step_s": statistics.median(times), "loss0": losses[0]}  # fmt: skip
+            "step_s": statistics.median(times), "loss0": losses[0], "program": program}  # fmt: skip
 
 
 def main() -> None:
@@ -94,7 +98,7 @@ def main() -> None:
     parser.add_argument("--batch_tokens", type=int, default=8192, help="rows x length per step")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--sides", default="dense,flash")
+    parser.add_argument("--sides", default="dense,auto")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # attention:seq:batch
     args = parser.parse_args()
     if args.one:
@@ -118,7 +122,7 @@ def main() -> None:
             print(f"  {side:6s} peak RSS {rss:8.0f} MiB  XLA temporaries "
                   f"{r[0]['temp'] / 2**20:8.0f} MiB  step "
                   + " ".join(f"{x['step_s']:.2f}" for x in r)
-                  + f" s  loss {r[0]['loss0']:.5f}")  # fmt: skip
+                  + f" s  loss {r[0]['loss0']:.5f}  program {r[0]['program']}")  # fmt: skip
         base, *others = sides
         for side in others:
             ratio_rss = max(x["rss"] for x in results[base]) / max(x["rss"] for x in results[side])

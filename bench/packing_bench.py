@@ -4,14 +4,14 @@ Rollouts as the issue sets them: prompts of 16 to --prompt tokens (left-padded t
 padded layout), responses lognormal with median a quarter of the cap G (--max_new), sigma 0.7,
 capped at G, with step tokens and think tags. The same rollouts go through the GRPO (+ SPR)
 step twice: as padded rows [N, P + G] (train/rollout.py pack_rollouts' layout) and packed into
-rows of --width tokens by first-fit decreasing (data/packing.py, one micro-batch). The model is
-the demo preset's shape widened (d_model 256, 4 layers, vocab 4096), fp32, remat 'dots', LM head
-in chunks of 256, one device. Prints:
+rows of --width tokens (default P + G) by first-fit decreasing (data/packing.py, one
+micro-batch). The model is the demo preset's shape widened (d_model 256, 4 layers, vocab
+4096), fp32, remat 'dots', LM head in chunks of 256, one device. Prints:
   - tokens processed per useful token (positions run through the step / real tokens) for both;
   - the losses and metrics of one step on each (same weights, same rollouts: they must agree);
   - the median step time of each over --steps steps (alternating rounds) and the ratio.
 
-    .venv/bin/python bench/packing_bench.py [--rollouts 64 --max_new 1024 --width 2048]
+    .venv/bin/python bench/packing_bench.py [--rollouts 64 --max_new 1024 --width 1088]
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--max_new", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=2048, help="packed row (data.pack_tokens)")
+    parser.add_argument(
+        "--width", type=int, default=0, help="packed row (data.pack_tokens); 0: P + G"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    args.width = args.width or args.prompt + args.max_new
 
     import jax
     import numpy as np

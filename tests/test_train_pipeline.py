@@ -101,6 +101,33 @@ def test_grpo_logprob_support_scores_the_sampled_distribution(sft_export, tmp_pa
               str(tmp_path / "bad"))  # fmt: skip
 
 
+def test_packed_grpo_step_has_the_padded_steps_metrics(sft_export, tmp_path):
+    """data.pack_tokens through the loop: the same rollouts (same seed and weights) packed
+    into rows give the padded rows' step: the same token and step counts, and the same losses
+    up to fp32 summation order. The SPR head's dropout is off: its mask is drawn over the
+    layout's [rows, T] positions, so the two layouts draw different (equally likely) masks."""
+    from tolerances import fp32_reduction_tol, transformer_terms
+
+    from metastone_jax.presets import get_preset
+
+    rows = {}
+    for width in (0, 64):  # prompts of up to 48 + 16 new tokens: at most 64 per sequence
+        workdir = str(tmp_path / f"pack{width}")
+        once = {"steps": 1, "save_every": 1, "export": False}
+        config = train_config("tiny-grpo", init_ckpt=os.path.join(sft_export, "export"),
+                              train=once, rl={"max_new_tokens": 16},
+                              data={"pack_tokens": width, "grad_accum": 2},
+                              spr={"dropout": False})  # fmt: skip
+        train(config, workdir)
+        (rows[width],) = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    padded, packed = rows[0], rows[64]
+    for key in ("tokens", "spr_steps", "n_correct", "n_incorrect", "reward_mean"):
+        assert packed[key] == padded[key], key
+    tol = fp32_reduction_tol(2 * transformer_terms(get_preset("tiny"), 64) + 32 * 64, 10.0)
+    for key in ("loss", "policy_loss", "kl", "entropy", "spr_loss"):
+        assert abs(packed[key] - padded[key]) <= tol, (key, packed[key], padded[key])
+
+
 def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
     config = train_config("tiny-sft", data={"rollouts_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="rollouts_dir"):

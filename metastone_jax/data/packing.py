@@ -7,7 +7,8 @@ attends within a sequence only and restarts positions at each one (model.segment
 
 Packing runs per micro-batch: a micro-batch's sequences stay together, so every loss that is
 normalised over a micro-batch (the token means, the SPR class counts) is unchanged. Per-row
-values (advantages, SPR labels, include) become per-token arrays.
+values (advantages, SPR labels, include) become per-token arrays. Random draws over positions
+(the SPR head's dropout) follow the layout: the same distribution, other draws.
 """
 
 from __future__ import annotations
@@ -85,15 +86,20 @@ def pack_rows(batch: dict[str, np.ndarray], width: int, rows: int | None = None)
     return out, bins
 
 
-def pack_micro_batches(batch: dict[str, np.ndarray], width: int, *, rows_multiple: int = 1):
+def rows_needed(valid: np.ndarray, width: int) -> int:
+    """The most packed rows any micro-batch of valid [A, b, T] needs."""
+    valid = np.asarray(valid, bool)
+    return max(len(first_fit_decreasing(_spans(v)[1].tolist(), width)) for v in valid)
+
+
+def pack_micro_batches(batch: dict[str, np.ndarray], width: int, *, rows_multiple: int = 1,
+                       rows: int | None = None):  # fmt: skip
     """Micro-batches [A, b, ...] -> packed [A, R, width]: each micro-batch packed on its own,
-    R the most rows any needs, rounded up to a multiple of `rows_multiple` (the devices the
-    rows are sharded over)."""
-    n_micro = len(batch["valid"])
-    micro = [{k: np.asarray(v)[a] for k, v in batch.items()} for a in range(n_micro)]
-    needed = [len(first_fit_decreasing(_spans(np.asarray(m["valid"], bool))[1].tolist(), width))
-              for m in micro]  # fmt: skip
-    r = -(-max(needed) // rows_multiple) * rows_multiple
+    R the most rows any needs (or `rows`, e.g. the most over several processes), rounded up to
+    a multiple of `rows_multiple` (the devices the rows are sharded over)."""
+    r = rows_needed(batch["valid"], width) if rows is None else rows
+    r = -(-r // rows_multiple) * rows_multiple
+    micro = [{k: np.asarray(v)[a] for k, v in batch.items()} for a in range(len(batch["valid"]))]
     packed = [pack_rows(m, width, rows=r)[0] for m in micro]
     return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from metastone_jax.data.packing import rows_needed
 from metastone_jax.planning.from_config import check_train_config
 from metastone_jax.sharding import (
     make_mesh,
@@ -271,12 +272,19 @@ def _train(config, workdir: str, engine) -> dict[str, Any]:
 
 def _packed(batch, config, mesh, step_tokens):
     """Micro-batches [A, b, T] packed into rows of data.pack_tokens (unchanged when 0), as
-    many rows as the most any micro-batch needs, rounded up to the rows' devices."""
+    many rows as the most any micro-batch of any process needs (every process's share of a
+    global array has one shape), rounded up to the rows' devices."""
     width = int(config.data.get("pack_tokens", 0))
     if not width:
         return batch
-    devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    return pack_for_training(batch, width, rows_multiple=devices, step=step_tokens)
+    rows = rows_needed(batch["valid"], width)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        rows = int(np.max(multihost_utils.process_allgather(np.array([rows], np.int32))))
+    devices = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    return pack_for_training(batch, width, rows_multiple=max(devices, 1), step=step_tokens,
+                             rows=rows)  # fmt: skip
 
 
 def _grpo_update(

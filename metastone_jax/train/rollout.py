@@ -172,10 +172,11 @@ def pack_rollouts(
 
 
 def pack_for_training(batch: dict[str, np.ndarray], width: int, *, rows_multiple: int = 1,
-                      step: StepTokens | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                      step: StepTokens | None = None, rows: int | None = None):  # fmt: skip
     """Micro-batches [A, b, T] -> packed rows [A, R, width] (data/packing.py), each
-    micro-batch on its own. With `step` (the SPR loss) the step mask is taken per sequence
-    first ("spr_mask", feature positions), since its think-tag bounds are per sequence."""
+    micro-batch on its own (R: `rows`, default the most any needs). With `step` (the SPR loss)
+    the step mask is taken per sequence first ("spr_mask", feature positions), since its
+    think-tag bounds are per sequence."""
     batch = dict(batch)
     start = batch.pop("response_start", None)
     if step is not None and "labels" in batch:
@@ -184,7 +185,7 @@ def pack_for_training(batch: dict[str, np.ndarray], width: int, *, rows_multiple
         mask = step_mask(flat["tokens"], step, mode="train", valid=flat["valid"],
                          response_start=None if start is None else start.reshape(-1))  # fmt: skip
         batch["spr_mask"] = np.asarray(shift_for_scoring(mask)).reshape(a, b, t)
-    return pack_micro_batches(batch, width, rows_multiple=rows_multiple)
+    return pack_micro_batches(batch, width, rows_multiple=rows_multiple, rows=rows)
 
 
 def split_micro(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
