@@ -56,3 +56,33 @@ def qwen2_both_ways(*, vocab: int, hidden: int, layers: int, prefix: str) -> tup
     hf_to_jax(os.path.join(tmp, "hf"), ckpt, progress=False)
     jax_to_hf(ckpt, back, progress=False)
     return tmp, ckpt, back
+
+
+def one_device_train_state(cfg, optim, *, with_ref: bool, seed: int = 0):
+    """A train step's pieces for ModelConfig `cfg` on one device: (mesh, graphdef, tx, the
+    state's shardings, fresh_state()), fresh_state() a new TrainState from the same weights
+    each call (the compiled step donates its state)."""
+    import jax
+    from flax import nnx
+
+    from metastone_jax.model import create_model
+    from metastone_jax.sharding import make_mesh
+    from metastone_jax.train.state import (
+        init_train_state,
+        make_optimizer,
+        pure_params,
+        state_shardings,
+    )
+
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    model = create_model(cfg, seed=seed, mesh=mesh)
+    graphdef, params = nnx.graphdef(model), pure_params(model)
+    tx = make_optimizer(optim)
+
+    def init(p):
+        return init_train_state(p, tx, seed=0, with_ref=with_ref)
+
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = state_shardings(jax.eval_shape(init, params), param_shardings, mesh)
+    init_jit = jax.jit(init, out_shardings=shardings)
+    return mesh, graphdef, tx, shardings, lambda: init_jit(params)

@@ -37,18 +37,10 @@ def one_side(attention: str, seq: int, batch: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
+    from common import one_device_train_state
 
     from metastone_jax.config import ModelConfig
-    from metastone_jax.model import create_model
-    from metastone_jax.sharding import make_mesh
-    from metastone_jax.train.state import (
-        OptimConfig,
-        init_train_state,
-        make_optimizer,
-        pure_params,
-        state_shardings,
-    )
+    from metastone_jax.train.state import OptimConfig
     from metastone_jax.train.step import StepConfig, compile_step
 
     cfg = ModelConfig(
@@ -56,18 +48,9 @@ def one_side(attention: str, seq: int, batch: int, steps: int) -> dict:
         qkv_bias=True, max_len=max(seq, 4096), compute_dtype="float32", remat="dots",
         attention=attention,
     )  # fmt: skip
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    model = create_model(cfg, seed=0, mesh=mesh)
-    graphdef, params = nnx.graphdef(model), pure_params(model)
-    tx = make_optimizer(OptimConfig(lr=1e-4, train_sprm=False))
-
-    def init(p):
-        return init_train_state(p, tx, seed=0, with_ref=False)
-
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    shardings = state_shardings(jax.eval_shape(init, params), param_shardings, mesh)
-    state = jax.jit(init, out_shardings=shardings)(params)
-    del model, params
+    optim = OptimConfig(lr=1e-4, train_sprm=False)
+    mesh, graphdef, tx, shardings, fresh = one_device_train_state(cfg, optim, with_ref=False)
+    state = fresh()
     tokens = np.random.default_rng(0).integers(10, cfg.vocab_size, (1, batch, seq))
     batch_arrays = {
         "tokens": jnp.asarray(tokens, jnp.int32),

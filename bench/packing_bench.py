@@ -68,21 +68,13 @@ def main() -> None:
 
     import jax
     import numpy as np
-    from flax import nnx
+    from common import one_device_train_state
 
     from metastone_jax.config import ModelConfig
     from metastone_jax.data.packing import tokens_per_useful
-    from metastone_jax.model import create_model
-    from metastone_jax.sharding import make_mesh
     from metastone_jax.sprm import StepTokens
     from metastone_jax.train.rollout import pack_for_training, split_micro
-    from metastone_jax.train.state import (
-        OptimConfig,
-        init_train_state,
-        make_optimizer,
-        pure_params,
-        state_shardings,
-    )
+    from metastone_jax.train.state import OptimConfig
     from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn
 
     step_tokens = StepTokens(step_ids=(5,), think_open=6, think_close=7)
@@ -102,34 +94,26 @@ def main() -> None:
         print(f"  {name}: {b['tokens'].shape[1]} rows x {b['tokens'].shape[2]} tokens, "
               f"{tokens_per_useful(b):.3f} tokens processed per useful token")  # fmt: skip
 
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    model = create_model(cfg, seed=0, mesh=mesh)
-    graphdef, params = nnx.graphdef(model), pure_params(model)
-    tx = make_optimizer(OptimConfig(lr=1e-5, train_sprm=True))
-
-    def init(p):
-        return init_train_state(p, tx, seed=0, with_ref=True)
-
-    shardings = state_shardings(jax.eval_shape(init, params),
-                                jax.tree.map(lambda x: x.sharding, params), mesh)  # fmt: skip
+    optim = OptimConfig(lr=1e-5, train_sprm=True)
+    mesh, graphdef, tx, shardings, fresh = one_device_train_state(cfg, optim, with_ref=True)
     step_cfg = StepConfig(kind="grpo", step=step_tokens, logits_chunk=256, sprm_dropout=False)
     step = compile_step(graphdef, step_cfg, tx, mesh, shardings)
     logprobs = rollout_logprobs_fn(graphdef, mesh, temperature=1.0, logits_chunk=256)
     batches = {}
     for name, b in (("padded", padded), ("packed", packed)):
-        state = jax.jit(init, out_shardings=shardings)(params)
+        state = fresh()
         old, ref = logprobs(state.params, state.ref_params, b)
         batches[name] = {**b, "old_logp": np.asarray(old), "ref_logp": np.asarray(ref) - 0.05}
     first = {}
     times = {"padded": [], "packed": []}
     for _ in range(args.rounds):
         for name in ("padded", "packed"):
-            state = jax.jit(init, out_shardings=shardings)(params)
+            state = fresh()
             new, metrics = step(state, batches[name])  # compiles on the first round
             jax.block_until_ready(new)
             first.setdefault(name, jax.device_get(metrics))
             for _ in range(args.steps):
-                state = jax.jit(init, out_shardings=shardings)(params)
+                state = fresh()
                 jax.block_until_ready(state)
                 t0 = time.perf_counter()
                 new, metrics = step(state, batches[name])
