@@ -103,3 +103,27 @@ def test_attention_setting_errors():
             attention_impl("splash", 4096)
     assert attention_impl("dense", 8192) == "dense"
     assert isinstance(CFG, ModelConfig) and CFG.attention == "auto"
+
+
+def test_prefill_kv_with_flash_equals_dense(small_blocks):
+    """The engine's prefill (a cacheless forward that returns every layer's keys and values)
+    takes the same attention setting: right-padded prompts give the dense path's hidden
+    states and caches at every real position."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, CFG.vocab_size, (2, T))
+    valid = np.ones((2, T), bool)
+    valid[1, 50:] = False  # a shorter prompt, right-padded
+    dense, flash = _models("dense", "flash")
+    h_ref, f_ref, (k_ref, v_ref) = dense.prefill_kv(tokens, valid)
+    tol = fp32_reduction_tol(transformer_terms(CFG, T), 1.0)
+    # The engine's CPU prefill reads the out-major decode weights: the same path either way.
+    for weights in (None, flash.decode_weights()):
+        h, f, (k, v) = flash.prefill_kv(tokens, valid, weights)
+        for got, want in ((h, h_ref), (f, f_ref)):
+            want = np.asarray(want)[valid]
+            np.testing.assert_allclose(np.asarray(got)[valid], want, rtol=0,
+                                       atol=tol * max(np.abs(want).max(), 1.0))  # fmt: skip
+        for got, want in ((k, k_ref), (v, v_ref)):  # [L, B, K, T, hd]
+            got, want = np.moveaxis(np.asarray(got), 3, 2), np.moveaxis(np.asarray(want), 3, 2)
+            np.testing.assert_allclose(got[:, valid], want[:, valid], rtol=0,
+                                       atol=tol * max(np.abs(want).max(), 1.0))  # fmt: skip
