@@ -101,6 +101,7 @@ def test_grpo_logprob_support_scores_the_sampled_distribution(sft_export, tmp_pa
               str(tmp_path / "bad"))  # fmt: skip
 
 
+@pytest.mark.slow  # two train runs; tests/test_packing.py checks the step itself by default
 def test_packed_grpo_step_has_the_padded_steps_metrics(sft_export, tmp_path):
     """data.pack_tokens through the loop: the same rollouts (same seed and weights) packed
     into rows give the padded rows' step: the same token and step counts, and the same losses
