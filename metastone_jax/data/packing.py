@@ -61,23 +61,19 @@ def pack_rows(batch: dict[str, np.ndarray], width: int, rows: int | None = None)
     count (default: as many as first-fit decreasing needs; more pads with empty rows).
     -> {same keys [R, width], "segment_ids" [R, width] int32 (0: padding)}, the bins.
     """
-    valid = np.asarray(batch["valid"], bool)
-    start, lengths = _spans(valid)
+    batch = {key: np.asarray(value) for key, value in batch.items()}
+    start, lengths = _spans(batch["valid"].astype(bool))
     bins = first_fit_decreasing(lengths.tolist(), width)
     r = len(bins) if rows is None else rows
     if r < len(bins):
         raise ValueError(f"packing: {len(bins)} rows needed, only {r} allowed")
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        out[key] = np.zeros((r, width), value.dtype)
+    out = {key: np.zeros((r, width), value.dtype) for key, value in batch.items()}
     segment_ids = np.zeros((r, width), np.int32)
     for b, members in enumerate(bins):
         at = 0
         for s, i in enumerate(sorted(members)):
             n, a = int(lengths[i]), int(start[i])
             for key, value in batch.items():
-                value = np.asarray(value)
                 out[key][b, at : at + n] = value[i, a : a + n] if value.ndim == 2 else value[i]
             segment_ids[b, at : at + n] = s + 1
             at += n
