@@ -313,7 +313,7 @@ def causal_keys_per_query(t: int) -> float:
     return float(t)
 
 
-def planned_attention(cfg: ModelConfig, t: int) -> str:
+def planned_attention(cfg: ModelConfig) -> str:
     """The attention a plan assumes: the setting's, with "auto" as on a TPU (splash)."""
     return "splash" if cfg.attention == "auto" else cfg.attention
 
@@ -325,7 +325,7 @@ def layer_bytes_per_token(cfg: ModelConfig, tp: int, t: int) -> dict[str, float]
     hq = _split(cfg.n_heads, tp) * cfg.head_dim
     hkv = _split(cfg.n_kv_heads, tp) * cfg.head_dim
     f = _split(cfg.d_ff, tp)
-    dense = planned_attention(cfg, t) == "dense"
+    dense = planned_attention(cfg) == "dense"
     # flash and splash: scores live per block (flash_block_bytes), never per token
     scores = _split(cfg.n_heads, tp) * causal_keys_per_query(t) if dense else 0.0
     none = c * (3 * d + 3 * hq + 3 * hkv + 4 * f) + 4 * (2 * d + hq + hkv) + (8 + c) * scores
@@ -366,7 +366,7 @@ def flash_block_bytes(cfg: ModelConfig, tp: int, rows: int, t: int) -> int:
     """The XLA flash attention's block work: a few f32 [rows, H/tp, bq, bk] arrays (scores,
     probabilities, their cotangents) of the block being computed; splash keeps its blocks in
     the TPU's VMEM (0 here), dense has none (its scores are per token)."""
-    if planned_attention(cfg, t) != "flash":
+    if planned_attention(cfg) != "flash":
         return 0
     block = min(FLASH_BLOCK, -(-t // 8) * 8)
     return int(rows * _split(cfg.n_heads, tp) * block * block * 4 * FLASH_BLOCK_COPIES)
@@ -451,7 +451,7 @@ def build_plan(
             f"fc1 hidden [{b}, {t}, {2 * cfg.d_model}] fp32 + dropout mask",
         ),
         Component("layer work", "step*", work,
-                  f"the layer being differentiated; {planned_attention(cfg, t)} attention"),
+                  f"the layer being differentiated; {planned_attention(cfg)} attention"),
         Component(
             "logits", "step*",
             logits_bytes(cfg, tp, b, t, w.kind, w.logits_chunk, mesh_shape["fsdp"]),
