@@ -90,7 +90,7 @@ def run_engine(tmp: str, new: int, runs: int) -> dict:
     cfg = model.cfg
     columns = -(-(PROMPT_LEN + new) // PAGE)
     xla = em.xla_segment_bytes(cfg, slots=SLOTS, pages=SLOTS * (columns + 1) + 1, page=PAGE,
-                               prompt_len=PROMPT_LEN, max_new=new, top_p=0.95)  # fmt: skip
+                               prompt_len=PROMPT_LEN, max_new=new, top_p=0.95, k=K)  # fmt: skip
     return dict(
         seconds=min(times), times=times, tok_s=K * new / min(times), recompiled=recompiled,
         params_gib=params_bytes / 2**30, argument_gib=xla["argument"] / 2**30,

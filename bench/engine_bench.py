@@ -7,7 +7,8 @@ transformers and converted HF -> JAX (bench/common.py), fp32, no EOS. Two worklo
     drawn lognormal (median max_new_tokens/4, sigma --sigma), capped at max_new_tokens (per-
     candidate `limits`, the same on both sides). The static sampler decodes all 256 rows until
     the longest ends; the engine runs --slots slots over a pool of the SAME KV bytes as the
-    static cache (prompts once + 256 rows x max_new_tokens), refilling slots as candidates end.
+    static cache (prompts once + 256 rows x max_new_tokens; less the KV bytes of the segment's
+    dense working set, sample/segment_kv.py), refilling slots as candidates end.
     Prints useful tokens/s both ways and the ratio, slot occupancy, and pages held vs the pages
     the live tokens need.
   fixed-length: 4 prompts x k=32, 128 new tokens each (nothing to recover): tokens/s of the
@@ -59,6 +60,7 @@ def main() -> None:
     import numpy as np
 
     from metastone_jax.checkpoint import load_params_checkpoint
+    from metastone_jax.planning import engine_memory as em
     from metastone_jax.sample import engine, sampler
     from metastone_jax.sample.processors import SamplingParams
     from metastone_jax.sprm import StepTokens
@@ -99,9 +101,14 @@ def main() -> None:
         params = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.05,
                                 max_new_tokens=g)  # fmt: skip
         useful = int(limits.sum())
-        # The static sampler's KV: the prompts once (shared prefix) + b*k rows of g slots.
+        # The static sampler's KV: the prompts once (shared prefix) + b*k rows of g slots. The
+        # engine's pool gets those bytes less its segment's dense working set (XLA path).
         static_slots = b * args.prompt_len + b * k * g
-        pages = static_slots // args.page_size
+        cfg = model.cfg
+        per_token = engine.page_bytes(cfg, 1, "xla")
+        work = em.engine_working_set(cfg, "xla", args.slots, args.slots, 1, k, args.prompt_len,
+                                     args.page_size, g, b * k) // per_token  # fmt: skip
+        pages = (static_slots - work) // args.page_size
         conf = engine.EngineConfig(slots=args.slots, page_size=args.page_size, pages=pages)
 
         def static():
@@ -129,8 +136,9 @@ def main() -> None:
         print(f"  static sampler  {useful / t_s:9.1f} useful tok/s ({t_s:.2f} s; rounds "
               f"{', '.join(f'{t:.2f}' for t in ts_s)}); row occupancy "
               f"{useful / (b * k * limits.max()):.0%}")  # fmt: skip
-        print(f"  engine S={args.slots} page {args.page_size}, pool {pages} pages (the static "
-              f"cache's KV bytes)  {useful / t_e:9.1f} useful tok/s ({t_e:.2f} s; rounds "
+        print(f"  engine S={args.slots} page {args.page_size}, pool {pages} pages + a working "
+              f"set of {work} tokens (the static cache's KV bytes)  {useful / t_e:9.1f} useful "
+              f"tok/s ({t_e:.2f} s; rounds "
               f"{', '.join(f'{t:.2f}' for t in ts_e)})")  # fmt: skip
         print(f"  ratio engine / static: {t_s / t_e:.2f}x; slot occupancy "
               f"{stats.occupancy:.1%} ({stats.segments} segments, {stats.steps} steps, "

@@ -19,14 +19,14 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# name: model sizes, then the engine: slots, page size, pages, prompt length, G, top_p
+# name: model sizes, then the engine: slots, page size, pages, prompt length, G, top_p, k
 CONFIGS = {
     "A": dict(model=(4096, 128, 2, 4, 2, 256), slots=16, page=16, pages=200, prompt=64, g=256,
-              top_p=1.0),
+              top_p=1.0, k=8),
     "B": dict(model=(16384, 256, 4, 8, 4, 512), slots=32, page=32, pages=300, prompt=128, g=512,
-              top_p=0.95),
+              top_p=0.95, k=32),
     "C": dict(model=(1024, 128, 3, 4, 1, 384), slots=64, page=8, pages=1500, prompt=64, g=2048,
-              top_p=1.0),
+              top_p=1.0, k=2),
 }  # fmt: skip
 PREFILLS = [(4, 256), (8, 512), (2, 1024)]  # (prompts, tokens) on config A's model
 TOLERANCE = 0.15
@@ -48,13 +48,16 @@ def segment_row(name, c) -> float:
     cfg = model_config(*c["model"], c["prompt"] + c["g"])
     xla = em.xla_segment_bytes(
         cfg, slots=c["slots"], pages=c["pages"], page=c["page"], prompt_len=c["prompt"],
-        max_new=c["g"], top_p=c["top_p"],
+        max_new=c["g"], top_p=c["top_p"], k=c["k"],
     )  # fmt: skip
     columns = math.ceil((c["prompt"] + c["g"]) / c["page"])
     plan = em.cpu_segment_bytes(cfg, params=xla["params"], slots=c["slots"], pages=c["pages"],
                                 page=c["page"], columns=columns, max_new=c["g"],
-                                top_p=c["top_p"])  # fmt: skip
-    temp_plan = em.segment_work_bytes(cfg, c["slots"], c["page"], 1, "xla", c["top_p"])
+                                top_p=c["top_p"], k=c["k"], prompt_len=c["prompt"])  # fmt: skip
+    working_set = em.engine_working_set(cfg, "xla", c["slots"], c["slots"], 1, c["k"],
+                                        c["prompt"], c["page"], c["g"], c["slots"])  # fmt: skip
+    temp_plan = em.segment_work_bytes(cfg, c["slots"], c["page"], 1, "xla", c["top_p"],
+                                      working_set)  # fmt: skip
     mib = 2**20
     v, d, n_layers = c["model"][:3]
     print(
@@ -91,7 +94,7 @@ def prefill_row(rows, t) -> float:
         tuple(jax.ShapeDtypeStruct(k_shape, jnp.float32) for _ in layers),
         tuple(jax.ShapeDtypeStruct(v_shape, jnp.float32) for _ in layers),
     )  # fmt: skip
-    fn = functools.partial(engine.prefill, graphdef, opts=opts, impl="xla")
+    fn = functools.partial(engine.prefill, graphdef, step=opts.step, impl="xla")
     temp = jax.jit(fn, donate_argnums=(6, 7)).lower(*args).compile().memory_analysis()
     temp = temp.temp_size_in_bytes
     plan = em.prefill_work_bytes(cfg, rows, t, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +171,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class PagedLayer:
     """One layer's page pool and what a paged decode step reads and writes (sample/paged.py):
     k_pool, v_pool (layout by `impl`); page_table [B, W]; kv_len [B] tokens to attend (the new
-    one included); write_page, write_offset [B] where the new token goes (page < 0: nowhere)."""
+    one included); write_page, write_offset [B] where the new token goes (page < 0: nowhere);
+    segment: the XLA path's dense working set of the decode segment, this layer's view
+    (sample/segment_kv.py `SegmentKV`; None: attend over the pages alone)."""
 
     k_pool: jax.Array
     v_pool: jax.Array
@@ -179,6 +182,7 @@ class PagedLayer:
     write_page: jax.Array
     write_offset: jax.Array
     impl: str = struct.field(pytree_node=False, default="xla")
+    segment: Any = None
 
 
 # Query block of the causal-blocked attention used without a cache (training, full forwards).
@@ -268,7 +272,8 @@ class Attention(nnx.Module):
 
         paged (decode only, T = 1): this layer's page pool and the rows' pages
         (`PagedLayer`); the token is written into its page and attends over the row's pages
-        (sample/paged.py). Returns (y, the updated (k_pool, v_pool)).
+        (sample/paged.py). Returns (y, the updated (k_pool, v_pool), and with `paged.segment`
+        its updated chunks (tail_k, tail_v)).
         """
         q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
         k = apply_rope(self.k_proj(x), cos, sin)  # [B,T,K,hd]
@@ -320,10 +325,20 @@ class Attention(nnx.Module):
         b, kh, g, _, hd = q.shape
         k_pool, v_pool = pg.write(paged.k_pool, paged.v_pool, k, v, paged.write_page[:, None],
                                   paged.write_offset[:, None], paged.impl)  # fmt: skip
-        out = pg.attend(q[:, :, :, 0], k_pool, v_pool, paged.page_table, paged.kv_len,
-                        self.scale, paged.impl)  # fmt: skip
+        if paged.segment is None:
+            out = pg.attend(q[:, :, :, 0], k_pool, v_pool, paged.page_table, paged.kv_len,
+                            self.scale, paged.impl)  # fmt: skip
+            written = (k_pool, v_pool)
+        else:  # the token goes to its page and to the segment's chunk, read from there
+            from metastone_jax.sample import segment_kv
+
+            tail_k, tail_v = segment_kv.write(paged.segment, k[:, 0], v[:, 0])
+            seg = paged.segment.replace(tail_k=tail_k, tail_v=tail_v)
+            out = segment_kv.attend(q[:, :, :, 0], k_pool, v_pool, paged.page_table, seg,
+                                    self.scale)  # fmt: skip
+            written = (k_pool, v_pool, tail_k, tail_v)
         out = out.astype(q.dtype).reshape(b, 1, kh * g, hd)
-        return self.o_proj(out), (k_pool, v_pool)
+        return self.o_proj(out), written
 
     def _decode_with_prefix(self, q, scores, v, prefix):
         """One softmax over a shared prefix and each row's own slots.

@@ -370,7 +370,8 @@ class Transformer(nnx.Module):
         if weights is not None:
             graphdef = weights.graphdef
         feat = jnp.zeros_like(x)
-        ks, vs = [], []
+        ks, vs, tails_k, tails_v = [], [], [], []
+        seg = kv.segment
         for i in range(cfg.n_layers):
             if i == cfg.n_layers - 1:
                 feat = x
@@ -379,12 +380,18 @@ class Transformer(nnx.Module):
             else:  # accelerators: the slice is read in place
                 p = jax.tree.map(lambda a, i=i: a[i], params)
             layer = PagedLayer(kv.k[i], kv.v[i], kv.page_table, pos + 1, write_page, pos % page,
-                               kv.impl)  # fmt: skip
-            x, (k_pool, v_pool) = nnx.merge(graphdef, p)(x, cos, sin, None, paged=layer)
-            ks.append(k_pool)
-            vs.append(v_pool)
+                               kv.impl, None if seg is None else seg.layer(i))  # fmt: skip
+            x, written = nnx.merge(graphdef, p)(x, cos, sin, None, paged=layer)
+            ks.append(written[0])
+            vs.append(written[1])
+            if seg is not None:
+                tails_k.append(written[2])
+                tails_v.append(written[3])
         h = self.final_norm(x)
-        kv = kv.replace(k=tuple(ks), v=tuple(vs), kv_len=pos + active.astype(pos.dtype))
+        if seg is not None:
+            seg = seg.replace(tail_k=tuple(tails_k), tail_v=tuple(tails_v), step=seg.step + 1)
+        kv = kv.replace(k=tuple(ks), v=tuple(vs), kv_len=pos + active.astype(pos.dtype),
+                        segment=seg)  # fmt: skip
         return self.decode_logits(h[:, 0], weights), feat[:, 0], kv
 
     def sprm_logits(

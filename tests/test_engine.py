@@ -2,6 +2,7 @@
 candidates equal whatever the slots, page size, queue order or preemptions; pages return."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from tolerances import logit_bound, logprob_tol, score_tol, sprm_head_terms, tra
 
 from metastone_jax.config import ModelConfig
 from metastone_jax.model import create_model
-from metastone_jax.sample import engine, sampler
+from metastone_jax.sample import engine, sampler, segment_kv
 from metastone_jax.sample.engine import EngineConfig
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sprm import StepTokens
@@ -112,6 +113,21 @@ def test_candidates_are_unchanged_when_the_tail_shrinks_at_every_chance(
                                  engine=EngineConfig(slots=12, page_size=16),
                                  return_stats=True)  # fmt: skip
     assert stats.resizes >= 2  # 12 slots, then 10, then 8 as the candidates end
+    _assert_same(got, ref, model, SAMPLED)
+
+
+def test_candidates_are_unchanged_across_chunks_and_segments(model, static_runs, monkeypatch):
+    """Every candidate in a slot: the XLA path's working set, here in chunks of 8 tokens and
+    segments of at most 20 steps (a segment's tokens in three chunks read by three loops, the
+    rows' earlier tokens read from pages by the next), prompts read per block of 8 rows."""
+    monkeypatch.setattr(segment_kv, "TAIL_CHUNK", 8)
+    # Programs compiled with other chunks stay out of (and these out of) the shared cache.
+    monkeypatch.setattr(engine, "_compiled", functools.lru_cache(engine._compiled.__wrapped__))
+    ref = static_runs[SAMPLED]
+    conf = EngineConfig(slots=len(PROMPTS) * K, page_size=8, segment_steps=20)
+    got, stats = engine.generate(model, PROMPTS, k=K, params=SAMPLED, step=STEP, seeds=SEEDS,
+                                 engine=conf, return_stats=True)  # fmt: skip
+    assert stats.segments >= 2
     _assert_same(got, ref, model, SAMPLED)
 
 

@@ -487,9 +487,10 @@ def test_segment_estimate_is_within_15_percent_of_xla_memory_analysis():
     slots, pages, page, p, g = 16, 200, 16, 64, 256
     cfg = ModelConfig(max_len=p + g, **TINY)
     xla = em.xla_segment_bytes(cfg, slots=slots, pages=pages, page=page, prompt_len=p,
-                               max_new=g, top_p=1.0)  # fmt: skip
+                               max_new=g, top_p=1.0, k=8)  # fmt: skip
     plan = em.cpu_segment_bytes(cfg, params=xla["params"], slots=slots, pages=pages, page=page,
-                                columns=-(-(p + g) // page), max_new=g, top_p=1.0)  # fmt: skip
+                                columns=-(-(p + g) // page), max_new=g, top_p=1.0, k=8,
+                                prompt_len=p)  # fmt: skip
     assert 0.85 * xla["total"] <= plan <= 1.15 * xla["total"], plan / xla["total"]
     # The pool and the state are arguments, not temporaries: no per-step copy of the pool.
     assert xla["temp"] < pages * em.page_bytes(cfg, page, 1, "xla")

@@ -60,8 +60,9 @@ def question_table_bytes(cfg: ModelConfig, slots: int) -> int:
 
 
 def segment_work_bytes(cfg: ModelConfig, slots: int, page: int, tp: int, impl: str,
-                       top_p: float) -> int:  # fmt: skip
-    """The jitted segment's temporaries beyond its weights (memory.py docstring)."""
+                       top_p: float, working_set: int = 0) -> int:  # fmt: skip
+    """The jitted segment's temporaries beyond its weights (memory.py docstring); slots: on
+    this device. working_set: `working_set_bytes` (the xla layout's)."""
     c = cfg.compute_jnp_dtype.itemsize
     kh = _split(cfg.n_kv_heads, tp)
     rows = slots * cfg.vocab_size * (4 * logits_copies(top_p) + 1)
@@ -70,7 +71,22 @@ def segment_work_bytes(cfg: ModelConfig, slots: int, page: int, tp: int, impl: s
         attend = slots * kh * (cfg.head_dim * page * (4 + c) + 2 * 4 * group * page)
     else:  # the kernel's blocks live in VMEM; q padded to the lanes and its output, fp32
         attend = 2 * slots * kh * group * -(-cfg.head_dim // LANES) * LANES * 4
-    return rows + attend
+    return rows + attend + working_set
+
+
+def working_set_bytes(cfg: ModelConfig, *, slots: int, rows: int, tp: int, k: int,
+                      prompt_len: int, page: int, steps: int) -> int:  # fmt: skip
+    """The xla layout's dense working set while a segment runs (sample/segment_kv.py), keys
+    and values of every layer: the segment's tokens in chunks, `rows` slots on this device,
+    and its blocks' prompt copies (blocks of all `slots`, whole on every device)."""
+    from metastone_jax.sample import segment_kv
+
+    c = cfg.compute_jnp_dtype.itemsize
+    per_token = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * c  # k and v, one layer
+    tail = segment_kv.chunks(steps) * segment_kv.chunk_width(steps)
+    blocks = segment_kv.block_count(slots, segment_kv.rows_per_block(k))
+    prompt = math.ceil(prompt_len / page) * page
+    return per_token * cfg.n_layers * (rows * tail + blocks * prompt)
 
 
 def prefill_work_bytes(cfg: ModelConfig, rows: int, t: int, tp: int) -> int:
@@ -196,7 +212,9 @@ def plan_engine(
 
     def others(s):  # the rollout phase's bytes besides the pool, per device
         rows = rows_on_device(s, mesh_shape)
-        work = max(segment_work_bytes(cfg, rows, page, tp, impl, top_p),
+        work = max(segment_work_bytes(cfg, rows, page, tp, impl, top_p,
+                                      engine_working_set(cfg, impl, s, rows, tp, k, prompt_len,
+                                                         page, max_new, n)),  # fmt: skip
                    prefill_work_bytes(cfg, rows_on_device(prefill_rows(s), mesh_shape),
                                       prompt_len, tp))  # fmt: skip
         state = slot_state_bytes(cfg, rows, columns, 0, max_new) + question_table_bytes(cfg, s)
@@ -239,6 +257,19 @@ def plan_engine(
     )  # fmt: skip
 
 
+def engine_working_set(cfg: ModelConfig, impl: str, slots: int, rows: int, tp: int, k: int,
+                       prompt_len: int, page: int, max_new: int,
+                       candidates: int) -> int:  # fmt: skip
+    """`working_set_bytes` at the engine's segment length (its default, at most the budget
+    `max_new`); 0 in the pallas layout, or with more candidates than slots."""
+    from metastone_jax.sample.engine import DEFAULT_SEGMENT_STEPS
+
+    if impl != "xla" or candidates > slots:  # engine.plan_layout: only without a queue
+        return 0
+    return working_set_bytes(cfg, slots=slots, rows=rows, tp=tp, k=k, prompt_len=prompt_len,
+                             page=page, steps=min(DEFAULT_SEGMENT_STEPS, max_new))  # fmt: skip
+
+
 def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int, resident: int,
                        weights: int) -> tuple[EnginePlan, list[Component]]:  # fmt: skip
     """The engine's layout and the rollout phase's components (memory.py docstring), given
@@ -253,6 +284,7 @@ def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int
     s, rows, page = eng.slots, eng.slots_per_device, eng.page_size
     v = cfg.vocab_size
     prefill = prefill_work_bytes(cfg, eng.prefill_rows_per_device, p, tp)
+    working_set = engine_working_set(cfg, eng.impl, s, rows, tp, w.k, p, page, g, w.candidates)
     return eng, [
         Component(
             "page pool", "rollout", eng.pages * eng.page_bytes,
@@ -270,8 +302,9 @@ def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int
                   f"the weights gathered over fsdp {mesh_shape['fsdp']} for the loops"),
         Component(
             "segment work", "rollout*",
-            segment_work_bytes(cfg, rows, page, tp, eng.impl, w.top_p),
-            f"[{rows}, {v}] fp32 x{logits_copies(w.top_p)} + a page column per layer",
+            segment_work_bytes(cfg, rows, page, tp, eng.impl, w.top_p, working_set),
+            f"[{rows}, {v}] fp32 x{logits_copies(w.top_p)} + a page column per layer"
+            + (" + the segment's dense working set" if working_set else ""),
         ),
         Component("prefill work", "rollout*", prefill,
                   f"{eng.prefill_rows_per_device} of {eng.prefill_rows} prompts x {p} tokens, "
@@ -280,23 +313,26 @@ def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int
 
 
 def cpu_segment_bytes(cfg: ModelConfig, *, params: int, slots: int, pages: int, page: int,
-                      columns: int, max_new: int, top_p: float) -> int:  # fmt: skip
+                      columns: int, max_new: int, top_p: float, k: int,
+                      prompt_len: int) -> int:  # fmt: skip
     """The planner's figure for `engine.segment` compiled on one CPU device (xla layout): its
     arguments (the params it reads, the decode copy of the weights, pool, slot state, free
     list) + its temporaries (the segment's work). What bench/engine_memory.py and tests/test_plan.py
     compare with XLA's memory analysis."""
+    working_set = engine_working_set(cfg, "xla", slots, slots, 1, k, prompt_len, page, max_new,
+                                     slots)  # fmt: skip
     return (
         params
         - replaced_param_bytes(cfg)
         + decode_weight_bytes(cfg)
         + pages * page_bytes(cfg, page, 1, "xla")
         + slot_state_bytes(cfg, slots, columns, pages, max_new)
-        + segment_work_bytes(cfg, slots, page, 1, "xla", top_p)
+        + segment_work_bytes(cfg, slots, page, 1, "xla", top_p, working_set)
     )
 
 
 def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, prompt_len: int,
-                      max_new: int, top_p: float, steps: int = 64) -> dict:  # fmt: skip
+                      max_new: int, top_p: float, k: int) -> dict:  # fmt: skip
     """XLA's memory analysis of `engine.segment` lowered and compiled on abstract shapes (one
     device of the default backend, xla layout, nothing allocated): {argument, output, alias,
     temp, total = argument + output - alias + temp} (the state is donated: its output aliases
@@ -308,7 +344,7 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     from flax import nnx
 
     from metastone_jax.model import abstract_model
-    from metastone_jax.sample import engine, sampler
+    from metastone_jax.sample import engine, sampler, segment_kv
     from metastone_jax.sample.processors import SamplingParams
     from metastone_jax.sprm import StepTokens
 
@@ -320,12 +356,20 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     columns = math.ceil((prompt_len + max_new) / page)
     layout = engine.Layout(slots, page, pages, columns, "xla")
     state = jax.eval_shape(functools.partial(engine.empty_state, cfg, layout, opts))
+    steps = min(engine.DEFAULT_SEGMENT_STEPS, max_new)
     fn = functools.partial(engine.segment, graphdef, opts=opts, steps=steps)
+    r = segment_kv.rows_per_block(k)
+    n_blocks = segment_kv.block_count(slots, r)
+
+    def ints(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    blocks = (ints(n_blocks, r), ints(n_blocks, math.ceil(prompt_len / page)), ints(n_blocks),
+              ints(slots), ints(slots))  # fmt: skip
     compiled = (
         jax.jit(fn, donate_argnums=(2,))
-        .lower(model_state, weights, state, jax.ShapeDtypeStruct((pages,), jnp.int32),
-               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-               jax.ShapeDtypeStruct((slots,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+        .lower(model_state, weights, state, ints(pages), ints(), ints(), ints(slots), ints(),
+               blocks)
         .compile()
     )  # fmt: skip
     m = compiled.memory_analysis()

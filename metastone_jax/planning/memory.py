@@ -103,7 +103,12 @@ device:
                   page column of one layer at a time: xla s*(K/tp)*(hd*page*(4 + c) +
                   8*Gq*page) (keys gathered in fp32, values in c, scores and exponentials; Gq =
                   H/K); pallas 8*s*(H/tp)*hd' (q padded to the lanes, the output; the kernel's
-                  blocks live in VMEM))
+                  blocks live in VMEM); xla, when every candidate has a slot from the start,
+                  also its dense working set (sample/segment_kv.py):
+                  2*L*(K/tp)*hd*c * (s*T + B*ceil(P/page)*page), the segment's T tokens in
+                  chunks (T = the default segment's min(128, G) steps rounded up to chunks of
+                  min(64, T) tokens), and for each of B = ceil(2S/R) blocks of R = min(k, 8)
+                  rows (rounded down to a power of two; none when 1) a copy of its prompt)
   prefill work    r*P*((4 + c)*scores + c*f) + 2*L*r*(K/tp)*P*hd*c + r*V*(5 + c)   (r of the
                   prompts prefilled together on one device, laid over data*fsdp as the slots:
                   the first fill's ceil(S/k), at most the prompts, padded to a power of 2 as

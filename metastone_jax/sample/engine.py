@@ -2,9 +2,11 @@
 
 S slots decode together in a jitted segment: `sampler.advance` (the whole per-token logic: the
 sampling chain, the in-loop SPRM score, the step rules, stop ids, the thinking budget) over a
-paged cache (sample/paged.py). A segment ends after `segment_steps` tokens, as soon as a slot
-finishes while candidates wait for one (so no slot idles for long; with the queue empty, once
-enough are done for the slots to shrink), or when the pool has no page for a slot that needs one.
+paged cache (sample/paged.py; on the XLA path beside a dense working set of the prompts, read
+once per block of rows, and of the segment's own tokens: sample/segment_kv.py). A segment ends
+after `segment_steps` tokens, as soon as a slot finishes while candidates wait for one (so no
+slot idles for long; with the queue empty, once enough are done for the slots to shrink), or
+when the pool has no page for a slot that needs one.
 Between segments the host harvests finished candidates, returns their pages to the pool, and
 refills the free slots from the queue: more candidates of a question whose prompt is resident
 (they share its full pages read-only and copy its last, partial page), or new questions,
@@ -32,13 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metastone_jax.sample import paged, sampler, shrink_cost
+from metastone_jax.sample import paged, sampler, segment_kv, shrink_cost
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import constrain
 from metastone_jax.sprm import RunningScore, StepTokens
 
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
-DEFAULT_SEGMENT_STEPS = 64
+DEFAULT_SEGMENT_STEPS = 128
 MIN_SLOTS = 8  # the tail's slots shrink down to this many (`Engine._maybe_shrink`)
 REFILL_FRACTION = 16  # with candidates waiting, a segment ends once 1/16 of the slots are free
 
@@ -80,6 +82,13 @@ class Layout:
     pages: int
     columns: int  # page-table width: pages of the longest sequence
     impl: str
+    block_rows: int = 1  # R, rows per prompt block on the XLA path (1: none; sample/segment_kv.py)
+    prompt_columns: int = 0  # pages of the longest prompt
+    # Segments read the XLA path's dense working set (sample/segment_kv.py): when every
+    # candidate has a slot from the start (no queue: segments run long). With a queue, a
+    # segment ends every few steps to refill (the demo's: 5 on average), and the working set's
+    # fixed width costs more than the page copies it saves (bench/RESULTS.md).
+    working_set: bool = False
 
 
 def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidates: int,
@@ -135,7 +144,11 @@ def plan_layout(cfg, engine: EngineConfig, prompt_lens, max_new: int, n_candidat
             f"(the longest prompt, {max(prompt_lens)}, + max_new_tokens={max_new}): "
             f"at least {need_one} pages are needed"
         )
-    return Layout(slots, page, pages, columns, impl)
+    k = max(1, n_candidates // max(1, n_questions))
+    working_set = impl == "xla" and not group and n_candidates <= slots
+    rows = segment_kv.rows_per_block(k) if working_set else 1
+    return Layout(slots, page, pages, columns, impl, rows, math.ceil(max(prompt_lens) / page),
+                  working_set)  # fmt: skip
 
 
 def default_pages(slots: int, columns: int, resident: int, prompt_pages: int) -> int:
@@ -260,7 +273,7 @@ def empty_state(cfg, layout: Layout, opts: sampler.DecodeOptions) -> sampler.Dec
 
 
 def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, group,
-            exit_groups, *, opts, steps: int):  # fmt: skip
+            exit_groups, blocks, *, opts, steps: int):  # fmt: skip
     """Decodes up to `steps` tokens per slot; stops early once `exit_settled` slots are
     finished (or paused; the host asks for one more than now when it has candidates to start,
     else for the count at which the slots would shrink), when every slot is idle, when the
@@ -268,8 +281,14 @@ def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, g
     stack `free` [P]), or when `exit_groups` groups have their slots (`group` [S]: an id in
     [0, S) per slot, -1: none) all paused or finished (at a barrier: beam search, pruning).
     weights: `decode_weights(model)` (None: the stacked ones, sliced in place on
-    accelerators). -> (state, n_free)."""
+    accelerators). blocks: the prompt blocks (`segment_kv.plan_blocks`: the XLA path reads
+    the prompts and the segment's tokens from a dense working set; None: from the pages).
+    -> (state, n_free)."""
     rows = jnp.arange(state.done.shape[0])
+    cache = state.cache
+    if blocks is not None:
+        work = segment_kv.build(cache.k, cache.v, cache.kv_len, blocks, steps=steps)
+        state = state.replace(cache=cache.replace(segment=work))
 
     def needs_page(s):
         page = s.cache.page_size
@@ -302,8 +321,17 @@ def segment(graphdef, model_state, weights, state, free, n_free, exit_settled, g
         return _constrain(sampler.advance(s, opts, model, forward)), n - jnp.sum(need), i + 1
 
     carry = (_constrain(state), n_free, jnp.int32(0))
-    state, n_free, _ = jax.lax.while_loop(cond, body, carry)
-    return state, n_free
+    if blocks is None:
+        state, n_free, _ = jax.lax.while_loop(cond, body, carry)
+        return state, n_free
+    # One loop per chunk of the working set: loop c reads chunks 0..c (segment_kv.SegmentKV).
+    for c in range(segment_kv.chunks(steps)):
+        end = min((c + 1) * segment_kv.chunk_width(steps), steps)
+        s, n, i = carry
+        s = s.replace(cache=s.cache.replace(segment=s.cache.segment.replace(phase=c)))
+        carry = jax.lax.while_loop(lambda x, end=end: cond(x) & (x[2] < end), body, (s, n, i))
+    state, n_free, _ = carry
+    return state.replace(cache=state.cache.replace(segment=None)), n_free
 
 
 def _settled_groups(state, group) -> jax.Array:
@@ -663,6 +691,10 @@ class Engine:
         self.stash: dict[int, dict[int, Any]] = {}  # rows of `keep_row` questions, until done
         self.slot_req: list[_Request | None] = [None] * s_count
         self.slot_started = [0] * s_count
+        # Whether a slot's page table starts with its question's prompt pages (a resumed
+        # candidate's prompt was prefilled into pages of its own): such rows read the prompt
+        # per block of rows on the XLA path (`_blocks`).
+        self.slot_shared = [False] * s_count
         self.started = 0
         b, k, g = len(self.prompts), self.k, opts.params.max_new_tokens
         results = _Results(b, k, g, sampler._max_steps(opts.params), cfg.d_model,
@@ -670,9 +702,11 @@ class Engine:
         self.next_done = 0  # questions reported in order up to here
         self.completed: set[int] = set()
         bar = _ProgressBar(self.progress, b, b * k)
-        segment_fn = _compiled(self.graphdef, "segment", opts, steps=self.segment_steps)
+        # No segment outlasts the budget: a slot started in it would be done by then.
+        steps = min(self.segment_steps, g)
+        segment_fn = _compiled(self.graphdef, "segment", opts, steps=steps)
         self.clock = shrink_cost.SegmentClock(
-            (self.graphdef, opts, self.segment_steps, dataclasses.replace(lay, slots=0))
+            (self.graphdef, opts, steps, dataclasses.replace(lay, slots=0))
         )
         self.rounds: dict[int, int] = {}  # barriers each question's group has passed
         self.max_remaining = opts.params.max_new_tokens  # tokens a live candidate may still add
@@ -692,6 +726,7 @@ class Engine:
                 jnp.int32(n_before),
                 jnp.int32(self._exit_settled()),
                 *self._group_args(),
+                self._blocks(),
             )
             n_after = int(n_after)
             steps = int(self.state.clock) - clock0
@@ -833,6 +868,7 @@ class Engine:
                 row.append(own)
             page_rows[i, : len(row)] = row
             slots[i], q_rows[i], kv_len[i] = slot, qs.row, plen
+            self.slot_shared[slot] = True
             rid = req.question * self.k + req.candidate
             keys[i], limits[i] = self.keys[rid], self.limits[rid]
         fn = _compiled(self.graphdef, "insert", None)
@@ -850,6 +886,7 @@ class Engine:
         row = np.zeros((1, lay.columns), np.int32)
         row[0, : len(pages)] = pages
         self.questions[q].running += 1
+        self.slot_shared[slot] = False
         rid = q * self.k + req.candidate
         fn = _compiled(self.graphdef, "insert", None)
         # The row's own key: the same as the seed's for a preempted candidate; a resumed one
@@ -951,6 +988,21 @@ class Engine:
                 ids[s] = first.setdefault(req.question, s)
         return jnp.asarray(ids), jnp.int32(max(1, len(first) // 2))
 
+    def _blocks(self) -> tuple | None:
+        """The next segment's prompt blocks (`segment_kv.plan_blocks`), as device arrays
+        (None: no working set)."""
+        lay = self.layout
+        if not lay.working_set:
+            return None
+        live = {r.question for r in self.slot_req if r is not None}
+        arrays = segment_kv.plan_blocks(
+            [None if r is None else r.question for r in self.slot_req], self.slot_shared,
+            {q: self.questions[q].pages for q in live},
+            {q: len(self.prompts[q]) for q in live},
+            slots=len(self.slot_req), rows=lay.block_rows, prompt_columns=lay.prompt_columns,
+        )  # fmt: skip
+        return tuple(jnp.asarray(a) for a in arrays)
+
     def _barriers(self) -> tuple[list[int], bool]:
         """Every group whose slots are all paused or finished passes a barrier: the policy
         decides (`GroupPolicy.at_barrier`), the rows move, finish or go on. -> (slots to
@@ -1021,6 +1073,9 @@ class Engine:
             self._share(table[p][: kv_len[p] // page])
         for _, c, _ in moved:
             self._give(table[c][: math.ceil(int(kv_len[c]) / page)])
+        shared = list(self.slot_shared)
+        for _, c, p in moved:
+            self.slot_shared[c] = shared[p]
         for i, _, p in moved:
             full, row = kv_len[p] // page, table[p].copy()
             if kv_len[p] % page:
@@ -1100,6 +1155,7 @@ class Engine:
         pick = lambda xs: [xs[s] for s in live] + [xs[idle]] * (size - len(live))  # noqa: E731
         self.slot_req = pick(self.slot_req)
         self.slot_started = pick(self.slot_started)
+        self.slot_shared = pick(self.slot_shared)
         self.stats.resizes += 1
         return True
 

@@ -9,12 +9,16 @@ Two layouts of the pool, one per attention implementation (`ATTENTION_IMPLS`):
   - "xla" (CPU/GPU default): k [P, K, hd, page], v [P, K, page, hd] per layer: keys transposed,
     as the dense cache keeps them (sample/cache.py), so both decode reductions run over a
     non-minor axis. Attention gathers a sequence's pages and runs the decode math of
-    `layers.Attention`.
+    `layers.Attention`; inside the engine's segments, only the pages between a row's prompt
+    and the segment's start: the prompts and the segment's tokens are read from a dense
+    working set (sample/segment_kv.py).
   - "pallas" (TPU default): the layout of the TPU paged-attention kernel shipped with jax
     (sample/paged_tpu.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +41,15 @@ class PagedKV:
 
     k, v: L arrays each (layout by `impl`); page_table: [S, W] int32 page ids (columns past a
     sequence's pages hold any valid id: they are masked by `kv_len`); kv_len: [S] int32 tokens in
-    the cache per sequence."""
+    the cache per sequence; segment: see below (None between segments)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     page_table: jax.Array
     kv_len: jax.Array
     impl: str = struct.field(pytree_node=False, default="xla")
+    # The XLA path's dense working set while a decode segment runs (sample/segment_kv.py).
+    segment: Any = None
 
     @property
     def page_size(self) -> int:
