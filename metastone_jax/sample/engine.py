@@ -455,7 +455,10 @@ def regroup(state, slots, src, keys, prune, page_rows, kv_len, copy_src, copy_ds
 
 
 def compact(state, rows):
-    """The state of slots `rows` [S'] only, in that order (the pool unchanged)."""
+    """The state of slots `rows` [S'] only, in that order. The caller passes the state without
+    its pool (k, v empty) and puts the pool back: a jit returning an input it does not donate
+    copies it, and copying the whole pool at every shrink cost ~6% of the heavy-tailed bench
+    (bench/RESULTS.md)."""
     cache = state.cache
     fields = jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if x.ndim else x,
                           _row_fields(state))  # fmt: skip
@@ -489,7 +492,7 @@ def _compiled(graphdef, which: str, opts, steps: int = 0, impl: str = "xla"):
     if which == "insert":
         return jax.jit(insert, donate_argnums=(0,))
     if which == "compact":
-        return jax.jit(compact)  # smaller outputs: nothing to donate into
+        return jax.jit(compact)  # smaller outputs: nothing to donate into (the pool: not passed)
     if which == "regroup":
         return jax.jit(regroup, donate_argnums=(0,))
     return jax.jit(take_rows)
@@ -1151,7 +1154,11 @@ class Engine:
         size = min(paying)
         idle = next(s for s, r in enumerate(self.slot_req) if r is None)
         rows = live + [idle] * (size - len(live))
-        self.state = _compiled(self.graphdef, "compact", None)(self.state, jnp.asarray(rows))
+        pool = self.state.cache
+        small = _compiled(self.graphdef, "compact", None)(
+            self.state.replace(cache=pool.replace(k=(), v=())), jnp.asarray(rows)
+        )
+        self.state = small.replace(cache=small.cache.replace(k=pool.k, v=pool.v))
         pick = lambda xs: [xs[s] for s in live] + [xs[idle]] * (size - len(live))  # noqa: E731
         self.slot_req = pick(self.slot_req)
         self.slot_started = pick(self.slot_started)
