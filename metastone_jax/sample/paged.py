@@ -144,21 +144,38 @@ def attend(q, k_pool, v_pool, page_table, kv_len, scale: float, impl: str = "xla
     # never gathered into a [N, W * page] copy, and the loop stops at the longest row's last
     # page, so a step costs what the rows hold, not the page table's width (no recompilation
     # as sequences grow). On XLA:CPU, gathering all pages first measured 2-4x slower.
-    page_table, kv_len = jnp.asarray(page_table), jnp.asarray(kv_len)
-    n, w = page_table.shape
-    _, kh, hd, page = k_pool.shape
-    g = q.shape[2]
+    kv_len = jnp.asarray(kv_len)
+    n, kh, g, hd = q.shape
+    start = (
+        jnp.full((n, kh, g), MASK_VALUE, jnp.float32),
+        jnp.zeros((n, kh, g), jnp.float32),
+        jnp.zeros((n, kh, g, hd), jnp.float32),
+    )
+    _, total, acc = attend_columns(q, k_pool, v_pool, page_table, jnp.zeros_like(kv_len), kv_len,
+                                   scale, start)  # fmt: skip
+    return acc / jnp.maximum(total, 1e-30)[..., None]
+
+
+def attend_columns(q, k_pool, v_pool, page_table, lo, hi, scale: float, carry):
+    """The XLA layout's online softmax over each row's positions [lo, hi) in its pages, a page
+    column at a time, from carry (max [N, K, G], sum [N, K, G], weighted values [N, K, G, hd],
+    all f32). q: [N, K, G, hd]; page_table [N, W]; lo, hi [N]. -> the updated carry."""
+    page_table = jnp.asarray(page_table)
+    page = k_pool.shape[3]
     qf = q.astype(jnp.float32)
-    n_cols = jnp.minimum((jnp.max(kv_len) + page - 1) // page, w)
+    first = lo // page
+    n_cols = jnp.maximum(jnp.max((hi + page - 1) // page - first), 0)
 
     def column(c, carry):
         top, total, acc = carry
-        ids = page_table[:, c]
+        col = jnp.minimum(first + c, page_table.shape[1] - 1)
+        ids = jnp.take_along_axis(page_table, col[:, None], axis=1)[:, 0]
         kc = jnp.take(k_pool, ids, axis=0, mode="clip").astype(jnp.float32)  # [N, K, hd, page]
         vc = jnp.take(v_pool, ids, axis=0, mode="clip")  # [N, K, page, hd]
         # Reductions over non-minor axes (hd, then the page's slots): see sample/cache.py.
         scores = jnp.sum(qf[..., None] * kc[:, :, None], axis=3) * scale  # [N, K, G, page]
-        seen = (c * page + jnp.arange(page))[None, :] < kv_len[:, None]  # [N, page]
+        pos = (first + c)[:, None] * page + jnp.arange(page)[None, :]  # [N, page]
+        seen = (pos >= lo[:, None]) & (pos < hi[:, None])
         scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
         decay = jnp.exp(top - new_top)
@@ -166,10 +183,4 @@ def attend(q, k_pool, v_pool, page_table, kv_len, scale: float, impl: str = "xla
         part = jnp.sum(e.astype(q.dtype)[..., None] * vc[:, :, None].astype(q.dtype), axis=3)
         return new_top, total * decay + jnp.sum(e, axis=-1), acc * decay[..., None] + part
 
-    start = (
-        jnp.full((n, kh, g), MASK_VALUE, jnp.float32),
-        jnp.zeros((n, kh, g), jnp.float32),
-        jnp.zeros((n, kh, g, hd), jnp.float32),
-    )
-    _, total, acc = jax.lax.fori_loop(0, n_cols, column, start)
-    return acc / jnp.maximum(total, 1e-30)[..., None]
+    return jax.lax.fori_loop(0, n_cols, column, carry)

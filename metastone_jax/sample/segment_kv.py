@@ -34,6 +34,7 @@ import numpy as np
 from flax import struct
 
 from metastone_jax.layers import MASK_VALUE
+from metastone_jax.sample import paged
 from metastone_jax.sharding import constrain
 
 TAIL_CHUNK = 64  # tokens per dense chunk of the segment's own tokens
@@ -208,14 +209,12 @@ def attend(q, k_pool, v_pool, page_table, seg: SegmentKV, scale: float):
     there to the segment's start, and the segment's chunks (seg: a `layer` view, written this
     step). q: [S, K, G, hd] (rotary applied); page_table [S, W]. -> [S, K, G, hd] f32."""
     n, kh, g, hd = q.shape
-    page = k_pool.shape[3]
     qf = q.astype(jnp.float32)
-    empty = (
+    carry = (
         jnp.full((n, kh, g), MASK_VALUE, jnp.float32),
         jnp.zeros((n, kh, g), jnp.float32),
         jnp.zeros((n, kh, g, hd), jnp.float32),
     )
-    carry = empty
     if seg.prefix_k is not None:
         carry = _merge(carry, _prefix_part(qf, seg, scale, q.dtype))
 
@@ -232,22 +231,9 @@ def attend(q, k_pool, v_pool, page_table, seg: SegmentKV, scale: float):
             scores = jnp.where(seen, scores, MASK_VALUE)
         carry = _merge(carry, _part(scores, vc, q.dtype))
 
-    # The pages between the prompt (or position 0) and the segment's start, a column at a time.
-    first = seg.page_from // page
-    n_cols = jnp.maximum(jnp.max((seg.hist_len + page - 1) // page - first), 0)
-
-    def column(c, carry):
-        col = jnp.minimum(first + c, page_table.shape[1] - 1)
-        ids = jnp.take_along_axis(page_table, col[:, None], axis=1)[:, 0]
-        kc = jnp.take(k_pool, ids, axis=0, mode="clip").astype(jnp.float32)  # [S, K, hd, page]
-        vc = jnp.take(v_pool, ids, axis=0, mode="clip")
-        scores = jnp.sum(qf[..., None] * kc[:, :, None], axis=3) * scale
-        pos = (first + c)[:, None] * page + jnp.arange(page)[None, :]
-        seen = (pos >= seg.page_from[:, None]) & (pos < seg.hist_len[:, None])
-        scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
-        return _merge(carry, _part(scores, vc, q.dtype))
-
-    _, total, acc = jax.lax.fori_loop(0, n_cols, column, carry)
+    # The pages between the prompt (or position 0) and the segment's start.
+    _, total, acc = paged.attend_columns(q, k_pool, v_pool, page_table, seg.page_from,
+                                         seg.hist_len, scale, carry)  # fmt: skip
     return acc / jnp.maximum(total, 1e-30)[..., None]
 
 
