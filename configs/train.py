@@ -3,7 +3,7 @@
 Presets:
   tiny-sft, tiny-grpo   the tiny model on the synthetic arithmetic task (tests, smoke runs)
   demo-sft, demo-grpo   the demo model on the synthetic task (laptop CPU)
-  sft-1.5b, grpo-1.5b   MetaStone-S1-1.5B settings (SPRM.md sections 3-4) on a math file:
+  sft-1.5b, grpo-1.5b   MetaStone-S1-1.5B settings (docs/method.md sections 3-4) on a math file:
                         set --config.data.source=FILE and --config.init_ckpt=CKPT
 
 Override any key with --config.a.b=value; an unknown key lists the valid ones.

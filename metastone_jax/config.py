@@ -132,7 +132,7 @@ class ModelConfig:
 
     @property
     def sprm_param_count(self) -> int:
-        """Linear(D, 2D) + Linear(2D, 1) = 2D^2 + 4D + 1 (SPRM.md section 1)."""
+        """Linear(D, 2D) + Linear(2D, 1) = 2D^2 + 4D + 1 (docs/method.md section 1)."""
         d = self.d_model
         return 2 * d * d + 4 * d + 1 if self.sprm_head else 0
 

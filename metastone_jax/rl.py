@@ -1,5 +1,5 @@
 """GRPO pieces: group advantages, token log-probs/entropy, low-variance KL and the clipped
-policy loss (SPRM.md section 4).
+policy loss (docs/method.md section 4).
 
 Shapes: G groups (prompts), k rollouts per group, N rows (= G * k rollouts), T response length,
 V vocab. Everything is a pure jnp function computed in fp32 and runs under ``jit``; ``mask``

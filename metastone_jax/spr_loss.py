@@ -1,4 +1,5 @@
-"""Self-supervised process reward (SPR) loss and the score-gap metric (SPRM.md section 3).
+"""Self-supervised process reward (SPR) loss and the score-gap metric
+(docs/method.md section 3).
 
 Shapes: N trajectories (rows), T positions. ``logits`` [N, T] are SPRM head logits at feature
 positions, ``mask`` [N, T] marks the scored positions (``sprm.shift_for_scoring`` of the step
@@ -25,8 +26,8 @@ WEIGHT_EPS = 1e-5  # denominator guard of the weighted mean (released code)
 def scale_gradient(x, scale: float) -> jnp.ndarray:
     """Identity forward, gradient multiplied by ``scale``: x * scale + sg(x) * (1 - scale).
 
-    SPRM.md uses scale 1e-4 on the penultimate features, so the SPR loss barely moves the shared
-    backbone while the head trains at full rate.
+    The method (docs/method.md section 3) uses scale 1e-4 on the penultimate features, so the
+    SPR loss barely moves the shared backbone while the head trains at full rate.
     """
     return x * scale + jax.lax.stop_gradient(x) * (1.0 - scale)
 

@@ -1,5 +1,5 @@
 """SPRM bookkeeping: which tokens are scored steps, which features score them, and how step
-scores are aggregated into one candidate score (SPRM.md sections 2 and 5).
+scores are aggregated into one candidate score (docs/method.md sections 2 and 5).
 
 Shapes: B batch, T sequence length, S steps, D feature width, P questions, K candidates.
 Everything here is a pure jnp function of arrays (numpy input is accepted), so it runs under
@@ -151,7 +151,7 @@ def step_mask(
     valid=None,
     response_start=None,
 ) -> jnp.ndarray:
-    """bool [B, T]: the step tokens that are scored (SPRM.md section 2).
+    """bool [B, T]: the step tokens that are scored (docs/method.md section 2).
 
     ``tokens`` int [B, T]; ``valid`` bool [B, T] marks real tokens (default: all); padding is
     never a step, never a think tag, and counts as "nothing" when it is x[t-1];
@@ -221,7 +221,7 @@ def shift_for_scoring(mask) -> jnp.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation (SPRM.md section 5)
+# Aggregation (docs/method.md section 5)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,8 @@ def test_replace_rederives_head_dim_and_rejects_unknown_fields():
 
 
 def test_sprm_param_count_matches_paper_formula():
-    # SPRM.md: Linear(D,2D) + Linear(2D,1) = 2D^2 + 4D + 1; D=1536 for the 1.5B model.
+    # docs/method.md section 1: Linear(D,2D) + Linear(2D,1) = 2D^2 + 4D + 1; D=1536 for the
+    # 1.5B model.
     assert (
         get_preset("metastone-s1-1.5b").sprm_param_count == 2 * 1536**2 + 4 * 1536 + 1 == 4_724_737
     )

@@ -1,4 +1,5 @@
-"""GRPO pieces (metastone_jax.rl) against numpy / torch references of SPRM.md section 4."""
+"""GRPO pieces (metastone_jax.rl) against numpy / torch references of docs/method.md
+section 4."""
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,8 @@ def test_masked_mean():
 
 
 def torch_clipped(logp, old, adv, mask, eps):
-    """Direct torch computation of the SPRM.md clipped loss and verl's clip fraction."""
+    """Direct torch computation of the clipped loss (docs/method.md section 4) and verl's clip
+    fraction."""
     logp, old, adv, mask = map(torch.tensor, (logp, old, adv, mask))
     adv = adv[:, None] if adv.dim() == 1 else adv
     ratio = torch.exp(logp - old)

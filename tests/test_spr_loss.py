@@ -1,4 +1,5 @@
-"""SPR loss forms, gradient isolation and score gap (metastone_jax.spr_loss), SPRM.md section 3."""
+"""SPR loss forms, gradient isolation and score gap (metastone_jax.spr_loss),
+docs/method.md section 3."""
 
 import math
 

@@ -147,7 +147,7 @@ def test_no_think_ids():
 
 
 # ---------------------------------------------------------------------------------------------
-# Property test against a loop reference written from SPRM.md section 2
+# Property test against a loop reference written from docs/method.md section 2
 # ---------------------------------------------------------------------------------------------
 
 

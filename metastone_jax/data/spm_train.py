@@ -5,7 +5,7 @@
 
 Settings and why:
 - The step text ".\\n\\n" and the think tags are user-defined symbols: always exactly one piece,
-  wherever they occur, so the step mask (SPRM.md section 2) is a single-id comparison.
+  wherever they occur, so the step mask (docs/method.md section 2) is a single-id comparison.
 - Identity normalization, no extra-whitespace removal and no dummy prefix: SentencePiece's
   defaults (NFKC, whitespace collapsing, newline -> space, a leading "▁") would change the
   text, and "\\n" must survive. ``byte_fallback`` covers characters outside the vocabulary, so

@@ -44,7 +44,7 @@ def make_problem(
     With probability `reflect` a step first writes a wrong attempt and corrects itself within
     the step ("7+5=13, wait, 7+5=12.\n\n"), as long-CoT traces do: a policy trained on such
     traces must notice a wrong step where it would end, which is the very position whose
-    feature the SPRM scores (SPRM.md section 2). `slips` (among SLIP_KINDS, drawn uniformly)
+    feature the SPRM scores (docs/method.md section 2). `slips` (among SLIP_KINDS, drawn uniformly)
     says what the attempt gets wrong: the result, or with consistent arithmetic the operand
     ("7+6=13, wait, 7+5=12"), the operation ("7-5=2, wait, ...") or the carried value
     ("8+5=13, wait, ...")."""

@@ -385,9 +385,9 @@ def evaluate(
     method (``STRATEGY_METHOD``) over floor(M/k) disjoint groups, maj@k (vote) and pass@k
     (oracle), with 95% intervals and tokens per question; every method at every k goes under
     "pool". Beam: ``beam_eval`` per k (``out_dir/beam_k{k}.jsonl``), pass@1 = the searched
-    answer's accuracy. ``sampling``: a SamplingParams (default: SPRM.md section 5, temperature
-    0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids become the
-    tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
+    answer's accuracy. ``sampling``: a SamplingParams (default: docs/method.md section 5,
+    temperature 0.6, top-p 0.95, repetition penalty 1.05, 32768 new tokens); empty stop_ids
+    become the tokenizer's EOS ids. ``step_ids``: step token ids (default: the id of ".\n\n").
     ``engine``: the sampling engine's settings (`sample.engine.EngineConfig`). ``limit``: the
     first N questions. ``groups``: how many groups of k each question counts when candidate
     counts differ (``metrics.GROUP_COUNTS``; "common" is the released metric). Writes

@@ -4,7 +4,7 @@ A question is a dict with "candidates": [{"answer", "correct", "step_scores", "t
 (the pool lines of `harness.sample_pool`). For a question with M candidates and a given k, the
 candidates are split into disjoint consecutive groups of k; a method selects one candidate per
 group; the question's accuracy is the share of groups whose selection is correct, and a metric
-is the mean over questions (SPRM.md section 5), with a 95% interval.
+is the mean over questions (docs/method.md section 5), with a 95% interval.
 
 How many groups (``GROUP_COUNTS``), when questions hold different numbers of candidates:
 "per_question" (default): floor(M/k) for each question, every candidate used; "common": the

@@ -3,7 +3,7 @@
 Prefill runs once per prompt (prompts left-padded to a length bucket), its cache is repeated k
 times, and a `lax.while_loop` decodes all N = B*k candidates together. Each iteration has, from
 the previous forward, the logits that predict the next token and the penultimate feature at the
-same position (SPRM.md section 2: the feature that scores a step token is the one whose LM
+same position (docs/method.md section 2: the feature that scores a step token is the one whose LM
 output predicted it). So when the sampled token is a step token, its score is
 sigmoid(SPRM head(that feature)): one small MLP, never a second forward pass.
 
@@ -314,7 +314,7 @@ def final_step_mask(state: DecodeState) -> jax.Array:
     `sprm.step_mask(mode="inference")` on the prompt + response: after the `<think>` if the
     sequence holds exactly one, else after its second token (the released fallback never
     scores that one); up to the `</think>` (inclusive) if it holds exactly one, else to the end
-    (SPRM.md section 2, rule 3). Positions count the real tokens only (0: the first prompt
+    (docs/method.md section 2, rule 3). Positions count the real tokens only (0: the first prompt
     token), so left padding does not move them."""
     s_max = state.step_scores.shape[1]
     recorded = jnp.arange(s_max)[None, :] < jnp.minimum(state.n_steps, s_max)[:, None]

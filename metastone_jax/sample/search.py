@@ -1,5 +1,5 @@
 """Test-time scaling over the sampler: best-of-k, voting, SPRM-guided step-level beam search,
-early pruning, the low/medium/high modes, and both selection forms (SPRM.md section 5).
+early pruning, the low/medium/high modes, and both selection forms (docs/method.md section 5).
 
 Candidates come from the continuous-batching engine (sample/engine.py). Beam search and early
 pruning decode each question's candidates as a group that pauses at every step boundary, where
@@ -64,7 +64,7 @@ class SearchConfig:
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> SearchConfig:
-        """low / medium / high = k 2 / 8 / 32 (SPRM.md section 5)."""
+        """low / medium / high = k 2 / 8 / 32 (docs/method.md section 5)."""
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
         return cls(k=MODES[mode], **overrides)

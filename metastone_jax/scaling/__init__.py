@@ -1,4 +1,4 @@
-"""Scaling sweeps and the test-time scaling law (SPRM.md section 6).
+"""Scaling sweeps and the test-time scaling law (docs/method.md section 6).
 
 law.py: compute accounting, the accuracy = a * log10(C) + b fit, table and plot (no JAX).
 sweep.py: the grid over model size x k x thinking budget, run locally or printed as commands.

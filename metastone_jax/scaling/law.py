@@ -1,4 +1,5 @@
-"""Compute accounting, the log-linear scaling law fit, and its table and plot (SPRM.md section 6).
+"""Compute accounting, the log-linear scaling law fit, and its table and plot
+(docs/method.md section 6).
 
 Compute per question (FLOPs, multiply-add = 2 FLOPs), summed over the k candidates of a group:
 

@@ -2,11 +2,11 @@
 (resumable) or printed as one launch command per point; then the law fit, table and plot.
 
 Per point (size, k, budget): M = floor(candidates_per_point / k) * k candidates are sampled for
-each of the held-out questions (G = M / k disjoint groups of k, SPRM.md section 5); each group
-selects its candidate by the SPRM geometric mean of the step scores (argmax, ties to the first)
-and accuracy is the mean over groups and questions. Points of one size and budget with the same
-M (every k dividing candidates_per_point) share one sampling run in this process: the metric
-is defined over the same M samples, so this changes no number, only the time taken.
+each of the held-out questions (G = M / k disjoint groups of k, docs/method.md section 5); each
+group selects its candidate by the SPRM geometric mean of the step scores (argmax, ties to the
+first) and accuracy is the mean over groups and questions. Points of one size and budget with
+the same M (every k dividing candidates_per_point) share one sampling run in this process: the
+metric is defined over the same M samples, so this changes no number, only the time taken.
 
 Compute per question is law.question_compute over the k candidates of a group, averaged over
 groups and questions. Measured wall time per question = sampling seconds / (questions * G),

@@ -132,7 +132,7 @@ def pack_rollouts(
 
     ``truncated`` (config spr.truncated): what the SPR loss does with wrong rollouts that ran
     out of tokens (finish "length"). "exclude" (default): every one is left out (include
-    False), as SPRM.md section 3 states the method. "negative": all rows are used, the
+    False), as docs/method.md section 3 states the method. "negative": all rows are used, the
     truncated wrong ones as negatives (label 0), which is what the released runs did: their
     reward gives 0.1 to a truncated, well-formed, answered wrong rollout (``math_v2.py``) so
     that the SPR loss drops it (``reward != 0.1``), but ``ray_trainer.py`` first zeroes the

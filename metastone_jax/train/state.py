@@ -1,10 +1,11 @@
 """Train state and the optimizer: separate optax transforms for the policy and the SPRM head.
 
-SPRM.md section 3: the head has its own AdamW (betas 0.9/0.999, weight decay 0.01, constant LR)
-and its own gradient clipping at 1.0, so one `optax.multi_transform` routes the top-level
-'sprm' subtree to the head's chain and everything else (backbone + LM head) to the policy's.
-Parameters are pure dicts (`nnx.to_pure_dict` layout), so the state is a plain pytree that orbax
-saves and restores without knowing about Flax.
+docs/method.md section 3: the head has its own AdamW (betas 0.9/0.999, weight decay 0.01,
+`optim.sprm_lr` on the run's schedule) and its own gradient clipping at 1.0, so one
+`optax.multi_transform` routes the top-level 'sprm' subtree to the head's chain and everything
+else (backbone + LM head) to the policy's. Parameters are pure dicts (`nnx.to_pure_dict`
+layout), so the state is a plain pytree that orbax saves and restores without knowing about
+Flax.
 """
 
 from __future__ import annotations
