@@ -29,13 +29,13 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/metastone-jax demo
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check metastone_jax tests configs bench launch
-	$(VENV)/bin/ruff format --check metastone_jax tests configs bench launch
+	$(VENV)/bin/ruff check metastone_jax tests bench launch
+	$(VENV)/bin/ruff format --check metastone_jax tests bench launch
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check --fix metastone_jax tests configs bench launch
-	$(VENV)/bin/ruff format metastone_jax tests configs bench launch
+	$(VENV)/bin/ruff check --fix metastone_jax tests bench launch
+	$(VENV)/bin/ruff format metastone_jax tests bench launch
 
 clean:
 	rm -rf $(VENV) .pytest_cache

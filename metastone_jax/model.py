@@ -9,6 +9,7 @@ one layout: `scan_layers=True` runs them with `lax.scan` (compile time independe
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -434,6 +435,20 @@ def cacheless_mask(cfg: ModelConfig, valid: jax.Array, segment_ids: jax.Array | 
 def abstract_model(cfg: ModelConfig) -> Transformer:
     """The model with ShapeDtypeStructs in place of arrays (no allocation)."""
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_counts(model: Transformer) -> dict[str, int]:
+    """Parameter counts by part of a (possibly abstract) model: total, backbone (embedding, blocks,
+    final norm), lm_head (0 when tied) and sprm_head. Nothing is allocated."""
+
+    def count(node):
+        if node is None:
+            return 0
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(node, nnx.Param)))
+
+    lm_head, sprm, total = count(model.lm_head), count(model.sprm), count(model)
+    return {"total": total, "backbone": total - lm_head - sprm, "lm_head": lm_head,
+            "sprm_head": sprm}  # fmt: skip
 
 
 def create_model(

@@ -89,6 +89,33 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+MESH_FORM = "data:N,fsdp:N,tensor:N"
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`--mesh=data:1,fsdp:8,tensor:1` -> {'data': 1, 'fsdp': 8, 'tensor': 1}: the one mesh syntax
+    of every command line. Missing axes are 1; one size may be -1 (the remaining devices, filled
+    in by `resolve_mesh_shape`). A bad form, axis or size is a ValueError naming the flag."""
+    expected = f"expected AXIS:N pairs such as {MESH_FORM} (AXIS in {', '.join(MESH_AXES)})"
+    mesh: dict[str, int] = {}
+    for part in text.split(","):
+        axis, sep, size = part.strip().partition(":")
+        if not sep:
+            old = " (the AXIS=N form is not accepted)" if "=" in part else ""
+            raise ValueError(f"--mesh={text}: {expected}{old}")
+        if axis not in MESH_AXES:
+            raise ValueError(f"--mesh={text}: unknown axis {axis!r}; {expected}")
+        if axis in mesh:
+            raise ValueError(f"--mesh={text}: axis {axis!r} is given twice")
+        try:
+            mesh[axis] = int(size)
+        except ValueError:
+            raise ValueError(f"--mesh={text}: size of {axis!r} is not an integer") from None
+        if mesh[axis] == 0 or mesh[axis] < -1:
+            raise ValueError(f"--mesh={text}: size of {axis!r} must be positive or -1")
+    return {axis: mesh.get(axis, 1) for axis in MESH_AXES}
+
+
 def resolve_mesh_shape(mesh_shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """Fills one -1 entry with the remaining devices; checks the product equals `n_devices`."""
     unknown = set(mesh_shape) - set(MESH_AXES)

@@ -1,16 +1,14 @@
-"""The repository's config files (configs/*.py), loaded by path: they are not a package."""
+"""The package's config files (metastone_jax/configs/*.py, the repository's configs/), each
+loaded by path as a fresh module, as `--config=` loads it."""
 
 import importlib.util
-import os
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from metastone_jax import configs
 
 
 def config_module(name: str):
     """configs/<name>.py as a module (its get_config, PRESETS, ...)."""
-    spec = importlib.util.spec_from_file_location(
-        f"configs_{name}", os.path.join(CONFIGS, f"{name}.py")
-    )
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", configs.path(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -179,7 +179,7 @@ def test_cli_round_trip(tmp_path, capsys):
     _, hf_dir = save_hf(tmp_path, "llama")
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
     main(["metastone-jax", "convert", "hf-to-jax", f"--hf_dir={hf_dir}", f"--out={ckpt}",
-          "--mesh=data=1,fsdp=-1,tensor=2"])  # fmt: skip
+          "--mesh=data:1,fsdp:-1,tensor:2"])  # fmt: skip
     assert "SPRM head: initialised from seed 0" in capsys.readouterr().out
     main(["metastone-jax", "convert", "jax-to-hf", f"--ckpt={ckpt}", f"--out={out}",
           "--score_module=safetensors"])  # fmt: skip

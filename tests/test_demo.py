@@ -240,11 +240,10 @@ def test_grpo_study_trains_heads_under_one_moving_policy(quick_run, capsys):
 
 
 def test_fresh_rollouts_beyond_the_sft_data_are_refused(tmp_path):
+    from metastone_jax import configs
     from metastone_jax.demo.pipeline import collect_rollouts
-    from metastone_jax.main import CONFIGS, _parse
 
-    demo = os.path.join(CONFIGS, "demo.py")
-    cfg = _parse(["t", f"--config={demo}:quick"], "quick", demo)
+    cfg = configs.load("demo.py", "quick")
     with pytest.raises(ValueError, match="sft.synthetic_size=1024"):
         collect_rollouts(cfg, None, None, None, str(tmp_path), first=1000, count=64)
 
@@ -253,11 +252,10 @@ def test_grpo_study_released_settings_reach_the_train_config(tmp_path):
     """`grpo_study.head_init=random`, `spr_scope=rank` and `tag` (the released head start and
     SPR normalisation): the runs start from the SFT export's untrained head, train with the
     released scope, and write beside the default study, not over it."""
+    from metastone_jax.cli_common import load_config
     from metastone_jax.demo import grpo_study
-    from metastone_jax.main import CONFIGS, _parse
     from metastone_jax.train.validate import validate_train_config
 
-    demo = os.path.join(CONFIGS, "demo.py")
     overrides = [
         "--config.grpo_study.head_init=random",
         "--config.grpo_study.spr_scope=rank",
@@ -266,7 +264,7 @@ def test_grpo_study_released_settings_reach_the_train_config(tmp_path):
         "--config.grpo_study.head_lr=1e-5",
         "--config.grpo_study.tag=released",
     ]
-    cfg = _parse(["t", f"--config={demo}:quick", *overrides], "quick", demo)  # fmt: skip
+    cfg = load_config("t", "quick", overrides, ("demo.py",))
     run = {"policy": "SFT", "heads": {cfg.spr.form: {"ckpt": "HEAD"}}}
     assert grpo_study.initial_head(cfg, run) == "SFT"
     config = grpo_study.grpo_config(cfg, "filtered", "SFT")

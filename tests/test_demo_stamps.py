@@ -48,10 +48,9 @@ def test_claim_without_output_takes_the_new_settings(tmp_path):
 
 
 def test_demo_settings_cover_each_stage_and_its_upstream():
-    from metastone_jax.main import CONFIGS, _parse
+    from metastone_jax import configs
 
-    demo = os.path.join(CONFIGS, "demo.py")
-    cfg = _parse(["t", f"--config={demo}:quick"], "quick", demo)
+    cfg = configs.load("demo.py", "quick")
     sft = stamps.sft_settings(cfg)
     rollouts = stamps.rollout_settings(cfg, 0, 64)
     head = stamps.head_settings(cfg, "filtered")

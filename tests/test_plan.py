@@ -18,8 +18,6 @@ from metastone_jax.main import main
 from metastone_jax.planning.from_config import check_train_config, plan_config
 from metastone_jax.planning.tpu import GIB, parse_tpu
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-
 # Shapes from the HF config.json files (DeepSeek-R1-Distill-Qwen-1.5B/7B, QwQ-32B): vocab, d_model,
 # layers, heads, kv heads, d_ff; all Qwen2 (q/k/v bias, untied LM head, head_dim 128).
 ARCH = {
@@ -254,7 +252,7 @@ def test_cli_config_mesh_tpu_json_and_exit_status(capsys):
     [(["--tpu=v9-8"], "tpu 'v9-8': expected GENERATION-COUNT"),
      (["--tpu=v5p-64"], "on v5p-64 (32 chips)"),  # the preset's 8-chip mesh
      (["--mesh=data:1,fsdp:16,tensor:1"], "must equal the device count 8"),
-     (["--mesh=fsdp=8"], "expected AXIS:SIZE pairs"),
+     (["--mesh=fsdp=8"], "expected AXIS:N pairs such as data:N,fsdp:N,tensor:N"),
      (["--sample_batch=0"], "sample batch 0 / length 5120: expected positive sizes")],
 )  # fmt: skip
 def test_cli_errors_are_one_line(extra, message):

@@ -149,10 +149,10 @@ def test_gs_workdir_keeps_checkpoints_there_and_other_files_local(tmp_path):
 
 
 def test_unlearned_slips_need_the_synthetic_task(tmp_path, shared_dir):
-    from metastone_jax.main import TRAIN_CONFIG, _parse
+    from metastone_jax import configs
     from metastone_jax.train.setup import _source
 
-    config = _parse(["t", f"--config={TRAIN_CONFIG}:demo-sft"], "demo-sft", TRAIN_CONFIG)
+    config = configs.load("train.py", "demo-sft")
     config.data.source = os.path.join(shared_dir, "data", "aime24.jsonl")
     config.data.unlearned_slips = True
     with pytest.raises(ValueError, match=r"unlearned_slips.*aime24\.jsonl.*not 'synthetic'"):

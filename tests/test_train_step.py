@@ -348,10 +348,10 @@ def test_released_recipe_keeps_fp32_weights_that_move_at_its_lr():
     """An AdamW update is about lr per entry; at the released LR (1e-6) that is far below bf16's
     spacing (2^-8 relative), so bf16 weights stay put. The released presets train fp32 master
     weights with bf16 compute, which move."""
-    from metastone_jax.main import TRAIN_CONFIG, _parse
+    from metastone_jax import configs
 
     for preset in ("sft-1.5b", "grpo-1.5b"):
-        c = _parse(["t", f"--config={TRAIN_CONFIG}:{preset}"], preset, TRAIN_CONFIG)
+        c = configs.load("train.py", preset)
         assert (c.model.param_dtype, c.model.compute_dtype) == ("float32", "bfloat16"), preset
     moved = {d: _changed_fraction(CFG.replace(param_dtype=d, compute_dtype="bfloat16"), 1e-6)
              for d in ("bfloat16", "float32")}  # fmt: skip

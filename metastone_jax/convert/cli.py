@@ -1,36 +1,32 @@
-"""`metastone-jax convert hf-to-jax | jax-to-hf` (argparse; options as in the README)."""
+"""`metastone-jax convert hf-to-jax | jax-to-hf`: a HF checkpoint directory (config.json,
+*.safetensors, score_module.pt) to a params checkpoint (orbax + config), and back.
+
+  metastone-jax convert hf-to-jax --hf_dir=MetaStone-S1-1.5B --out=ckpt/s1-1.5b
+  metastone-jax convert jax-to-hf --ckpt=ckpt/s1-1.5b --out=export/s1-1.5b
+
+`metastone-jax convert DIRECTION --help` describes each direction's flags.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
+from metastone_jax.cli_common import Parser
 from metastone_jax.convert.hf import DEFAULT_MAX_SHARD_SIZE
+from metastone_jax.sharding import MESH_FORM
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-    """'data=1,fsdp=-1,tensor=1' -> {'data': 1, 'fsdp': -1, 'tensor': 1}."""
-    shape = {}
-    for part in filter(None, spec.split(",")):
-        axis, _, size = part.partition("=")
-        try:
-            shape[axis.strip()] = int(size)
-        except ValueError:
-            raise ValueError(
-                f"--mesh: expected AXIS=N[,AXIS=N...] with axes data, fsdp, tensor, got {spec!r}"
-            ) from None
-    return shape
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metastone-jax convert")
-    sub = parser.add_subparsers(dest="direction", required=True)
+def parser() -> Parser:
+    p = Parser(prog="metastone-jax convert", description=__doc__)
+    sub = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     a = sub.add_parser("hf-to-jax", help="HF directory -> params checkpoint (orbax + config)")
     a.add_argument("--hf_dir", required=True, help="config.json + *.safetensors [+ score_module]")
     a.add_argument("--out", required=True, help="checkpoint directory to create")
     a.add_argument("--dtype", default=None, help="bf16 | fp32 (default: the checkpoint's)")
-    a.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1,tensor=1 (default: 1 device)")
+    a.add_argument("--mesh", default=None, metavar=MESH_FORM,
+                   help="place the weights over this mesh, e.g. data:1,fsdp:-1,tensor:1 (missing "
+                   "axes 1, one may be -1: the remaining devices; default: 1 device)")  # fmt: skip
     a.add_argument("--seed", type=int, default=0, help="SPRM head init when no score_module")
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("jax-to-hf", help="params checkpoint -> HF directory")
@@ -45,11 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how to write the SPRM head (pt needs torch)",
     )
     b.add_argument("--overwrite", action="store_true")
-    return parser
+    p.epilog = "flags of each direction:\n" + "".join(
+        "  " + d.format_usage().removeprefix("usage: ") for d in (a, b)
+    )
+    return p
 
 
 def main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     from metastone_jax.convert import hf
 
     if args.direction == "hf-to-jax":
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> None:
         if args.mesh:
             import jax
 
-            from metastone_jax.sharding import make_mesh, resolve_mesh_shape
+            from metastone_jax.sharding import make_mesh, parse_mesh, resolve_mesh_shape
 
             mesh = make_mesh(resolve_mesh_shape(parse_mesh(args.mesh), jax.device_count()))
         meta = hf.hf_to_jax(

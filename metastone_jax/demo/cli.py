@@ -1,5 +1,6 @@
-"""`metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--grpo-study] [--config.KEY=VALUE
-...]` (what `make demo` runs).
+"""`metastone-jax demo`: the end-to-end demo (what `make demo` runs).
+
+  metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--grpo-study]
 
 Trains a small policy on the synthetic arithmetic task, trains its SPRM head from outcome labels
 alone, and prints test-time scaling on held-out problems; configs/demo.py has every setting.
@@ -15,37 +16,52 @@ import os
 import sys
 import time
 
-USAGE = (
-    "usage: metastone-jax demo [--workdir=DIR] [--quick] [--spr-study] [--grpo-study] "
-    "[--config.KEY=VALUE ...]"
-)
+from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
+
+PROG = "metastone-jax demo"
+CONFIG_FILES = ("demo.py",)
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__)
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="every stage is written and resumed here (default: runs/demo-PRESET)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same pipeline at toy sizes, ~2 min (is --config=quick)",
+    )
+    p.add_argument(
+        "--spr-study",
+        dest="spr_study",
+        action="store_true",
+        help="then the SPR-loss study on the workdir",
+    )
+    p.add_argument(
+        "--grpo-study",
+        dest="grpo_study",
+        action="store_true",
+        help="then both losses with the head trained inside GRPO",
+    )
+    add_config_flags(p, CONFIG_FILES, default="full")
+    return p
 
 
 def main(argv: list[str]) -> None:
-    from metastone_jax.main import CONFIGS, _parse
-
-    workdir, quick, study, grpo_study, overrides = None, False, False, False, []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n" + USAGE)
-            return
-        if arg.startswith("--workdir="):
-            workdir = arg.split("=", 1)[1]
-        elif arg == "--quick":
-            quick = True
-        elif arg == "--spr-study":
-            study = True
-        elif arg == "--grpo-study":
-            grpo_study = True
-        elif arg.startswith("--config."):
-            overrides.append(arg)
-        else:
-            raise SystemExit(f"metastone-jax demo: unknown argument {arg!r}\n{USAGE}")
-    preset = "quick" if quick else "full"
-    workdir = workdir or os.path.join("runs", f"demo-{preset}")
-    config_file = os.path.join(CONFIGS, "demo.py")
-    cfg = _parse(["metastone-jax demo", f"--config={config_file}:{preset}", *overrides],
-                 preset, config_file)  # fmt: skip
+    p = parser()
+    args = parse(p, argv)
+    if args.quick:
+        if any(arg.split("=", 1)[0] == "--config" for arg in argv):
+            p.error("--quick is --config=quick: give one of them")
+        args.config = "quick"
+    cfg = load_config(PROG, args.config, args.overrides, CONFIG_FILES)
+    preset = cfg.preset
+    workdir = args.workdir or os.path.join("runs", f"demo-{preset}")
+    study, grpo_study = args.spr_study, args.grpo_study
     from metastone_jax.demo import pipeline, report
 
     t0 = time.perf_counter()

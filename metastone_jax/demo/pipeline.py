@@ -48,9 +48,9 @@ def _write_json(path: str, obj) -> None:
 
 def train_config(cfg, preset: str):
     """configs/train.py:`preset` with the demo's seed, task, model and training prompts."""
-    from metastone_jax.main import TRAIN_CONFIG, _parse
+    from metastone_jax import configs
 
-    config = _parse(["demo", f"--config={TRAIN_CONFIG}:{preset}"], preset, TRAIN_CONFIG)
+    config = configs.load("train.py", preset)
     config.seed = int(cfg.seed)
     config.data.task.update(dict(cfg.task))
     for key, value in dict(cfg.model).items():
@@ -339,10 +339,9 @@ def train_for_sweep(
     sampling (the sweep's own, so the head learns from the candidates it will score). The head
     is the plain-BCE one by default: in the demo at these sizes the filtered head's best-of-k
     falls as k grows (README)."""
-    from metastone_jax.main import CONFIGS, _parse
+    from metastone_jax import configs
 
-    demo = os.path.join(CONFIGS, "demo.py")
-    cfg = _parse(["sweep", f"--config={demo}:full"], "full", demo)
+    cfg = configs.load("demo.py", "full")
     cfg.model = dict(model_overrides)
     cfg.spr.form, cfg.spr.ablation_form = form, ""
     for key, value in (sampling or {}).items():

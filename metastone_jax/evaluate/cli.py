@@ -7,11 +7,11 @@ OUT/metrics.json. Bad arguments exit with one line before anything is loaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from metastone_jax.cli_common import Parser
 from metastone_jax.evaluate.harness import STRATEGIES, STRATEGY_METHOD
 from metastone_jax.evaluate.metrics import GROUP_COUNTS
 from metastone_jax.sample.cli import (
@@ -22,8 +22,8 @@ from metastone_jax.sample.cli import (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metastone-jax evaluate")
+def parser() -> Parser:
+    p = Parser(prog="metastone-jax evaluate", description=__doc__)
     p.add_argument("--ckpt", required=True, help="params checkpoint (from `convert hf-to-jax`)")
     p.add_argument("--benchmark", required=True, help=".jsonl or .parquet benchmark file")
     p.add_argument("--modes", default="low,medium,high", help="comma-separated: low,medium,high "
@@ -54,7 +54,7 @@ def _ints(flag: str, text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     from metastone_jax.evaluate.harness import evaluate
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

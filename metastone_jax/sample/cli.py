@@ -1,17 +1,24 @@
-"""`metastone-jax sample --ckpt=CKPT --prompt=TEXT [--mode=high] [--strategy=...]`."""
+"""`metastone-jax sample`: test-time scaling on prompts with a params checkpoint.
+
+  metastone-jax sample --ckpt=ckpt/s1-1.5b --prompt="What is 12 + 30?" --mode=high
+
+Samples k candidates per prompt (--mode low / medium / high: k = 2 / 8 / 32, or --k), scores
+their steps with the SPRM head inside the decode loop, selects one by --strategy, and prints it
+with every candidate's score (--json: machine-readable).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
+from metastone_jax.cli_common import Parser
 from metastone_jax.sample.search import MODES, SELECTIONS, STRATEGIES
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metastone-jax sample")
+def parser() -> Parser:
+    p = Parser(prog="metastone-jax sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="params checkpoint (from `convert hf-to-jax`)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--mode", default="medium", choices=tuple(MODES), help="k = 2 / 8 / 32")
@@ -40,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+def add_sampling_args(p: Parser, *, max_new_tokens: int) -> None:
     """The sampling flags shared by `sample` and `evaluate` (defaults: the released
     evaluation's temperature 0.6, top-p 0.95, repetition penalty 1.05)."""
     p.add_argument("--temperature", type=float, default=0.6)
@@ -55,7 +62,7 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> Non
     p.add_argument("--no_chat_template", action="store_true", help="use the prompt text as-is")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: Parser) -> None:
     """The continuous-batching engine's flags (sample/engine.py), shared by `sample` and
     `evaluate`."""
     p.add_argument("--slots", type=int, default=0,
@@ -97,7 +104,7 @@ def sampling_from_args(args):
 
 
 def main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     from metastone_jax.checkpoint import load_policy
     from metastone_jax.sample import search
 

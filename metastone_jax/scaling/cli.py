@@ -1,5 +1,6 @@
-"""`metastone-jax sweep --config=configs/sweeps/cpu.py --workdir=DIR [--print_commands]
-[--only=POINT_ID] [--no_progress] [--config.KEY=VALUE ...]`.
+"""`metastone-jax sweep`: a scaling sweep (model size x k x thinking budget).
+
+  metastone-jax sweep --workdir=DIR [--config=cpu | --config=FILE.py] [--print_commands]
 
 Runs (or resumes) the sweep in DIR and writes DIR/table.md, scaling.png and fit.json;
 --print_commands prints one launch command per point instead (config.tpu.command); --only runs
@@ -10,56 +11,46 @@ from __future__ import annotations
 
 import os
 
-from metastone_jax.main import CONFIGS
+from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
 
-DEFAULT_CONFIG = os.path.join(CONFIGS, "sweeps", "cpu.py")
-USAGE = (
-    "usage: metastone-jax sweep --config=configs/sweeps/cpu.py --workdir=DIR [--print_commands] "
-    "[--only=POINT_ID] [--no_progress] [--config.KEY=VALUE]"
-)
+PROG = "metastone-jax sweep"
+CONFIG_FILES = ("sweeps/cpu.py", "sweeps/tpu_example.py")
+DEFAULT_CONFIG_ARG = "configs/sweeps/cpu.py"  # what the printed commands name when none is given
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__)
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="the sweep's directory (required; re-run to resume)",
+    )
+    p.add_argument(
+        "--print_commands",
+        action="store_true",
+        help="print one launch command per point instead of running",
+    )
+    p.add_argument("--only", default=None, metavar="POINT_ID", help="run this point only")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_config_flags(p, CONFIG_FILES, default="cpu")
+    return p
 
 
 def main(argv: list[str]) -> None:
-    workdir = only = None
-    print_commands, progress = False, True
-    config_arg, overrides = None, []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n" + USAGE)
-            return
-        if arg.startswith("--workdir="):
-            workdir = arg.split("=", 1)[1]
-        elif arg.startswith("--only="):
-            only = arg.split("=", 1)[1]
-        elif arg == "--print_commands":
-            print_commands = True
-        elif arg == "--no_progress":
-            progress = False
-        elif arg.startswith("--config="):
-            config_arg = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            overrides.append(arg)
-        else:
-            raise SystemExit(f"metastone-jax sweep: unknown argument {arg!r}\n{USAGE}")
-    if not workdir:
-        raise SystemExit(
-            "metastone-jax sweep: --workdir=DIR is required (re-run it to resume)\n" + USAGE
-        )
-    if config_arg and not os.path.isfile(config_arg.split(":", 1)[0]):
-        raise SystemExit(f"metastone-jax sweep: --config={config_arg}: no such file\n{USAGE}")
-    from metastone_jax.main import _parse
-
-    args = ["metastone-jax sweep", *([f"--config={config_arg}"] if config_arg else []), *overrides]
-    try:
-        config = _parse(args, default_preset="", config_file=DEFAULT_CONFIG)
-    except SystemExit as e:  # one line from _parse, with the sweep's usage instead of main's
-        raise SystemExit(str(e.code).splitlines()[0].replace("metastone-jax:", "metastone-jax "
-                         "sweep:") + "\n" + USAGE) from None  # fmt: skip
+    args = parse(parser(), argv)
+    if not args.workdir:
+        raise SystemExit(f"{PROG}: --workdir=DIR is required (re-run it to resume)")
+    config = load_config(PROG, args.config, args.overrides, CONFIG_FILES)
+    given = any(arg.split("=", 1)[0] == "--config" for arg in argv)
+    config_arg = args.config if given else DEFAULT_CONFIG_ARG
+    workdir, overrides = args.workdir, args.overrides
+    print_commands, progress, only = args.print_commands, not args.no_progress, args.only
     from metastone_jax.scaling.sweep import run_sweep
 
     result = run_sweep(
         config, workdir, print_commands=print_commands, progress=progress, only=only,
-        config_arg=config_arg or "configs/sweeps/cpu.py", overrides=overrides,
+        config_arg=config_arg, overrides=overrides,
     )  # fmt: skip
     if print_commands:
         return

@@ -279,7 +279,7 @@ class _SizeRunner:
         from metastone_jax.checkpoint import load_policy
         from metastone_jax.data.synthetic import make_examples
         from metastone_jax.evaluate.harness import encode_question
-        from metastone_jax.main import param_counts
+        from metastone_jax.model import param_counts
 
         self.config, self.ckpt = config, ckpt
         self.model, self.tok, self.step = load_policy(ckpt)

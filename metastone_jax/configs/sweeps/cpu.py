@@ -1,4 +1,4 @@
-"""CPU scaling sweep: `metastone-jax sweep --config=configs/sweeps/cpu.py --workdir=DIR`.
+"""CPU scaling sweep: `metastone-jax sweep --config=cpu --workdir=DIR` (the default config).
 
 Three demo model sizes (each trained on the synthetic arithmetic task by the demo pipeline's
 `train_for_sweep`) x k in {1, 2, 4, 8, 16, 32} x thinking budget {off, 24 tokens}: 36 points.

@@ -11,11 +11,13 @@ a BCE warm-up as the ablation), then test-time scaling on held-out problems.
 
 from ml_collections import ConfigDict
 
+PRESETS = ("full", "quick")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
     preset = arg or "full"
-    if preset not in ("full", "quick"):
-        raise ValueError(f"unknown demo preset {preset!r}; expected 'full' or 'quick'")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; expected one of {PRESETS}")
     c = ConfigDict(
         {
             "preset": preset,

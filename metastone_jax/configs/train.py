@@ -1,4 +1,5 @@
-"""Train config: `metastone-jax train --config=configs/train.py:<preset> --workdir=DIR`.
+"""Train config: `metastone-jax train --config=<preset> --workdir=DIR` (or
+--config=configs/train.py:<preset> from the repository root).
 
 Presets:
   tiny-sft, tiny-grpo   the tiny model on the synthetic arithmetic task (tests, smoke runs)
@@ -16,7 +17,8 @@ from ml_collections import ConfigDict, config_dict
 
 
 def model_config(preset: str) -> ConfigDict:
-    """configs/model.py's config for `preset` (loaded by path: config files are not a package)."""
+    """configs/model.py's config for `preset` (the model.py beside this file, loaded by path as
+    ml_collections loads a config file, so that a copied config directory uses its own)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
     spec = importlib.util.spec_from_file_location("metastone_model_config", path)
     module = importlib.util.module_from_spec(spec)

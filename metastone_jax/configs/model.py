@@ -1,14 +1,19 @@
-"""Model + mesh config: `--config=configs/model.py:<preset>` with overrides `--config.model.x=y`.
+"""Model + mesh config: `metastone-jax info --config=<preset>` (or, from the repository root,
+--config=configs/model.py:<preset>) with overrides `--config.model.x=y`.
 
 Presets: tiny, demo, metastone-s1-1.5b, metastone-s1-7b, metastone-s1-32b.
-Mesh sizes are per axis of ('data', 'fsdp', 'tensor'); one may be -1 (the remaining devices).
+Mesh sizes are per axis of ('data', 'fsdp', 'tensor'); one may be -1 (the remaining devices). Set
+them with --mesh=data:N,fsdp:N,tensor:N (missing axes 1) or one at a time, --config.mesh.fsdp=N.
 """
 
 import dataclasses
 
 from ml_collections import ConfigDict, config_dict
 
+from metastone_jax.presets import PRESETS as MODELS
 from metastone_jax.presets import get_preset
+
+PRESETS = tuple(MODELS)
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

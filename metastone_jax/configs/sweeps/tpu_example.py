@@ -1,6 +1,6 @@
 """An example TPU sweep: larger sizes and more questions than configs/sweeps/cpu.py.
 
-    metastone-jax sweep --config=configs/sweeps/tpu_example.py --workdir=/mnt/sweep \\
+    metastone-jax sweep --config=tpu_example --workdir=/mnt/sweep \\
         --print_commands
 
 prints one command per point (config.tpu.command); each runs `--only=POINT_ID` on the TPU VM.

@@ -1,15 +1,17 @@
 """Mesh presets: the released sizes' GRPO (+SPR) training on common Cloud TPU slices.
 
-    metastone-jax plan --preset=grpo-1.5b-v5e-8
-    metastone-jax train --config=configs/meshes.py:grpo-1.5b-v5e-8 --workdir=gs://... \\
+    metastone-jax plan --config=grpo-1.5b-v5e-8
+    metastone-jax train --config=grpo-1.5b-v5e-8 --workdir=gs://... \\
         --config.data.source=FILE --config.init_ckpt=CKPT
+
+(--config=configs/meshes.py:grpo-1.5b-v5e-8 from the repository root is the same.)
 
 Each preset is the released 1.5B recipe of configs/train.py (grpo-1.5b: 32 prompts x k=8,
 prompts up to 1024 tokens, responses up to 8192, 4 updates per rollout batch, KL to a frozen
 reference, SPR loss) with the model, slice, mesh and batch layout below, `model.remat='full'`
 and `train.tpu` set, so `train` checks the memory plan before it allocates. Every preset but
 those in TRAIN_STEP_OVER fits by the planner (tests/test_plan.py); `metastone-jax plan
---preset=NAME` prints its numbers.
+--config=NAME` prints its numbers.
 
 Rollouts run on the paged engine (sample/engine.py), its slots and page pool chosen by the
 planner for the chip (rl.slots = rl.pages = 0; planning/memory.py): per device, the largest
