@@ -19,7 +19,8 @@ Both sides alternate over --rounds rounds and each reports its fastest (this mac
 after untimed calls: one of the static sampler (it compiles one program per shape), --warmup of
 the engine (it compiles a smaller slot count for its tail once the idle slots that count would
 save have cost a compilation, sample/shrink_cost.py, which over repeated calls such as GRPO's
-rollouts takes a few calls).
+rollouts takes a few calls; with --precompile it compiles every tail slot count in its first
+call, as a long-lived process would, EngineConfig.precompile).
 
     .venv/bin/python bench/engine_bench.py [--slots 64 --rounds 2 --sigma 0.8]
 """
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3, help="untimed engine calls first")
+    parser.add_argument("--precompile", action="store_true",
+                        help="heavy-tailed: the engine compiles every tail slot count ahead "
+                        "(EngineConfig.precompile) instead of as each pays")  # fmt: skip
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16000)
@@ -109,7 +113,8 @@ def main() -> None:
         work = em.engine_working_set(cfg, "xla", args.slots, args.slots, 1, k, args.prompt_len,
                                      args.page_size, g, b * k) // per_token  # fmt: skip
         pages = (static_slots - work) // args.page_size
-        conf = engine.EngineConfig(slots=args.slots, page_size=args.page_size, pages=pages)
+        conf = engine.EngineConfig(slots=args.slots, page_size=args.page_size, pages=pages,
+                                   precompile=args.precompile)  # fmt: skip
 
         def static():
             return sampler.generate(model, prompts, k=k, params=params, step=step,
@@ -136,7 +141,9 @@ def main() -> None:
         print(f"  static sampler  {useful / t_s:9.1f} useful tok/s ({t_s:.2f} s; rounds "
               f"{', '.join(f'{t:.2f}' for t in ts_s)}); row occupancy "
               f"{useful / (b * k * limits.max()):.0%}")  # fmt: skip
-        print(f"  engine S={args.slots} page {args.page_size}, pool {pages} pages + a working "
+        print(f"  engine S={args.slots} page {args.page_size}"
+              f"{', every tail size precompiled' if args.precompile else ''}, pool {pages} "
+              f"pages + a working "
               f"set of {work} tokens (the static cache's KV bytes)  {useful / t_e:9.1f} useful "
               f"tok/s ({t_e:.2f} s; rounds "
               f"{', '.join(f'{t:.2f}' for t in ts_e)})")  # fmt: skip

@@ -105,14 +105,29 @@ def test_candidates_are_unchanged_when_the_tail_shrinks_at_every_chance(
     model, static_runs, monkeypatch
 ):
     """The tail's rows move into fewer slots (`Engine._maybe_shrink`) whenever they fit: here
-    forced at every chance, where the measured rule (`shrink_cost`) would rarely pay on this
-    tiny model; the candidates stay the static sampler's."""
-    monkeypatch.setattr(engine.Engine, "_shrink_pays", lambda self, size, to: True)
+    at every chance, as the smaller slot counts are compiled ahead (`EngineConfig.precompile`;
+    the measured rule, `shrink_cost`, would rarely pay for a compilation on this tiny model);
+    the candidates stay the static sampler's."""
+    seen = []
+    original = engine.Engine._maybe_shrink
+
+    def shrink(self):
+        live = sum(r is not None for r in self.slot_req)
+        tail = live and not (self.queue or self.resumes)
+        shrunk = original(self)
+        if tail:
+            seen.append((live, len(self.slot_req)))
+        return shrunk
+
+    monkeypatch.setattr(engine.Engine, "_maybe_shrink", shrink)
     ref = static_runs[SAMPLED]
     got, stats = engine.generate(model, PROMPTS, k=K, params=SAMPLED, step=STEP, seeds=SEEDS,
-                                 engine=EngineConfig(slots=12, page_size=16),
+                                 engine=EngineConfig(slots=12, page_size=16, precompile=True),
                                  return_stats=True)  # fmt: skip
     assert stats.resizes >= 2  # 12 slots, then 10, then 8 as the candidates end
+    assert seen
+    for live, after in seen:  # at each harvest of the tail: the smallest size holding its rows
+        assert after == min(n for n in engine.slot_sizes(12) if n >= live)
     _assert_same(got, ref, model, SAMPLED)
 
 

@@ -122,11 +122,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # The rollout engine (sample/engine.py): slots decoded together (0: every
                 # rollout of a step at once, up to 256), tokens per KV page, and the page pool:
                 # `pages` (0: `memory_fraction` of the free memory when > 0, else room for
-                # every slot's whole budget).
+                # every slot's whole budget). precompile: compile the tail's smaller slot
+                # counts before the first rollouts (EngineConfig.precompile; pays back over a
+                # long run's many rollout calls).
                 "slots": 0,
                 "page_size": 64,
                 "pages": 0,
                 "memory_fraction": 0.0,
+                "precompile": False,
             },
             "spr": {
                 "coef": 1.0 if grpo else 0.0,

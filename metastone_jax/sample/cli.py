@@ -73,6 +73,9 @@ def add_engine_args(p: Parser) -> None:
                    "--memory_fraction, else room for every slot's whole budget)")  # fmt: skip
     p.add_argument("--memory_fraction", type=float, default=None,
                    help="size the page pool to this fraction of the free memory")  # fmt: skip
+    p.add_argument("--precompile", action="store_true",
+                   help="compile the decode for each slot count the tail shrinks to, before "
+                   "sampling (pays on long runs)")  # fmt: skip
 
 
 def engine_from_args(args):
@@ -80,7 +83,8 @@ def engine_from_args(args):
     from metastone_jax.sample.engine import EngineConfig
 
     return EngineConfig(slots=args.slots, page_size=args.page_size, pages=args.pages,
-                        memory_fraction=args.memory_fraction)  # fmt: skip
+                        memory_fraction=args.memory_fraction,
+                        precompile=args.precompile)  # fmt: skip
 
 
 def sampling_from_args(args):

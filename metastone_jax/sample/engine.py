@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from metastone_jax.sample import paged, sampler, segment_kv, shrink_cost
 from metastone_jax.sample.processors import SamplingParams
@@ -63,7 +64,12 @@ class EngineConfig:
     page (0: DEFAULT_PAGE_SIZE, or the largest power of two below it dividing max_len).
     pages: the pool's size (0: `memory_fraction` of free memory if given, else enough for
     every slot's whole budget). segment_steps: most tokens per jitted segment.
-    attention_impl: "xla" or "pallas" (None: the backend's default)."""
+    attention_impl: "xla" or "pallas" (None: the backend's default). precompile: compile the
+    segment for every slot count the tail may shrink to (`slot_sizes`) before decoding, as
+    JetStream and vLLM's TPU backend compile their shapes at start-up; the tail then shrinks
+    whenever its rows fit, with no compilation left to pay for (`shrink_cost`). Worth it in a
+    process that decodes long or often (GRPO rollouts, a server); off, a size is compiled once
+    the idle slots it would have saved have cost a compilation."""
 
     slots: int = 0
     page_size: int = 0
@@ -71,6 +77,7 @@ class EngineConfig:
     memory_fraction: float | None = None
     segment_steps: int = DEFAULT_SEGMENT_STEPS
     attention_impl: str | None = None
+    precompile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,6 +625,7 @@ class Engine:
         self.layout = plan_layout(cfg, engine, [len(p) for p in self.prompts], g, b * k, b,
                                   group=k if policy is not None else 0)  # fmt: skip
         self.segment_steps = engine.segment_steps
+        self.precompile = engine.precompile
         pad_id = sampler._pad_id(cfg) if pad_id is None else pad_id
         self.opts = sampler.DecodeOptions(
             params=params, step=step, pad_id=pad_id, score_steps=score_steps,
@@ -711,6 +719,8 @@ class Engine:
         self.clock = shrink_cost.SegmentClock(
             (self.graphdef, opts, steps, dataclasses.replace(lay, slots=0))
         )
+        if self.precompile:
+            self._precompile(segment_fn)
         self.rounds: dict[int, int] = {}  # barriers each question's group has passed
         self.max_remaining = opts.params.max_new_tokens  # tokens a live candidate may still add
         while self.queue or self.resumes or any(r is not None for r in self.slot_req):
@@ -1166,6 +1176,34 @@ class Engine:
         self.stats.resizes += 1
         return True
 
+    def _precompile(self, segment_fn) -> None:
+        """Compiles the segment for each smaller slot count of `slot_sizes` not compiled yet
+        (`EngineConfig.precompile`): a call on the idle state's first rows, which exits before
+        its first step. The pool goes through the calls (donated) and back into the state."""
+        size, lay = len(self.slot_req), self.layout
+        todo = [n for n in slot_sizes(size) if n < size and not self.clock.compiled(n)]
+        pool = self.state.cache
+        k, v = pool.k, pool.v
+        compact_fn = _compiled(self.graphdef, "compact", None)
+        for n in tqdm(todo, desc="engine: compiling the tail's slot counts", unit="size",
+                      disable=not self.progress or not todo, leave=False):  # fmt: skip
+            small = compact_fn(self.state.replace(cache=pool.replace(k=(), v=())),
+                               jnp.arange(n))  # fmt: skip
+            blocks = None
+            if lay.working_set:
+                arrays = segment_kv.plan_blocks([None] * n, [False] * n, {}, {}, slots=n,
+                                                rows=lay.block_rows,
+                                                prompt_columns=lay.prompt_columns)  # fmt: skip
+                blocks = tuple(jnp.asarray(a) for a in arrays)
+            out, _ = segment_fn(
+                self.model_state, self.weights, small.replace(cache=small.cache.replace(k=k, v=v)),
+                jnp.zeros(lay.pages, jnp.int32), jnp.int32(0), jnp.int32(0),
+                jnp.full(n, -1, jnp.int32), jnp.int32(n + 1), blocks,
+            )  # fmt: skip
+            k, v = out.cache.k, out.cache.v
+            self.clock.mark_compiled(n)
+        self.state = self.state.replace(cache=pool.replace(k=k, v=v))
+
     def _preempt(self, slot: int, kv_len: int, table_row) -> None:
         req = self.slot_req[slot]
         rows, _ = _compiled(self.graphdef, "take", None)(self.state, jnp.asarray([slot]))
@@ -1236,8 +1274,6 @@ class _ProgressBar:
     def __init__(self, enabled, questions, candidates):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=questions, unit="question", desc="sampling")
         self.candidates, self.total, self.tokens = 0, candidates, 0
         self.t0 = time.perf_counter()

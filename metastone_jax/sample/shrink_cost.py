@@ -44,6 +44,10 @@ class SegmentClock:
     def compiled(self, slots: int) -> bool:
         return (self.program, slots) in _compiled
 
+    def mark_compiled(self, slots: int) -> None:
+        """The segment at `slots` was compiled ahead (`EngineConfig.precompile`)."""
+        _compiled.add((self.program, slots))
+
     def record(self, slots: int, seconds: float, steps: int, fitting=()) -> None:
         """One segment call at `slots` took `seconds` for `steps` decode steps. fitting: the
         smaller slot counts that would have held its live rows (the tail's; none while

@@ -57,7 +57,7 @@ def engine_config(rl, planned=None) -> paged_engine.EngineConfig:
         pages = pages or (0 if fraction > 0 else planned.pages)
     return paged_engine.EngineConfig(
         slots=slots, page_size=int(rl.page_size), pages=pages,
-        memory_fraction=fraction if fraction > 0 else None,
+        memory_fraction=fraction if fraction > 0 else None, precompile=bool(rl.precompile),
     )  # fmt: skip
 
 

@@ -118,6 +118,7 @@ RULES: dict[str, Range | OneOf] = {
     "rl.page_size": at_least(1),
     "rl.pages": at_least(0),  # 0 = from memory_fraction, else every slot's whole budget
     "rl.memory_fraction": fraction(hi_open=False),
+    "rl.precompile": OneOf((False, True)),
     "spr.coef": at_least(0.0),
     "spr.form": OneOf(SPR_FORMS),
     "spr.grad_scale": at_least(0.0),
