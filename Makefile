@@ -31,6 +31,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check metastone_jax tests bench launch
 	$(VENV)/bin/ruff format --check metastone_jax tests bench launch
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-test

@@ -1,5 +1,5 @@
 """Training attention, forward + backward: the blocked online-softmax kernel
-(flash_attention.py) vs today's causal-blocked dense attention (layers.Attention: 64-query
+(attention/flash.py) vs today's causal-blocked dense attention (layers.Attention: 64-query
 blocks, each against all earlier keys, with an explicit [B,T,S] mask), in one run.
 
 One row, 8 query heads over 2 KV heads, head_dim 64, fp32, causal. For each length: XLA's
@@ -31,7 +31,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from metastone_jax import layers
-    from metastone_jax.flash_attention import flash_attention
+    from metastone_jax.attention.flash import flash_attention
 
     kh, g, hd = 2, 4, 64
     scale = hd**-0.5

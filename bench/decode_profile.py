@@ -90,7 +90,7 @@ def main() -> None:
     from metastone_jax.checkpoint import load_params_checkpoint
     from metastone_jax.sample import engine, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     tmp, ckpt, _ = qwen2_both_ways(vocab=16000, hidden=512, layers=8, prefix="decode-profile-")
     model, _ = load_params_checkpoint(ckpt, compute_dtype="float32")

@@ -35,7 +35,7 @@ def main() -> None:
     from metastone_jax.sample import sampler
     from metastone_jax.sample.draw import draw
     from metastone_jax.sample.processors import SamplingParams, process_logits, sample
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     def mask_then_draw(logits, seen, keys, params, forced=None):
         assert forced is None

@@ -67,7 +67,7 @@ def run_engine(tmp: str, new: int, runs: int) -> dict:
     from metastone_jax.planning import engine_memory as em
     from metastone_jax.sample import engine
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     model, _ = load_params_checkpoint(os.path.join(tmp, "ckpt"), compute_dtype="bfloat16")
     rss_loaded = _rss_gib()

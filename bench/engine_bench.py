@@ -8,7 +8,7 @@ transformers and converted HF -> JAX (bench/common.py), fp32, no EOS. Two worklo
     candidate `limits`, the same on both sides). The static sampler decodes all 256 rows until
     the longest ends; the engine runs --slots slots over a pool of the SAME KV bytes as the
     static cache (prompts once + 256 rows x max_new_tokens; less the KV bytes of the segment's
-    dense working set, sample/segment_kv.py), refilling slots as candidates end.
+    dense working set, attention/segment_kv.py), refilling slots as candidates end.
     Prints useful tokens/s both ways and the ratio, slot occupancy, and pages held vs the pages
     the live tokens need.
   fixed-length: 4 prompts x k=32, 128 new tokens each (nothing to recover): tokens/s of the
@@ -67,7 +67,7 @@ def main() -> None:
     from metastone_jax.planning import engine_memory as em
     from metastone_jax.sample import engine, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     tmp, ckpt, hf_dir = qwen2_both_ways(vocab=args.vocab, hidden=args.hidden,
                                         layers=args.layers, prefix="engine-bench-")  # fmt: skip

@@ -74,11 +74,12 @@ def prefill_row(rows, t) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
+    from metastone_jax.attention import paged
     from metastone_jax.model import abstract_model
     from metastone_jax.planning import engine_memory as em
-    from metastone_jax.sample import engine, paged, sampler
+    from metastone_jax.sample import engine, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     cfg = model_config(*CONFIGS["A"]["model"], 4096)
     graphdef, model_state = nnx.split(abstract_model(cfg))

@@ -11,7 +11,7 @@ alternate for --rounds rounds. Per side it prints:
     (both sides start from the same weights and batch, so the losses agree);
   - a fingerprint of the compiled step (sha256 of its optimized HLO): equal = one program.
 'dense' is the attention of earlier releases (scores per 64-query block over every earlier key,
-a [B,T,T] mask); 'flash' the blocked online softmax (metastone_jax/flash_attention.py); 'auto'
+a [B,T,T] mask); 'flash' the blocked online softmax (metastone_jax/attention/flash.py); 'auto'
 the default (on CPU: dense below 2,048 tokens, flash from there).
 
     .venv/bin/python bench/long_train_bench.py [--lengths 256,8192] [--sides dense,auto]

@@ -72,7 +72,7 @@ def main() -> None:
 
     from metastone_jax.config import ModelConfig
     from metastone_jax.data.packing import tokens_per_useful
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
     from metastone_jax.train.rollout import pack_for_training, split_micro
     from metastone_jax.train.state import OptimConfig
     from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn

@@ -48,7 +48,7 @@ def main() -> None:
     from metastone_jax.checkpoint import load_params_checkpoint
     from metastone_jax.sample import sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     # Same weights both ways: HF -> JAX for ours, JAX -> HF for transformers.
     tmp, _, _ = qwen2_both_ways(

@@ -28,7 +28,7 @@ def main() -> None:
     from metastone_jax.presets import get_preset
     from metastone_jax.sample import processors, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     def timed_mask(logits, k, small):
         processors.SMALL_TOP_K = small

@@ -36,7 +36,7 @@ def main() -> None:
     from metastone_jax.model import create_model
     from metastone_jax.sample import processors, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     default = processors.TOP_P_BLOCK_ELEMENTS
 

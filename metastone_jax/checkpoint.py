@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,10 +29,16 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from metastone_jax.config import ModelConfig, model_config_from_dict
+from metastone_jax.data.tokenizer import load_tokenizer
+from metastone_jax.model import abstract_model
+from metastone_jax.sharding import placement, sharded_abstract
+from metastone_jax.sprm.steps import StepTokens
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -88,10 +96,6 @@ def params_fingerprint(module: nnx.Module) -> str:
     the same weights give the same digest on any mesh. It reads a few values per array, not the
     weights: it tells checkpoints apart (any training moves them), it is not a hash of every
     weight."""
-    import hashlib
-
-    import numpy as np
-
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     for path, x in leaves[0]:
@@ -114,8 +118,6 @@ def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
 def _concurrent_gb(tree, budget_gb: float) -> float:
     """Orbax's in-flight byte limit: `budget_gb`, raised to fit the largest array (orbax refuses
     an array larger than the limit). Lower limits mean less host memory beyond the params."""
-    import math
-
     largest = max((math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)), default=0)
     return max(budget_gb, 1.01 * largest / 1e9)
 
@@ -268,8 +270,6 @@ def _check_stored_shapes(ckpt: str, target) -> None:
     """Compares the stored arrays' names and shapes (orbax's metadata) with `target`'s, so that
     a mismatch names the tensor. Without readable metadata the restore alone decides (given a
     target it needs none)."""
-    from etils import epath
-
     try:
         with quiet_abandoned_reads():  # it reads the store, which may be damaged
             stored = ocp.PyTreeCheckpointHandler().metadata(
@@ -316,10 +316,6 @@ def _restore(ckpt: str, target, restore_args, concurrent_gb: float):
 
 def load_params_numpy(ckpt: str, *, concurrent_gb: float = 0.05):
     """(ModelConfig, params as a pure dict of host numpy arrays, meta): for export, no devices."""
-    import numpy as np
-
-    from metastone_jax.model import abstract_model
-
     cfg, meta = read_checkpoint_meta(ckpt)
     target = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
     restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
@@ -337,9 +333,6 @@ def load_params_checkpoint(
     (one device without a mesh). `config_overrides` may change non-shape fields (dtypes, scan,
     remat); shape fields must match the checkpoint. At most `concurrent_gb` is read at once,
     which bounds host memory beyond the restored parameters."""
-    from metastone_jax.model import abstract_model
-    from metastone_jax.sharding import placement, sharded_abstract
-
     cfg, meta = read_checkpoint_meta(ckpt)
     cfg = cfg.replace(**config_overrides) if config_overrides else cfg
     abstract = abstract_model(cfg)
@@ -375,9 +368,6 @@ def write_policy(
 def load_policy(ckpt: str, *, mesh: jax.sharding.Mesh | None = None, step_ids=None):
     """(model, tokenizer, step tokens) of a params checkpoint with its tokenizer in CKPT/hf.
     `step_ids`: the step token ids (default: the id(s) of ".\\n\\n" in the tokenizer)."""
-    from metastone_jax.data.tokenizer import load_tokenizer
-    from metastone_jax.sprm import StepTokens
-
     check_checkpoint_dir(ckpt, tokenizer=True)
     tokenizer = load_tokenizer(os.path.join(ckpt, HF_FILES_DIR))
     model, _ = load_params_checkpoint(ckpt, mesh=mesh)

@@ -17,6 +17,12 @@ import argparse
 import textwrap
 from collections.abc import Sequence
 
+from absl import flags
+from ml_collections import config_flags
+
+from metastone_jax import configs
+from metastone_jax.sharding import MESH_FORM, parse_mesh
+
 OVERRIDE = "--config."
 
 
@@ -36,8 +42,6 @@ class Parser(argparse.ArgumentParser):
 def add_config_flags(parser: Parser, names: Sequence[str], default: str) -> None:
     """--config (a preset of the packaged config files `names`, or a file; default `default`) and
     the --config.SECTION.KEY=VALUE overrides, listed with the sections of the default config."""
-    from metastone_jax import configs
-
     valid = configs.choices(names)
     config = configs.load(*valid[default])
     sections = sorted(k for k, v in config.items() if hasattr(v, "keys"))
@@ -59,8 +63,6 @@ def add_config_flags(parser: Parser, names: Sequence[str], default: str) -> None
 
 
 def add_mesh_flag(parser: Parser, what: str) -> None:
-    from metastone_jax.sharding import MESH_FORM
-
     parser.add_argument(
         "--mesh", default=None, metavar=MESH_FORM,
         help=f"{what}; missing axes are 1 and one size may be -1 (the remaining devices)",
@@ -84,11 +86,6 @@ def load_config(
     """The ConfigDict of --config=`config` (resolved against the packaged files `names`) with
     `overrides` applied by ml_collections. Errors (unknown preset or file, unknown override key,
     bad value) exit with one line naming the flag and, for keys, the valid ones."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from metastone_jax import configs
-
     try:
         resolved = configs.resolve(config, names, flag=flag)
     except ValueError as e:
@@ -125,8 +122,6 @@ def apply_mesh(prog: str, config, mesh: str | None, overrides: Sequence[str]) ->
     --config.mesh.AXIS=N override as well it is an error: the two say the same thing."""
     if mesh is None:
         return
-    from metastone_jax.sharding import parse_mesh
-
     if any(arg.startswith(f"{OVERRIDE}mesh.") for arg in overrides):
         raise SystemExit(f"{prog}: --mesh and {OVERRIDE}mesh.AXIS=N both set the mesh: give one")
     try:

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from metastone_jax.attention import MASK_VALUE, flash, segment_kv, splash
+from metastone_jax.attention import paged as pg
 from metastone_jax.config import ModelConfig, RopeScaling
 from metastone_jax.sharding import constrain, sequence_sharded
-
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
 
 def normal_init(std: float):
@@ -169,11 +169,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class PagedLayer:
-    """One layer's page pool and what a paged decode step reads and writes (sample/paged.py):
+    """One layer's page pool and what a paged decode step reads and writes (attention/paged.py):
     k_pool, v_pool (layout by `impl`); page_table [B, W]; kv_len [B] tokens to attend (the new
     one included); write_page, write_offset [B] where the new token goes (page < 0: nowhere);
     segment: the XLA path's dense working set of the decode segment, this layer's view
-    (sample/segment_kv.py `SegmentKV`; None: attend over the pages alone)."""
+    (attention/segment_kv.py `SegmentKV`; None: attend over the pages alone)."""
 
     k_pool: jax.Array
     v_pool: jax.Array
@@ -272,7 +272,7 @@ class Attention(nnx.Module):
 
         paged (decode only, T = 1): this layer's page pool and the rows' pages
         (`PagedLayer`); the token is written into its page and attends over the row's pages
-        (sample/paged.py). Returns (y, the updated (k_pool, v_pool), and with `paged.segment`
+        (attention/paged.py). Returns (y, the updated (k_pool, v_pool), and with `paged.segment`
         its updated chunks (tail_k, tail_v)).
         """
         q = apply_rope(self.q_proj(x), cos, sin)  # [B,T,H,hd]
@@ -288,7 +288,7 @@ class Attention(nnx.Module):
         k = k.transpose(0, 2, 1, 3)  # [B,K,T,hd]
         v = v.transpose(0, 2, 1, 3)
         if k_cache is not None:
-            # Keys are cached transposed, [B,K,hd,S] (see sample/cache.py), values [B,K,S,hd].
+            # Keys are cached transposed, [B,K,hd,S] (see attention/kv_cache.py), values [B,K,S,hd].
             k_t = k.transpose(0, 1, 3, 2).astype(k_cache.dtype)
             k = jax.lax.dynamic_update_slice(k_cache, k_t, (0, 0, 0, write_index))
             v = jax.lax.dynamic_update_slice(
@@ -320,8 +320,6 @@ class Attention(nnx.Module):
 
     def _decode_paged(self, q, k, v, paged: PagedLayer):
         """q [B,K,G,1,hd]; k, v [B,1,K,hd]: write the token, attend over the row's pages."""
-        from metastone_jax.sample import paged as pg
-
         b, kh, g, _, hd = q.shape
         k_pool, v_pool = pg.write(paged.k_pool, paged.v_pool, k, v, paged.write_page[:, None],
                                   paged.write_offset[:, None], paged.impl)  # fmt: skip
@@ -330,8 +328,6 @@ class Attention(nnx.Module):
                             self.scale, paged.impl)  # fmt: skip
             written = (k_pool, v_pool)
         else:  # the token goes to its page and to the segment's chunk, read from there
-            from metastone_jax.sample import segment_kv
-
             tail_k, tail_v = segment_kv.write(paged.segment, k[:, 0], v[:, 0])
             seg = paged.segment.replace(tail_k=tail_k, tail_v=tail_v)
             out = segment_kv.attend(q[:, :, :, 0], k_pool, v_pool, paged.page_table, seg,
@@ -374,12 +370,8 @@ class Attention(nnx.Module):
     def _attend_segments(self, q, k, v, mask: SegmentMask):
         """Flash or splash attention, q [B,K,G,T,hd], k/v [B,K,S,hd] -> [B,T,H,hd]."""
         if mask.impl == "splash":
-            from metastone_jax.splash_attention import sharded_splash_attention
-
-            out = sharded_splash_attention(q, k, v, mask.q, mask.k, scale=self.scale)
+            out = splash.sharded_splash_attention(q, k, v, mask.q, mask.k, scale=self.scale)
         else:
-            from metastone_jax import flash_attention as flash
-
             block = flash.DEFAULT_BLOCK  # read here, so tests can shrink it
             out = flash.flash_attention(q, k, v, mask.q, mask.k, scale=self.scale,
                                         block_q=block, block_k=block)  # fmt: skip

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("metastone_jax.sample.cli", "test-time scaling on prompts (best-of-k, beam)"),
     "evaluate": ("metastone_jax.evaluate.cli", "pass@1 per mode on a benchmark file"),
     "sweep": ("metastone_jax.scaling.cli", "scaling sweep: model size x k x thinking budget"),
-    "plan": ("metastone_jax.planning.cli", "a training run's per-device memory on a TPU slice"),
+    "plan": ("metastone_jax.train.plan_cli", "a training run's per-device memory on a TPU slice"),
     "demo": ("metastone_jax.demo.cli", "the end-to-end demo on a synthetic task (make demo)"),
 }
 

@@ -1,4 +1,4 @@
-"""The MetaStone backbone (Qwen2/Llama) with an LM head and the SPRM head.
+"""The MetaStone backbone (Qwen2/Llama) with an LM head and the SPRM head (sprm/head.py).
 
 One forward returns logits [B,T,V] and the penultimate-layer features [B,T,D] (the raw output of
 block L-1, i.e. the input of the last block), which the SPRM head scores. Block parameters are
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from metastone_jax.attention.kv_cache import KVCache
 from metastone_jax.config import ModelConfig
 from metastone_jax.layers import (
     MLP,
@@ -27,10 +28,9 @@ from metastone_jax.layers import (
     attention_impl,
     normal_init,
     rope_cos_sin,
-    uniform_init,
 )
-from metastone_jax.sample.cache import KVCache
-from metastone_jax.sharding import constrain
+from metastone_jax.sharding import constrain, state_shardings
+from metastone_jax.sprm.head import SPRMHead
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -100,33 +100,6 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     return nnx.merge(graphdef, stacked)
-
-
-class SPRMHead(nnx.Module):
-    """Linear(D, 2D) -> ReLU -> Dropout(0.5) -> Linear(2D, 1): one logit per feature vector.
-
-    Initialised like torch.nn.Linear (uniform +-1/sqrt(fan_in)), as the released head was.
-    """
-
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, dropout: float = 0.5):
-        b1, b2 = d_model**-0.5, (2 * d_model) ** -0.5
-        self.dropout = dropout
-        self.fc1 = Linear(
-            (d_model,), (2 * d_model,), ("embed",), ("sprm_hidden",), use_bias=True, rngs=rngs,
-            kernel_init=uniform_init(b1), bias_init=uniform_init(b1),
-        )  # fmt: skip
-        self.fc2 = Linear(
-            (2 * d_model,), (1,), ("sprm_hidden",), (None,), use_bias=True, rngs=rngs,
-            kernel_init=uniform_init(b2), bias_init=uniform_init(b2),
-        )  # fmt: skip
-
-    def __call__(self, features: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """features [..., D] -> logits [...] (fp32). Dropout is active only given `dropout_rng`."""
-        h = jax.nn.relu(self.fc1(features.astype(jnp.float32)))
-        if dropout_rng is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
-        return self.fc2(h)[..., 0]
 
 
 class Transformer(nnx.Module):
@@ -282,7 +255,7 @@ class Transformer(nnx.Module):
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cache is not None:
             # Decode/prefill with a cache: layers unrolled so that each updates and reads its own
-            # cache buffer in place (see sample/cache.py).
+            # cache buffer in place (see attention/kv_cache.py).
             carry, ks, vs = (x, jnp.zeros_like(x)), [], []
             for i in range(cfg.n_layers):
                 p = layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], params)
@@ -353,7 +326,7 @@ class Transformer(nnx.Module):
 
     def decode_paged(self, token: jax.Array, kv, active: jax.Array,
                      weights: DecodeWeights | None = None):  # fmt: skip
-        """One decode step over a paged cache (sample/paged.py `PagedKV`, S rows).
+        """One decode step over a paged cache (attention/paged.py `PagedKV`, S rows).
 
         token [S] int; active [S] bool (inactive rows write nothing and keep their length).
         Each active row's token goes to position kv.kv_len (its rotary position), in the page
@@ -458,8 +431,6 @@ def create_model(
     (a jitted init with out_shardings), never materialised whole on one device first."""
     if mesh is None:
         return Transformer(cfg, rngs=nnx.Rngs(seed))
-    from metastone_jax.sharding import state_shardings
-
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(abstract_state, mesh)
 

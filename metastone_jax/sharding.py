@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -181,8 +183,6 @@ def hybrid_device_grid(devices: Sequence, sizes: tuple[int, int, int]) -> np.nda
                  for s in slices]  # fmt: skip
     if len({len(p) for p in per_slice}) != 1:
         raise ValueError(f"slices of unequal sizes: {[len(p) for p in per_slice]} devices")
-    from jax.experimental import mesh_utils
-
     blocks = []
     for members in per_slice:
         shape = (data // n, fsdp, tensor)
@@ -222,7 +222,6 @@ def _path_name(path) -> str:
 
 def state_specs(abstract_state, mesh_shape: Mapping[str, int]):
     """PartitionSpecs for an nnx State whose Variables carry `axes` metadata (same tree shape)."""
-    from flax import nnx
 
     def spec(path, var):
         axes = var.get_metadata().get("axes")
@@ -249,8 +248,6 @@ def state_shardings(abstract_state, mesh):
 def placement(abstract_state, mesh=None) -> dict:
     """Pure dict (as `nnx.to_pure_dict`) of where each parameter goes: its NamedSharding on
     `mesh`, or the first device without one."""
-    from flax import nnx
-
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, nnx.to_pure_dict(abstract_state))
@@ -267,8 +264,6 @@ def sharded_abstract(tree, shardings):
 
 def bytes_per_device(abstract_state, mesh_shape: Mapping[str, int]) -> int:
     """Bytes that the largest shard of every parameter occupies on one device (no allocation)."""
-    from flax import nnx
-
     specs = state_specs(abstract_state, mesh_shape)
     total = 0
     vars_ = jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

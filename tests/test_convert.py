@@ -20,9 +20,9 @@ from tolerances import (
     transformer_terms,
 )
 
+from metastone_jax.attention.kv_cache import KVCache
 from metastone_jax.checkpoint import load_params_checkpoint
 from metastone_jax.convert.hf import hf_to_jax, jax_to_hf, load_hf_model
-from metastone_jax.sample.cache import KVCache
 from metastone_jax.sharding import make_mesh
 
 

@@ -130,7 +130,8 @@ def test_ablation_head_on_another_backbone_is_refused(quick_run, tmp_path):
     from flax import nnx
 
     from metastone_jax.checkpoint import HF_FILES_DIR
-    from metastone_jax.demo.pipeline import _same_backbone_head, load_policy, save_policy
+    from metastone_jax.demo.pipeline import _same_backbone_head, load_policy
+    from metastone_jax.train.policy_and_heads import save_policy
 
     main_ckpt = os.path.join(quick_run, "spr", "bce")
     model, _, _ = load_policy(main_ckpt)
@@ -241,7 +242,7 @@ def test_grpo_study_trains_heads_under_one_moving_policy(quick_run, capsys):
 
 def test_fresh_rollouts_beyond_the_sft_data_are_refused(tmp_path):
     from metastone_jax import configs
-    from metastone_jax.demo.pipeline import collect_rollouts
+    from metastone_jax.train.policy_and_heads import collect_rollouts
 
     cfg = configs.load("demo.py", "quick")
     with pytest.raises(ValueError, match="sft.synthetic_size=1024"):

@@ -1,4 +1,4 @@
-"""`demo.stamps`: the settings a cached stage was made with, checked on reuse."""
+"""`train.stamps`: the settings a cached stage was made with, checked on reuse."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 from ml_collections import ConfigDict
 
-from metastone_jax.demo import stamps
+from metastone_jax.train import stamps
 
 
 def test_claim_writes_then_accepts_the_same_settings(tmp_path):

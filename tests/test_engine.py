@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from tolerances import logit_bound, logprob_tol, score_tol, sprm_head_terms, transformer_terms
 
+from metastone_jax.attention import segment_kv
 from metastone_jax.config import ModelConfig
 from metastone_jax.model import create_model
-from metastone_jax.sample import engine, sampler, segment_kv
+from metastone_jax.sample import engine, sampler
 from metastone_jax.sample.engine import EngineConfig
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm.steps import StepTokens
 
 # As tests/test_sampler.py: 0 pad, 1 eos, 5 step token, 6 <think>, 7 </think>.
 CFG = ModelConfig(

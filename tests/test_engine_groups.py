@@ -16,7 +16,7 @@ from metastone_jax.sample import engine, sampler
 from metastone_jax.sample.engine import EngineConfig
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sample.search import SearchConfig, _Beam, _Pruning, run
-from metastone_jax.sprm import aggregate, select
+from metastone_jax.sprm.aggregation import aggregate, select
 
 # No top-p and no repetition penalty: a draw then flips between two implementations only when
 # its uniform lands within fp32 rounding of a boundary (~1e-7 per token), not at a nucleus cut.

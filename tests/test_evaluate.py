@@ -10,7 +10,7 @@ from test_sample_cli import ckpt  # noqa: F401  (fixture: tiny Qwen2 checkpoint 
 from test_tokenizer import bpe_dir  # noqa: F401
 from tolerances import score_tol, sprm_head_terms
 
-from metastone_jax.evaluate.grading import extract_final_answer
+from metastone_jax.answers import extract_final_answer
 from metastone_jax.evaluate.harness import beam_split, question_seed, read_pool, sample_pool
 from metastone_jax.evaluate.metrics import (
     METHODS,
@@ -108,7 +108,7 @@ def test_pool_metrics_tokens_and_interval():
 
 
 def test_candidate_score_matches_sprm_aggregate():
-    from metastone_jax.sprm import aggregate
+    from metastone_jax.sprm.aggregation import aggregate
 
     rng = np.random.default_rng(0)
     scores = rng.uniform(0, 1, (6, 5)).astype(np.float32)
@@ -147,7 +147,7 @@ def loaded(ckpt):  # noqa: F811
     from metastone_jax.data.builders import read_records
     from metastone_jax.data.tokenizer import load_tokenizer
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     tok = load_tokenizer(os.path.join(ckpt, "hf"))
     model, _ = load_params_checkpoint(ckpt)
@@ -257,7 +257,7 @@ def test_extra_head_pool_equals_sampling_with_that_head(loaded, bench, tmp_path)
     same pool as sampling again with that head in the loop (the released-code shape)."""
     from flax import nnx
 
-    from metastone_jax.model import SPRMHead
+    from metastone_jax.sprm.head import SPRMHead
 
     model, tok, step, params, read_records = loaded
     records = read_records(bench)

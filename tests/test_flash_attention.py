@@ -1,4 +1,4 @@
-"""The blocked online-softmax attention (flash_attention.py) equals a dense softmax attention
+"""The blocked online-softmax attention (attention/flash.py) equals a dense softmax attention
 with an explicit mask, in values and in gradients: causal, packed segments, GQA, left padding,
 queries that are the last T of S slots, lengths that are not a multiple of the blocks."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metastone_jax.flash_attention import flash_attention
+from metastone_jax.attention.flash import flash_attention
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 

@@ -1,4 +1,5 @@
-"""Tests for answer extraction, normalization, matching and voting (metastone_jax.evaluate)."""
+"""Tests for answer extraction, normalization, matching and voting (metastone_jax.answers) and
+for grading (metastone_jax.evaluate.grading)."""
 
 import itertools
 import json
@@ -8,17 +9,19 @@ import time
 
 import pytest
 
+from metastone_jax.answers import (
+    _norm_match,
+    answers_match,
+    extract_final_answer,
+    majority_vote,
+    normalize_answer,
+)
 from metastone_jax.evaluate.grading import (
     GRADE_METHODS,
     _main,
-    _norm_match,
-    answers_match,
     check_reference_solutions,
-    extract_final_answer,
     grade_answer,
     grade_detail,
-    majority_vote,
-    normalize_answer,
 )
 
 

@@ -72,7 +72,7 @@ def test_fit_head_equals_frozen_backbone_spr_steps(form):
 
 
 def test_step_features_are_the_forward_features_at_scored_steps():
-    from metastone_jax.sprm import shift_for_scoring, step_mask
+    from metastone_jax.sprm.steps import shift_for_scoring, step_mask
 
     rows = _rollout_batch(np.random.default_rng(1), n=6)
     model = create_model(CFG, seed=0)

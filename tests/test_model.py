@@ -12,9 +12,9 @@ from tolerances import (
     transformer_terms,
 )
 
+from metastone_jax.attention.kv_cache import KVCache
 from metastone_jax.model import create_model
 from metastone_jax.presets import get_preset
-from metastone_jax.sample.cache import KVCache
 
 CFG = get_preset("tiny")
 

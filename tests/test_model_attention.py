@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from tolerances import fp32_reduction_tol, transformer_terms
 
-from metastone_jax import flash_attention
+from metastone_jax.attention import flash as flash_attention
 from metastone_jax.config import ModelConfig
 from metastone_jax.layers import attention_impl
 from metastone_jax.model import create_model, segment_positions

@@ -1,5 +1,5 @@
-"""The paged KV pool's two attention paths against a dense reference: "xla" (sample/paged.py) and
-"pallas" (sample/paged_tpu.py: jax's ragged paged attention TPU kernel, run here in Pallas' TPU
+"""The paged KV pool's two attention paths against a dense reference: "xla" (attention/paged.py) and
+"pallas" (attention/paged_tpu.py: jax's ragged paged attention TPU kernel, run here in Pallas' TPU
 interpret mode on CPU). Both pools are filled from the same logical K/V through `write`."""
 
 import contextlib
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tolerances import bf16_rounding_tol, fp32_reduction_tol
 
-from metastone_jax.sample import paged, paged_tpu
+from metastone_jax.attention import paged, paged_tpu
 
 K, G, HD, PAGE, P, W = 2, 2, 128, 16, 16, 4  # kv heads, q heads per kv head, head_dim, page,
 # pages in the pool, page-table columns
@@ -170,7 +170,7 @@ def test_the_engine_on_the_kernel_equals_the_engine_on_xla():
     from metastone_jax.model import create_model
     from metastone_jax.sample import engine
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     cfg = ModelConfig(
         vocab_size=12, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=64,

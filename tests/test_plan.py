@@ -15,8 +15,8 @@ import pytest
 from config_files import config_module
 
 from metastone_jax.main import main
-from metastone_jax.planning.from_config import check_train_config, plan_config
 from metastone_jax.planning.tpu import GIB, parse_tpu
+from metastone_jax.train.plan import check_train_config, plan_config
 
 # Shapes from the HF config.json files (DeepSeek-R1-Distill-Qwen-1.5B/7B, QwQ-32B): vocab, d_model,
 # layers, heads, kv heads, d_ff; all Qwen2 (q/k/v bias, untied LM head, head_dim 128).
@@ -295,7 +295,7 @@ def _engine_shapes(cfg, slots, pages, page, prompt_len, g):
     from metastone_jax.model import abstract_model
     from metastone_jax.sample import engine, sampler
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     opts = sampler.DecodeOptions(SamplingParams(temperature=1.0, max_new_tokens=g),
                                  StepTokens((5,), 6, 7))  # fmt: skip
@@ -319,9 +319,9 @@ def test_engine_terms_are_the_engines_own_arrays():
     """Pool, slot state and question table against the arrays `engine.empty_state` and
     `engine.prefill` make (abstract), the pallas layout against paged.pool_shapes, and kv heads
     over tensor only where tensor divides them."""
+    from metastone_jax.attention import paged
     from metastone_jax.config import ModelConfig
     from metastone_jax.planning import engine_memory as em
-    from metastone_jax.sample import paged
 
     cfg = ModelConfig(max_len=512, **TINY)
     slots, pages, page, p, g = 8, 50, 16, 64, 200
@@ -352,11 +352,11 @@ def step_temp_and_estimate(kind, remat, mesh, *, attention="dense", t=256, packe
 
     from metastone_jax.config import ModelConfig
     from metastone_jax.model import abstract_model
-    from metastone_jax.planning.memory import Workload, build_plan
-    from metastone_jax.planning.state_bytes import state_bytes
+    from metastone_jax.planning.build import build_plan
+    from metastone_jax.planning.memory import Workload
     from metastone_jax.planning.tpu import TpuType
     from metastone_jax.sharding import make_mesh, placement, sharded_abstract
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
     from metastone_jax.train.state import (
         OptimConfig,
         init_train_state,
@@ -364,6 +364,7 @@ def step_temp_and_estimate(kind, remat, mesh, *, attention="dense", t=256, packe
         pure_params,
         state_shardings,
     )
+    from metastone_jax.train.state_bytes import state_bytes
     from metastone_jax.train.step import StepConfig, batch_sharding, train_step
 
     cfg = ModelConfig(
@@ -521,7 +522,7 @@ def test_occupancy_simulation_follows_the_engine():
     from metastone_jax.planning.occupancy import _run
     from metastone_jax.sample import engine
     from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
+    from metastone_jax.sprm.steps import StepTokens
 
     cfg = ModelConfig(
         vocab_size=12, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=160,

@@ -9,7 +9,7 @@ import pytest
 from config_files import train_config
 
 from metastone_jax.sample.sampler import LENGTH, STOPPED, Candidates
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm.steps import StepTokens
 from metastone_jax.train.loop import step_config
 from metastone_jax.train.rollout import (
     assistant_prefix,

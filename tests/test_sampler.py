@@ -18,7 +18,7 @@ from metastone_jax.model import create_model
 from metastone_jax.sample import processors, sampler
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import make_mesh
-from metastone_jax.sprm import StepTokens, step_mask
+from metastone_jax.sprm.steps import StepTokens, step_mask
 
 # A 12-token vocabulary so that step tokens, runs of them and think tags occur often:
 # 0 pad, 1 eos, 5 step token, 6 <think>, 7 </think>, the rest text.

@@ -10,8 +10,8 @@ from hf_reference import tiny_hf_model
 from tolerances import fp32_reduction_tol, sprm_head_terms
 
 from metastone_jax.checkpoint import load_params_checkpoint
-from metastone_jax.convert import score_module
 from metastone_jax.convert.hf import hf_to_jax, jax_to_hf
+from metastone_jax.sprm import score_module
 
 D = 64  # tiny_hf_model's hidden size
 

@@ -10,7 +10,7 @@ from metastone_jax.model import create_model
 from metastone_jax.sample import sampler
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sample.search import SearchConfig, run
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm.steps import StepTokens
 
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=24, stop_ids=(1,))
 

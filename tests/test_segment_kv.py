@@ -1,4 +1,4 @@
-"""The XLA path's segment working set (sample/segment_kv.py): its attention against a dense
+"""The XLA path's segment working set (attention/segment_kv.py): its attention against a dense
 softmax over each row's keys, and its block layout."""
 
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tolerances import fp32_reduction_tol
 
-from metastone_jax.sample import segment_kv
+from metastone_jax.attention import segment_kv
 
 K, G, HD, PAGE, N_PAGES, COLS = 2, 3, 8, 4, 40, 8
 SCALE = HD**-0.5

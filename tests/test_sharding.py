@@ -53,9 +53,9 @@ def test_packed_flash_gradients_on_2x2x2_with_sequence_sharding_equal_one_device
     """Flash attention over packed rows, remat'd blocks whose saved inputs are sharded along
     the sequence over 'tensor' (the 'activation_length' rule): the same loss and gradients as
     one device, and the saved residual stream per device is [L, b/4, T/2, D]."""
-    from metastone_jax import flash_attention
+    from metastone_jax.attention import flash
 
-    monkeypatch.setattr(flash_attention, "DEFAULT_BLOCK", 16)
+    monkeypatch.setattr(flash, "DEFAULT_BLOCK", 16)
     cfg = CFG.replace(attention="flash", remat="full")
     rng = np.random.default_rng(1)
     b, t = 4, 48

@@ -1,4 +1,4 @@
-"""The splash-kernel wrapper (splash_attention.py), run in Pallas interpret mode on the CPU,
+"""The splash-kernel wrapper (attention/splash.py), run in Pallas interpret mode on the CPU,
 equals a dense f32 masked-softmax attention in values and in gradients: causal, GQA, left
 padding, packed segments with padding at the end, a length that is not a multiple of the block.
 """
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metastone_jax.splash_attention import splash_attention, splash_available
+from metastone_jax.attention.splash import splash_attention, splash_available
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -128,8 +128,8 @@ def test_available_only_on_tpu():
 def test_sharded_call_on_a_2x2x2_mesh_equals_the_dense_attention():
     """Under a mesh the kernel runs in a shard_map over rows (data, fsdp) and KV heads
     (tensor); each device's share must give the dense values and gradients."""
+    from metastone_jax.attention.splash import sharded_splash_attention
     from metastone_jax.sharding import make_mesh
-    from metastone_jax.splash_attention import sharded_splash_attention
 
     b, kh, g, t, hd = 4, 2, 2, 128, 64
     rng = np.random.default_rng(5)

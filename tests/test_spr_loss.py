@@ -1,4 +1,4 @@
-"""SPR loss forms, gradient isolation and score gap (metastone_jax.spr_loss),
+"""SPR loss forms, gradient isolation and score gap (metastone_jax.sprm.loss),
 docs/method.md section 3."""
 
 import math
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tolerances import fp32_reduction_tol
 
-from metastone_jax.spr_loss import scale_gradient, score_gap, spr_loss
+from metastone_jax.sprm.loss import scale_gradient, score_gap, spr_loss
 
 spr_jit = jax.jit(spr_loss, static_argnames="form")
 

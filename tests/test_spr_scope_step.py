@@ -11,7 +11,7 @@ from tolerances import fp32_reduction_tol, sprm_head_terms, transformer_terms
 from metastone_jax.model import create_model
 from metastone_jax.presets import get_preset
 from metastone_jax.sharding import make_mesh, placement
-from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
+from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
 from metastone_jax.train.rollout import split_micro
 from metastone_jax.train.state import (
     OptimConfig,

@@ -1,4 +1,4 @@
-"""Step masks, feature shift, aggregation and selection (metastone_jax.sprm)."""
+"""Step masks, feature shift, aggregation and selection (sprm/steps.py, sprm/aggregation.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 from tolerances import EPS32, fp32_reduction_tol
 
-from metastone_jax.sprm import (
-    AGGREGATIONS,
-    RunningScore,
-    StepTokens,
-    aggregate,
-    select,
-    shift_for_scoring,
-    step_mask,
-)
+from metastone_jax.sprm.aggregation import AGGREGATIONS, RunningScore, aggregate, select
+from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
 
 # Tiny vocab for hand-made sequences: '_' padding, 'a'/'b' words, 'S'/'s' two step ids,
 # '<' <think>, '>' </think>.

@@ -12,7 +12,7 @@ from metastone_jax.model import create_model
 from metastone_jax.presets import get_preset
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import make_mesh, placement, sharded_abstract
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm.steps import StepTokens
 from metastone_jax.train.checkpoint import TrainCheckpointer
 from metastone_jax.train.rollout import pack_rollouts, sample_rollouts, split_micro
 from metastone_jax.train.state import (

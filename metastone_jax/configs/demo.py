@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # The synthetic task (metastone_jax.data.synthetic.make_examples): chained +/-,
             # one step per operation; a quarter of the training steps are reflective (a wrong
             # result corrected within the step), so the policy learns to notice a wrong result
-            # where a step ends: the feature the SPRM reads (README, "The demo").
+            # where a step ends: the feature the SPRM reads (docs/demo.md).
             "task": {
                 "min_ops": 3,
                 "max_ops": 4,
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # The main head: plain BCE on every step. The released code's filtered loss is the
                 # ablation: it drops the errors the head misses and so confirms them, and its
                 # best-of-k trails BCE's on held-out rollouts, on fresh rollouts too
-                # (`--spr-study`; README, "The filtered SPR loss").
+                # (`--spr-study`; docs/spr-loss-study.md).
                 "form": "bce",
                 "ablation_form": "filtered",  # "" = skip
                 # Plain BCE before the filter (train/head_only.py: a sound start; from a random
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             # ~55% right; top-k 3 and top-p 0.85 (applied after the temperature) keep only
             # what the policy itself finds plausible, so its errors come where it is unsure (a
             # result, mostly), not where it is sure (the operands it copies): at top-p 1, slips
-            # in those copies are errors its own features cannot see (README, "The demo").
+            # in those copies are errors its own features cannot see (docs/demo.md).
             # No repetition penalty: the task's answers repeat digits on purpose.
             "sampling": {
                 "temperature": 3.0,
@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 # rl.logprob_support: the rollouts are drawn from the top-k/top-p cut. Scored
                 # under the whole softmax ("full", as verl) the reward holds for 100 steps at LR
                 # 1e-5, then falls to 0.06 by step 200 (KL 0.9); "sampled" scores them under the
-                # distribution they were drawn from (README, "The filtered SPR loss").
+                # distribution they were drawn from (docs/spr-loss-study.md).
                 "logprob_support": "sampled",
                 "lr": 1e-5,  # the policy's AdamW LR; at 3e-4 ("full") the reward fell in 10 steps
                 "head_lr": 1e-3,  # as the demo's heads

@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
 from metastone_jax.cli_common import Parser
+from metastone_jax.convert import hf
 from metastone_jax.convert.hf import DEFAULT_MAX_SHARD_SIZE
-from metastone_jax.sharding import MESH_FORM
+from metastone_jax.sharding import MESH_FORM, make_mesh, parse_mesh, resolve_mesh_shape
 
 
 def parser() -> Parser:
@@ -49,15 +52,9 @@ def parser() -> Parser:
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    from metastone_jax.convert import hf
-
     if args.direction == "hf-to-jax":
         mesh = None
         if args.mesh:
-            import jax
-
-            from metastone_jax.sharding import make_mesh, parse_mesh, resolve_mesh_shape
-
             mesh = make_mesh(resolve_mesh_shape(parse_mesh(args.mesh), jax.device_count()))
         meta = hf.hf_to_jax(
             args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, overwrite=args.overwrite,

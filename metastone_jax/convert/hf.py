@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from metastone_jax import checkpoint
 from metastone_jax.config import ModelConfig
-from metastone_jax.convert import score_module, spm_to_hf
+from metastone_jax.convert import spm_to_hf
 from metastone_jax.convert.mapping import (
     BACKBONE_RULES,
     IGNORED_HF_SUFFIXES,
@@ -39,6 +39,10 @@ from metastone_jax.convert.safetensors_io import (
     np_dtype,
     write_sharded,
 )
+from metastone_jax.model import abstract_model
+from metastone_jax.sharding import placement
+from metastone_jax.sprm import score_module
+from metastone_jax.sprm.head import SPRMHead
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -172,9 +176,6 @@ def load_hf_model(
     Without `score_module.{safetensors,pt}` beside the weights, the SPRM head is initialised
     from `seed` (as for a policy that has not been trained with the SPR loss yet).
     """
-    from metastone_jax.model import SPRMHead, abstract_model
-    from metastone_jax.sharding import placement
-
     _, cfg = read_hf_config(hf_dir, dtype)
     reader = SafetensorsReader(hf_dir)
     _check_tensors(reader, cfg)

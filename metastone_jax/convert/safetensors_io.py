@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -40,8 +41,6 @@ def canonical_dtype(name: str, *, what: str = "--dtype") -> str:
 
 
 def np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
     name = canonical_dtype(name)
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 

@@ -25,6 +25,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
 from metastone_jax.convert.spm_proto import (
     BYTE,
     CONTROL,
@@ -135,8 +137,6 @@ def bpe_merges(model: SpmModel) -> list[tuple[str, str]]:
 
 def build_tokenizer(model: SpmModel, *, add_bos: bool, add_eos: bool, where: str):
     """A ``tokenizers.Tokenizer`` with the same ids as ``SentencePieceTokenizer`` for `model`."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
     check_convertible(model, where)
     vocab = {p.text: i for i, p in enumerate(model.pieces)}
     tok = Tokenizer(
@@ -171,8 +171,6 @@ def build_tokenizer(model: SpmModel, *, add_bos: bool, add_eos: bool, where: str
 
 def _bos_eos_template(model: SpmModel, *, add_bos: bool, add_eos: bool):
     """Prepends BOS / appends EOS to each sequence (None when neither is added)."""
-    from tokenizers import processors
-
     ends = {"bos": model.special_id(model.bos_id) if add_bos else None,
             "eos": model.special_id(model.eos_id) if add_eos else None}  # fmt: skip
     named = {k: (model.pieces[i].text, i) for k, i in ends.items() if i is not None}

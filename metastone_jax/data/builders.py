@@ -34,6 +34,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from metastone_jax import optional
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("id", "prompt", "messages", "answer", "solution")
@@ -197,8 +199,7 @@ def _jsonl_line(raw: bytes, parse, default_id: str):
 
 
 def _parquet_records(path: str) -> Iterator[dict[str, str]]:
-    import pyarrow.parquet as pq
-
+    pq = optional.pyarrow_parquet()
     stem, i = _stem(path), 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():

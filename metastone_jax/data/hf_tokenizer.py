@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _Backend
+
 from metastone_jax.data.tokenizer_base import (
     SPECIAL_TOKEN_NAMES,
     TOKENIZER_JSON,
@@ -49,8 +52,6 @@ class HFTokenizer(Tokenizer):
             t for t in self._special.values() if t is not None and tokenizer.token_to_id(t) is None
         ]
         if missing:
-            from tokenizers import AddedToken
-
             tokenizer.add_special_tokens(
                 [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
             )
@@ -64,8 +65,6 @@ class HFTokenizer(Tokenizer):
     def from_dir(cls, path: str | os.PathLike) -> HFTokenizer:
         """Load ``path/tokenizer.json`` with ``tokenizer_config.json``, ``chat_template.jinja``
         and ``generation_config.json`` (each optional except tokenizer.json)."""
-        from tokenizers import Tokenizer as _Backend
-
         directory = os.fspath(path)
         tok_path = os.path.join(directory, TOKENIZER_JSON)
         if not os.path.isfile(tok_path):

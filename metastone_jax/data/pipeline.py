@@ -20,6 +20,7 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from metastone_jax.data.tokenizer_base import Tokenizer
@@ -38,8 +39,6 @@ class BatchIterator:
         process_count: int | None = None,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if len(source) == 0:

@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+import sentencepiece
+
 from metastone_jax.data.tokenizer_base import Tokenizer, _as_id_list, _unique
 
 
@@ -29,8 +31,6 @@ class SentencePieceTokenizer(Tokenizer):
         pad_id: int | None = None,
         template_origin: str | None = None,
     ):
-        import sentencepiece
-
         self.model_file = os.fspath(model_file)
         if not os.path.isfile(self.model_file):
             raise ValueError(f"{self.model_file}: SentencePiece model not found")

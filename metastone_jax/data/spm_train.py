@@ -27,6 +27,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
+import sentencepiece as spm
+
 from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.data.tokenizer_base import (
     CHAT_TEMPLATE_DIR,
@@ -64,8 +66,6 @@ def train_sentencepiece(
 
     Files are written to a temporary directory first and then renamed into place.
     """
-    import sentencepiece as spm
-
     symbols = [step_text, *think_tags]
     if not all(isinstance(s, str) and s for s in symbols) or len(set(symbols)) != len(symbols):
         raise ValueError(f"step_text and think_tags must be distinct non-empty strings: {symbols}")
@@ -129,8 +129,6 @@ def train_sentencepiece(
 
 def _check_symbols(model_proto: bytes, symbols: Sequence[str]) -> None:
     """Each symbol must be exactly one piece, alone and between other text."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     for s in symbols:
         piece = sp.piece_to_id(s)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from metastone_jax.sprm import STEP_TEXT
+from metastone_jax.sprm.steps import STEP_TEXT
 
 OPS = {"+": ("add", lambda a, b: a + b), "-": ("subtract", lambda a, b: a - b),
        "*": ("multiply by", lambda a, b: a * b)}  # fmt: skip

@@ -1,1 +1,2 @@
-"""The end-to-end demo: pipeline (stages), report (table, plots), cli."""
+"""The end-to-end demo: pipeline (stages; 1-3 are train/policy_and_heads.py), report (table,
+plots), the two studies, cli."""

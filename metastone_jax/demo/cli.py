@@ -17,6 +17,8 @@ import sys
 import time
 
 from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
+from metastone_jax.demo import grpo_study as grpo
+from metastone_jax.demo import pipeline, report, spr_study
 
 PROG = "metastone-jax demo"
 CONFIG_FILES = ("demo.py",)
@@ -62,8 +64,6 @@ def main(argv: list[str]) -> None:
     preset = cfg.preset
     workdir = args.workdir or os.path.join("runs", f"demo-{preset}")
     study, grpo_study = args.spr_study, args.grpo_study
-    from metastone_jax.demo import pipeline, report
-
     t0 = time.perf_counter()
     print(f"metastone-jax demo ({preset}): workdir {workdir}", flush=True)
     run = pipeline.run(cfg, workdir)
@@ -82,15 +82,11 @@ def main(argv: list[str]) -> None:
     print(report.format_diagnoses(results))
     print("wrote " + ", ".join(paths.values()))
     if study:
-        from metastone_jax.demo import spr_study
-
         out = spr_study.run_study(cfg, run, workdir)
         print()
         print(spr_study.format_study(out))
         print(f"wrote {os.path.join(workdir, spr_study.STUDY_FILE)}.json and .txt")
     if grpo_study:
-        from metastone_jax.demo import grpo_study as grpo
-
         out = grpo.run_grpo_study(cfg, run, workdir)
         print()
         print(grpo.format_grpo_study(out))

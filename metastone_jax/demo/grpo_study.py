@@ -22,8 +22,13 @@ import os
 
 import numpy as np
 
-from metastone_jax.demo import stamps
+from metastone_jax.demo.pipeline import held_out_records, shared_pool
+from metastone_jax.demo.report import plot_aha
 from metastone_jax.evaluate.metrics import method_accuracy
+from metastone_jax.train import stamps
+from metastone_jax.train.loop import train
+from metastone_jax.train.metrics import read_metrics
+from metastone_jax.train.policy_and_heads import _log, _write_json, train_config
 
 STUDY_DIR, STUDY_FILE = "grpo-study", "grpo_study"
 HEAD_INITS = ("main", "random")
@@ -32,8 +37,6 @@ SMOOTH = 20  # GRPO steps per point of the curves and of the first/last summarie
 
 def grpo_config(cfg, form: str, init_ckpt: str):
     """configs/train.py:demo-grpo on the demo's task and sampling, from `init_ckpt`."""
-    from metastone_jax.demo.pipeline import train_config
-
     s, st = cfg.sampling, cfg.grpo_study
     if float(s.repetition_penalty) != 1.0:
         raise ValueError(
@@ -85,9 +88,6 @@ def study_settings(cfg) -> dict:
 
 def run_grpo(cfg, form: str, init_ckpt: str, workdir: str) -> str:
     """One GRPO + SPR run (resumed if started) -> its export."""
-    from metastone_jax.demo.pipeline import _log
-    from metastone_jax.train.loop import train
-
     export = os.path.join(workdir, "export")
     step_file = os.path.join(export, "train_step.json")
     steps = int(cfg.grpo_study.steps)
@@ -103,8 +103,6 @@ def run_grpo(cfg, form: str, init_ckpt: str, workdir: str) -> str:
 def curve(metrics_path: str) -> list[dict]:
     """Per-step metrics of a run, averaged over windows of SMOOTH steps -> [{step, reward_mean,
     score_correct, score_incorrect, score_gap, kl, spr_kept_fraction}] (step: the window's last)."""
-    from metastone_jax.train.metrics import read_metrics
-
     rows = read_metrics(metrics_path)
     keys = ("reward_mean", "score_correct", "score_incorrect", "score_gap", "kl",
             "spr_kept_fraction")  # fmt: skip
@@ -119,15 +117,6 @@ def curve(metrics_path: str) -> list[dict]:
 def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
     """Both runs, the shared pool, every head's best-of-k -> results (also written to
     WORKDIR/grpo_study.*)."""
-    from metastone_jax.demo.pipeline import (
-        _log,
-        _write_json,
-        held_out_records,
-        shared_pool,
-        write_text,
-    )
-    from metastone_jax.demo.report import plot_aha
-
     st, e = cfg.grpo_study, cfg.eval
     forms = [str(f) for f in st.forms]
     if len(forms) != len(set(forms)) or not forms:
@@ -169,7 +158,7 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
         "questions": len(records), "samples": int(e.samples),
     }  # fmt: skip
     _write_json(f"{path}.json", out)
-    write_text(f"{path}.txt", format_grpo_study(out))
+    stamps.write_text(f"{path}.txt", format_grpo_study(out))
     plot_aha({f: {"history": c} for f, c in curves.items()}, f"{path}.png",
              xlabel=f"GRPO steps (one head update each; means over {SMOOTH} steps)",
              title="SPRM trained inside GRPO: correct vs incorrect rollouts")  # fmt: skip

@@ -9,9 +9,10 @@ import os
 
 import numpy as np
 
+from metastone_jax import optional
 from metastone_jax.demo.diagnose import diagnose, format_diagnosis
-from metastone_jax.demo.pipeline import write_text
 from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
+from metastone_jax.train.stamps import write_text
 
 # (key, label, pool method); "beam" rows come from beam search with the main head, "ablation"
 # from the head trained with `spr.ablation_form` (its label names the form).
@@ -109,8 +110,7 @@ def format_diagnoses(results: dict) -> str:
 
 def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
     """Labels, legend and grid, then the PNG under a temporary name and renamed."""
-    import matplotlib.pyplot as plt
-
+    plt = optional.pyplot()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -130,11 +130,7 @@ def plot_aha(
     """Mean held-out trajectory score of correct vs incorrect rollouts over head training
     (`heads`: {form: {"history": [{step, score_correct, score_incorrect}]}}); a vertical line
     where the filtered form's BCE warm-up ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = optional.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     styles = ["-", "--", ":"]
     for (form, head), style in zip(heads.items(), styles, strict=False):
@@ -153,11 +149,7 @@ def plot_aha(
 
 def plot_compute(results: dict, path: str) -> None:
     """Accuracy vs generated tokens per question, one line per selection method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = optional.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     tokens = results["tokens_per_question"]
     for key, label, _ in ROWS:

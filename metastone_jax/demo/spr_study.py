@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from metastone_jax.checkpoint import load_policy
+from metastone_jax.data.pipeline import pad_id
+from metastone_jax.evaluate.harness import encode_question
 from metastone_jax.evaluate.metrics import candidate_score, method_accuracy
+from metastone_jax.train.head_only import HeadFitConfig, fit_head, step_features
+from metastone_jax.train.policy_and_heads import _log, _write_json, collect_rollouts, held_out_mask
+from metastone_jax.train.stamps import write_text
 
 STUDY_FILE = "spr_study"
 SCORE_ATOL = 1e-3  # teacher-forced vs in-loop step scores (float32 rounding: ~4e-6 measured)
@@ -31,9 +39,6 @@ def pool_rows(pool: list[dict], tokenizer) -> dict[str, np.ndarray]:
     """Packed rows (tokens/valid [N, P+G], response_start [N], labels [N], include [N]) of every
     candidate of `pool`, in pool order: the chat-templated prompt left-padded to P, the
     re-encoded response (its end-of-sequence marker as the eos id) after it."""
-    from metastone_jax.data.pipeline import pad_id
-    from metastone_jax.evaluate.harness import encode_question
-
     eos = tokenizer.decode([tokenizer.eos_id])
     pairs, labels = [], []
     for q in pool:
@@ -57,8 +62,6 @@ def pool_rows(pool: list[dict], tokenizer) -> dict[str, np.ndarray]:
 
 def head_step_scores(head, feats) -> list[np.ndarray]:
     """sigmoid(head) at each trajectory's real steps: one [S_i] array per trajectory."""
-    import jax
-
     p = np.asarray(jax.nn.sigmoid(head(feats.features)), np.float64)
     return [p[i][feats.mask[i]] for i in range(len(feats))]
 
@@ -115,18 +118,6 @@ def protocols(cfg) -> list[dict]:
 
 def run_study(cfg, run: dict, workdir: str) -> dict:
     """Fits and scores every protocol -> results (also written to WORKDIR/spr_study.*)."""
-    from tqdm import tqdm
-
-    from metastone_jax.checkpoint import load_policy
-    from metastone_jax.demo.pipeline import (
-        _log,
-        _write_json,
-        collect_rollouts,
-        held_out_mask,
-        write_text,
-    )
-    from metastone_jax.train.head_only import HeadFitConfig, fit_head, step_features
-
     model, tokenizer, step = load_policy(run["policy"])
     heads = {form: load_policy(h["ckpt"])[0].sprm for form, h in run["heads"].items()}
     main = cfg.spr.form

@@ -1,1 +1,2 @@
-"""Answer extraction, normalization, grading and voting for math benchmarks."""
+"""Evaluation on math benchmarks: grading (math-verify on top of metastone_jax/answers.py), the
+resumable harness (candidate pools, beam evaluation), pool metrics, and the `evaluate` command."""

@@ -2,7 +2,7 @@
 
 Samples M candidates per question once (resumable: re-run the same command after a kill), then
 reports pass@1 per mode over floor(M/k) disjoint groups, maj@k and pass@k, and writes
-OUT/metrics.json. Bad arguments exit with one line before anything is loaded.
+OUT/metrics.json. Bad arguments exit with one line before the checkpoint or benchmark is read.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 
 from metastone_jax.cli_common import Parser
+from metastone_jax.evaluate import harness
 from metastone_jax.evaluate.harness import STRATEGIES, STRATEGY_METHOD
 from metastone_jax.evaluate.metrics import GROUP_COUNTS
 from metastone_jax.sample.cli import (
@@ -55,8 +56,6 @@ def _ints(flag: str, text: str) -> list[int]:
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    from metastone_jax.evaluate.harness import evaluate
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     ks = _ints("--ks", args.ks)
     sampling, step_ids = sampling_from_args(args)
@@ -73,7 +72,7 @@ def main(argv: list[str]) -> None:
         os.path.basename(os.path.normpath(args.ckpt)),
         os.path.splitext(os.path.basename(args.benchmark))[0],
     )
-    report = evaluate(
+    report = harness.evaluate(  # an attribute, so tests can replace it
         args.ckpt, args.benchmark, modes=modes, ks=ks, samples=args.samples,
         strategy=args.strategy, out_dir=out, sampling=sampling, step_ids=step_ids,
         engine=engine_from_args(args), seed=args.seed,

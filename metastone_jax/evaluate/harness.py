@@ -16,10 +16,26 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
-from metastone_jax.evaluate.grading import extract_final_answer, grade_detail
+from metastone_jax.answers import extract_final_answer
+from metastone_jax.checkpoint import (
+    HF_FILES_DIR,
+    check_checkpoint_dir,
+    load_policy,
+    params_fingerprint,
+    read_checkpoint_meta,
+)
+from metastone_jax.data.builders import read_records
+from metastone_jax.data.tokenizer import load_tokenizer
+from metastone_jax.evaluate.grading import grade_detail
 from metastone_jax.evaluate.metrics import GROUP_COUNTS, pool_metrics, summarize
+from metastone_jax.sample import engine as paged_engine
+from metastone_jax.sample import search
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sample.sampler import FINISH_REASONS
+from metastone_jax.sample.search import MODES
 
 # The pass@1 method of each pool strategy; "beam" searches instead of sampling a pool.
 STRATEGY_METHOD = {"best_of_k": "sprm_geomean", "vote": "vote", "weighted_vote": "weighted_vote"}
@@ -168,9 +184,6 @@ def sample_pool(
     written with the first entry (a meta beside no entries binds nothing), and everything,
     every prompt's length included, is checked before anything is written.
     """
-    from metastone_jax.checkpoint import params_fingerprint
-    from metastone_jax.sample import engine as paged_engine
-
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     ids = [str(r["id"]) for r in records]
@@ -258,8 +271,6 @@ def _append(path: str, lines: list[str]) -> None:
 
 def _head_scores(head, cands) -> np.ndarray:
     """sigmoid(head(feature)) at every recorded step slot: [B, k, S] (as the sampler's own)."""
-    import jax
-
     return np.asarray(jax.nn.sigmoid(head(cands.step_features)))
 
 
@@ -274,8 +285,6 @@ def _rescored(entry: dict, cands, row: int, step_scores: np.ndarray) -> dict:
 
 def _entry(record, index, seed, cands, row, tokenizer) -> dict:
     """One question's pool line, row ``row`` of the sampler's output."""
-    from metastone_jax.sample.sampler import FINISH_REASONS
-
     out = []
     for j in range(cands.tokens.shape[1]):
         n = int(cands.length[row, j])
@@ -312,8 +321,6 @@ def beam_eval(
     with ``sample_pool``'s seeds. -> per question {"id", "index", "answer", "correct",
     "selected": {...}, "tokens"}; "tokens" sums the lengths of the k final beams (a shared
     prefix counts once per beam)."""
-    from metastone_jax.sample import search
-
     width, expansions = beam_split(k)
     config = search.SearchConfig(strategy="beam", k=k, beam_width=width, expansions=expansions)
     prompts = _prompts(records, tokenizer, chat_template, model.cfg.max_len,
@@ -343,8 +350,6 @@ def beam_eval(
 
 def targets(modes=(), ks=()) -> dict[str, int]:
     """{label: k}: each mode (low/medium/high = 2/8/32), then each explicit k as "k=K"."""
-    from metastone_jax.sample.search import MODES
-
     out = {}
     for m in modes:
         if m not in MODES:
@@ -408,16 +413,6 @@ def evaluate(
             )
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected >= 1 questions, got {limit}")
-    from metastone_jax.checkpoint import (
-        HF_FILES_DIR,
-        check_checkpoint_dir,
-        load_policy,
-        read_checkpoint_meta,
-    )
-    from metastone_jax.data.builders import read_records
-    from metastone_jax.data.tokenizer import load_tokenizer
-    from metastone_jax.sample.processors import SamplingParams
-
     check_checkpoint_dir(ckpt, tokenizer=True)
     records = read_records(benchmark)[:limit]
     if not records:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from metastone_jax.evaluate.grading import majority_vote
+from metastone_jax.answers import majority_vote
 
 METHODS = (
     "random",  # the first candidate of the group (candidates are i.i.d.): plain pass@1
@@ -32,13 +32,14 @@ METHODS = (
     "oracle",  # any candidate of the group correct: pass@k
 )
 GROUP_COUNTS = ("per_question", "common")
-LOG_CLAMP = 1e-10  # geomean: log(max(p, 1e-10)), as sprm.aggregate and the released scorer
+LOG_CLAMP = 1e-10  # geomean: log(max(p, 1e-10)), as sprm/aggregation.py and the released scorer
 Z95 = 1.959963984540054
 
 
 def candidate_score(step_scores, how: str = "geomean") -> float:
-    """The SPRM score of one candidate from its counted step scores, as ``sprm.aggregate``
-    (geomean clamps at 1e-10; product does not) but in float64; no step -> 0."""
+    """The SPRM score of one candidate from its counted step scores, as
+    ``sprm.aggregation.aggregate`` (geomean clamps at 1e-10; product does not) but in float64;
+    no step -> 0."""
     p = np.asarray(step_scores, np.float64)
     if p.size == 0:
         return 0.0

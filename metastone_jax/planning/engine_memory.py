@@ -9,14 +9,24 @@ page), kv heads over 'tensor'.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metastone_jax.attention import segment_kv
 from metastone_jax.config import ModelConfig
+from metastone_jax.model import abstract_model
 from metastone_jax.planning import occupancy as occ
 from metastone_jax.planning.memory import Component, Workload, _split, causal_keys_per_query
+from metastone_jax.sample import engine, sampler
+from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import logical_to_spec
+from metastone_jax.sprm.steps import StepTokens
 
-LANES = 128  # sample/paged_tpu.py: the pallas pool pads head_dim to a multiple of this
+LANES = 128  # attention/paged_tpu.py: the pallas pool pads head_dim to a multiple of this
 MAX_SLOTS = 256  # rl.slots = 0: every rollout at once, up to this many (EngineConfig.slots)
 POOL_FRACTION = 0.9  # of HBM, for the whole rollout phase when the planner sizes the pool
 SMALL_PER_SLOT = 86  # DecodeState's [S] fields (12 x 4-byte, RunningScore 6 x 4, keys 8,
@@ -76,11 +86,9 @@ def segment_work_bytes(cfg: ModelConfig, slots: int, page: int, tp: int, impl: s
 
 def working_set_bytes(cfg: ModelConfig, *, slots: int, rows: int, tp: int, k: int,
                       prompt_len: int, page: int, steps: int) -> int:  # fmt: skip
-    """The xla layout's dense working set while a segment runs (sample/segment_kv.py), keys
+    """The xla layout's dense working set while a segment runs (attention/segment_kv.py), keys
     and values of every layer: the segment's tokens in chunks, `rows` slots on this device,
     and its blocks' prompt copies (blocks of all `slots`, whole on every device)."""
-    from metastone_jax.sample import segment_kv
-
     c = cfg.compute_jnp_dtype.itemsize
     per_token = 2 * _split(cfg.n_kv_heads, tp) * cfg.head_dim * c  # k and v, one layer
     tail = segment_kv.chunks(steps) * segment_kv.chunk_width(steps)
@@ -167,9 +175,7 @@ class EnginePlan:
 
 def default_pages(slots: int, columns: int, prompts: int, prompt_pages: int) -> int:
     """engine.plan_layout with pages = 0 and no memory_fraction."""
-    from metastone_jax.sample.engine import default_pages as engine_default
-
-    return engine_default(slots, columns, min(slots, prompts), prompt_pages)
+    return engine.default_pages(slots, columns, min(slots, prompts), prompt_pages)
 
 
 def slots_for_pool(pages: int, cap: int, k: int, prompt_len: int, max_new: int,
@@ -262,12 +268,11 @@ def engine_working_set(cfg: ModelConfig, impl: str, slots: int, rows: int, tp: i
                        candidates: int) -> int:  # fmt: skip
     """`working_set_bytes` at the engine's segment length (its default, at most the budget
     `max_new`); 0 in the pallas layout, or with more candidates than slots."""
-    from metastone_jax.sample.engine import DEFAULT_SEGMENT_STEPS
-
     if impl != "xla" or candidates > slots:  # engine.plan_layout: only without a queue
         return 0
+    steps = min(engine.DEFAULT_SEGMENT_STEPS, max_new)
     return working_set_bytes(cfg, slots=slots, rows=rows, tp=tp, k=k, prompt_len=prompt_len,
-                             page=page, steps=min(DEFAULT_SEGMENT_STEPS, max_new))  # fmt: skip
+                             page=page, steps=steps)  # fmt: skip
 
 
 def rollout_components(cfg: ModelConfig, w: Workload, mesh_shape: dict, hbm: int, resident: int,
@@ -337,17 +342,6 @@ def xla_segment_bytes(cfg: ModelConfig, *, slots: int, pages: int, page: int, pr
     device of the default backend, xla layout, nothing allocated): {argument, output, alias,
     temp, total = argument + output - alias + temp} (the state is donated: its output aliases
     its argument)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from metastone_jax.model import abstract_model
-    from metastone_jax.sample import engine, sampler, segment_kv
-    from metastone_jax.sample.processors import SamplingParams
-    from metastone_jax.sprm import StepTokens
-
     graphdef, model_state = nnx.split(abstract_model(cfg))
     weights = jax.eval_shape(lambda st: engine.decode_weights(nnx.merge(graphdef, st)),
                              model_state)  # fmt: skip

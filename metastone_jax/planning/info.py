@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+import jax
+from flax import nnx
+
 from metastone_jax.cli_common import (
     Parser,
     add_config_flags,
@@ -18,6 +21,9 @@ from metastone_jax.cli_common import (
     load_config,
     parse,
 )
+from metastone_jax.config import model_config_from_dict
+from metastone_jax.model import abstract_model, param_counts
+from metastone_jax.sharding import MESH_AXES, bytes_per_device, resolve_mesh_shape
 
 PROG = "metastone-jax info"
 CONFIG_FILES = ("model.py",)
@@ -38,13 +44,6 @@ def main(argv: list[str]) -> None:
 
 
 def report(config) -> None:
-    import jax
-    from flax import nnx
-
-    from metastone_jax.config import model_config_from_dict
-    from metastone_jax.model import abstract_model, param_counts
-    from metastone_jax.sharding import MESH_AXES, bytes_per_device, resolve_mesh_shape
-
     cfg = model_config_from_dict(config.model)
     mesh = dict(config.mesh)
     n_devices = jax.device_count()

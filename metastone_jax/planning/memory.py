@@ -6,7 +6,7 @@ bf16). A mesh axis that does not divide a dimension leaves it replicated, as the
 does for activations (sharding.py): hq = H*hd/tp, hkv = K*hd/tp (K*hd when tp does not divide
 K), f = F/tp, v = V/tp.
 
-Exact (from the abstract train state, no allocation; planning/state_bytes.py):
+Exact (from the abstract train state, no allocation; train/state_bytes.py):
   params          every parameter's largest shard on one device, in its own dtype (param_dtype;
                   the SPRM head fp32), with the shardings the run uses (embed over fsdp;
                   heads/kv_heads/mlp/vocab over tensor).
@@ -79,7 +79,7 @@ device:
   page pool       pages * 2 * L * (K/tp) * hd' * page * c   (k and v of every layer; hd' = hd
                   in the "xla" layout, k [pages, K, hd, page] and v [pages, K, page, hd]; hd
                   rounded up to 128 in the "pallas" layout [pages, page, 2K, hd'] of the TPU
-                  kernel, sample/paged_tpu.py: the layout planned, the TPU's, unless the kernel
+                  kernel, attention/paged_tpu.py: the layout planned, the TPU's, unless the kernel
                   cannot serve K/tp heads of the compute dtype, then "xla")
   slot state      s * (5V + c*D + 4G + 8*Smax + 4W + 86) + 4*pages + 4   (a DecodeState row per
                   slot: next logits fp32 and seen bool [V], next feature [D], tokens int32 [G],
@@ -104,7 +104,7 @@ device:
                   8*Gq*page) (keys gathered in fp32, values in c, scores and exponentials; Gq =
                   H/K); pallas 8*s*(H/tp)*hd' (q padded to the lanes, the output; the kernel's
                   blocks live in VMEM); xla, when every candidate has a slot from the start,
-                  also its dense working set (sample/segment_kv.py):
+                  also its dense working set (attention/segment_kv.py):
                   2*L*(K/tp)*hd*c * (s*T + B*ceil(P/page)*page), the segment's T tokens in
                   chunks (T = the default segment's min(128, G) steps rounded up to chunks of
                   min(64, T) tokens), and for each of B = ceil(2S/R) blocks of R = min(k, 8)
@@ -164,11 +164,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from metastone_jax.config import REMAT_POLICIES, ModelConfig
+from metastone_jax.config import ModelConfig
 from metastone_jax.planning.tpu import GIB, TpuType
 
 CAUSAL_BLOCK = 64  # layers.CAUSAL_BLOCK: queries per block of the causal attention
-FLASH_BLOCK = 512  # flash_attention.DEFAULT_BLOCK: queries and keys per block
+FLASH_BLOCK = 512  # attention.flash.DEFAULT_BLOCK: queries and keys per block
 FLASH_BLOCK_COPIES = 2  # f32 [rows, H/tp, bq, bk] arrays a flash block pass holds (calibrated)
 LOGIT_COPIES = {"sft": 3, "grpo": 6, "spr": 0}
 CHUNK_COPIES = {"sft": 3, "grpo": 4, "spr": 0}
@@ -209,7 +209,7 @@ class Workload:
 
 @dataclasses.dataclass(frozen=True)
 class StateBytes:
-    """Exact per-device bytes of the train state's parts (planning/state_bytes.py)."""
+    """Exact per-device bytes of the train state's parts (train/state_bytes.py)."""
 
     params: int
     sprm_params: int
@@ -410,81 +410,6 @@ def decode_weights_bytes(cfg: ModelConfig, state: StateBytes, mesh_shape: dict) 
     elements = state.params // jnp.dtype(cfg.param_dtype).itemsize * mesh_shape["fsdp"]
     elements += _split(cfg.vocab_size, mesh_shape["tensor"]) * cfg.d_model
     return elements * cfg.compute_jnp_dtype.itemsize
-
-
-def build_plan(
-    cfg: ModelConfig,
-    *,
-    name: str,
-    tpu: TpuType,
-    mesh_shape: dict,
-    workload: Workload,
-    state: StateBytes,
-) -> MemoryPlan:
-    """Assembles the components (formulas in the module docstring)."""
-    dp = mesh_shape["data"] * mesh_shape["fsdp"]
-    tp = mesh_shape["tensor"]
-    w = workload
-    if w.train_rows % dp:
-        raise ValueError(
-            f"a micro-batch of {w.train_rows} rows cannot be laid over data*fsdp = {dp} "
-            f"devices: make the rows per update / data.grad_accum a multiple of {dp}"
-        )
-    b = w.train_rows // dp
-    t = w.seq_len
-    work = layer_work_bytes(cfg, tp, b, t)
-    grads = state.params * (2 if w.grad_accum > 1 else 1)
-    pd = state.param_dtype
-    comps = [
-        Component(
-            "params", "resident", state.params,
-            f"{pd}; SPRM head fp32 ({state.sprm_params / 2**20:.1f} MiB)",
-        ),
-        Component("reference params", "resident", state.reference, "frozen copy for the KL"),
-        Component("optimizer state", "resident", state.optimizer, f"AdamW mu + nu ({pd})"),
-        Component(
-            "gradients", "step", grads,
-            pd + (": accumulator + one micro-batch's" if w.grad_accum > 1 else ""),
-        ),
-        Component(
-            "activations", "step", activation_bytes(cfg, tp, b, t, cfg.remat),
-            f"kept for backward, remat={cfg.remat}, {b} x {t} tokens"
-            + (f", sequence over tensor/{sequence_shards(tp, t)}" if tp > 1 else ""),
-        ),
-        Component(
-            "SPR head", "step", spr_head_bytes(cfg, b, t) if w.spr else 0,
-            f"fc1 hidden [{b}, {t}, {2 * cfg.d_model}] fp32 + dropout mask",
-        ),
-        Component("layer work", "step*", work,
-                  f"the layer being differentiated; {planned_attention(cfg)} attention"),
-        Component(
-            "logits", "step*",
-            logits_bytes(cfg, tp, b, t, w.kind, w.logits_chunk, mesh_shape["fsdp"]),
-            _logits_note(cfg, tp, b, t, w),
-        ),
-    ]  # fmt: skip
-    engine, n = None, 0
-    if w.candidates:
-        from metastone_jax.planning.engine_memory import rollout_components
-
-        resident = sum(c.bytes for c in comps if c.phase == "resident")
-        weights = decode_weights_bytes(cfg, state, mesh_shape)
-        engine, rollout = rollout_components(cfg, w, mesh_shape, tpu.hbm_bytes, resident, weights)
-        comps += rollout
-        n = engine.slots_per_device
-    comps = [c for c in comps if c.bytes or c.name in ("params", "optimizer state")]
-    return MemoryPlan(
-        model=name,
-        tpu=tpu,
-        mesh_shape=dict(mesh_shape),
-        workload=w,
-        remat=cfg.remat,
-        components=tuple(comps),
-        activations_by_remat={p: activation_bytes(cfg, tp, b, t, p) + work for p in REMAT_POLICIES},
-        rows_per_device=b,
-        rollout_rows_per_device=n,
-        engine=engine,
-    )
 
 
 def gib(n: float) -> float:

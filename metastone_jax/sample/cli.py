@@ -13,7 +13,12 @@ import dataclasses
 import json
 import sys
 
+from metastone_jax.checkpoint import load_policy
 from metastone_jax.cli_common import Parser
+from metastone_jax.sample import search
+from metastone_jax.sample.engine import EngineConfig
+from metastone_jax.sample.processors import SamplingParams
+from metastone_jax.sample.sampler import FINISH_REASONS
 from metastone_jax.sample.search import MODES, SELECTIONS, STRATEGIES
 
 
@@ -80,8 +85,6 @@ def add_engine_args(p: Parser) -> None:
 
 def engine_from_args(args):
     """The `EngineConfig` of the flags of `add_engine_args`."""
-    from metastone_jax.sample.engine import EngineConfig
-
     return EngineConfig(slots=args.slots, page_size=args.page_size, pages=args.pages,
                         memory_fraction=args.memory_fraction,
                         precompile=args.precompile)  # fmt: skip
@@ -89,8 +92,6 @@ def engine_from_args(args):
 
 def sampling_from_args(args):
     """(SamplingParams, step ids or None) from the flags of `add_sampling_args`."""
-    from metastone_jax.sample.processors import SamplingParams
-
     ids = None
     if args.step_ids:
         try:
@@ -109,9 +110,6 @@ def sampling_from_args(args):
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    from metastone_jax.checkpoint import load_policy
-    from metastone_jax.sample import search
-
     params, ids = sampling_from_args(args)  # bad flags fail before the checkpoint is read
     model, tokenizer, step = load_policy(args.ckpt, step_ids=ids)
     params = dataclasses.replace(params, stop_ids=tuple(tokenizer.eos_ids))
@@ -157,8 +155,6 @@ def main(argv: list[str]) -> None:
 
 
 def _report(result, tokenizer, show_steps: bool) -> dict:
-    from metastone_jax.sample.sampler import FINISH_REASONS
-
     c = result.candidates
     out = []
     for i in range(len(result.texts)):

@@ -2,8 +2,8 @@
 
 S slots decode together in a jitted segment: `sampler.advance` (the whole per-token logic: the
 sampling chain, the in-loop SPRM score, the step rules, stop ids, the thinking budget) over a
-paged cache (sample/paged.py; on the XLA path beside a dense working set of the prompts, read
-once per block of rows, and of the segment's own tokens: sample/segment_kv.py). A segment ends
+paged cache (attention/paged.py; on the XLA path beside a dense working set of the prompts, read
+once per block of rows, and of the segment's own tokens: attention/segment_kv.py). A segment ends
 after `segment_steps` tokens, as soon as a slot finishes while candidates wait for one (so no
 slot idles for long; with the queue empty, once enough are done for the slots to shrink), or
 when the pool has no page for a slot that needs one.
@@ -35,10 +35,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from metastone_jax.sample import paged, sampler, segment_kv, shrink_cost
+from metastone_jax.attention import paged, segment_kv
+from metastone_jax.sample import sampler, shrink_cost
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sharding import constrain
-from metastone_jax.sprm import RunningScore, StepTokens
+from metastone_jax.sprm.aggregation import RunningScore
+from metastone_jax.sprm.steps import StepTokens
 
 DEFAULT_PAGE_SIZE = 64  # XLA:CPU attention pays per page column (bench/RESULTS.md)
 DEFAULT_SEGMENT_STEPS = 128
@@ -89,9 +91,9 @@ class Layout:
     pages: int
     columns: int  # page-table width: pages of the longest sequence
     impl: str
-    block_rows: int = 1  # R, rows per prompt block on the XLA path (1: none; sample/segment_kv.py)
+    block_rows: int = 1  # R, rows per prompt block on the XLA path (1: none; segment_kv.py)
     prompt_columns: int = 0  # pages of the longest prompt
-    # Segments read the XLA path's dense working set (sample/segment_kv.py): when every
+    # Segments read the XLA path's dense working set (attention/segment_kv.py): when every
     # candidate has a slot from the start (no queue: segments run long). With a queue, a
     # segment ends every few steps to refill (the demo's: 5 on average), and the working set's
     # fixed width costs more than the page copies it saves (bench/RESULTS.md).

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from metastone_jax.sample.cache import KVCache, grow_layer
+from metastone_jax.attention.kv_cache import KVCache, grow_layer
 from metastone_jax.sample.draw import draw
 from metastone_jax.sample.processors import SamplingParams, seen_from_tokens, update_seen
 from metastone_jax.sharding import constrain
-from metastone_jax.sprm import RunningScore, StepTokens, is_id, isin_ids
+from metastone_jax.sprm.aggregation import RunningScore
+from metastone_jax.sprm.steps import StepTokens, inference_range, is_id, isin_ids, starts_step
 
 RUNNING, STOPPED, LENGTH, PRUNED = 0, 1, 2, 3
 FINISH_REASONS = ("running", "stop", "length", "pruned")
@@ -246,9 +247,9 @@ def advance(s: DecodeState, opts: DecodeOptions, model, forward) -> DecodeState:
     token = jnp.where(active, token, opts.pad_id).astype(jnp.int32)
     pos = s.prompt_len + s.length  # sequence position of this token
 
-    # Step token under the inference rules (first of a run, not right after <think>).
-    is_step = isin_ids(token, step.step_ids) & ~isin_ids(s.prev, step.step_ids) & active
-    is_step &= ~is_id(s.prev, step.think_open)
+    # Step token under rules 1-2 (first of a run, not right after <think>); the range comes at
+    # the end (final_step_mask).
+    is_step = starts_step(token, s.prev, step) & active
     if opts.score_steps:
         score = jax.nn.sigmoid(model.sprm_logits(s.next_feature))
     else:
@@ -311,7 +312,7 @@ def advance(s: DecodeState, opts: DecodeOptions, model, forward) -> DecodeState:
 
 def final_step_mask(state: DecodeState) -> jax.Array:
     """[N, S] bool: recorded steps that the released inference scorer counts, as
-    `sprm.step_mask(mode="inference")` on the prompt + response: after the `<think>` if the
+    `sprm.steps.step_mask(mode="inference")` on the prompt + response: after the `<think>` if the
     sequence holds exactly one, else after its second token (the released fallback never
     scores that one); up to the `</think>` (inclusive) if it holds exactly one, else to the end
     (docs/method.md section 2, rule 3). Positions count the real tokens only (0: the first prompt
@@ -319,9 +320,11 @@ def final_step_mask(state: DecodeState) -> jax.Array:
     s_max = state.step_scores.shape[1]
     recorded = jnp.arange(s_max)[None, :] < jnp.minimum(state.n_steps, s_max)[:, None]
     pos = state.prompt_len[:, None] + state.step_index
-    lo = jnp.where(state.n_open == 1, state.open_pos, 1)[:, None]
-    hi = jnp.where(state.n_close == 1, state.close_pos, jnp.iinfo(jnp.int32).max)[:, None]
-    return recorded & (pos > lo) & (pos <= hi)
+    in_range = inference_range(
+        pos, state.n_open, state.open_pos, state.n_close, state.close_pos,
+        lo_fallback=1, hi_fallback=jnp.iinfo(jnp.int32).max,
+    )  # fmt: skip
+    return recorded & in_range
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metastone_jax.answers import extract_final_answer, majority_vote
 from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample import sampler
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sprm import AGGREGATIONS, StepTokens, aggregate, select
+from metastone_jax.sprm.aggregation import AGGREGATIONS, aggregate, select
+from metastone_jax.sprm.steps import StepTokens
 
 MODES = {"low": 2, "medium": 8, "high": 32}
 STRATEGIES = ("best_of_k", "vote", "weighted_vote", "beam")
@@ -99,8 +101,6 @@ def run(
     from the continuous-batching engine (sample/engine.py; `engine`: its `EngineConfig`):
     beam search and early pruning as groups that pause at step boundaries; the thinking
     selection as a thinking run and an answer run that goes on from the chosen rows."""
-    from metastone_jax.evaluate.grading import extract_final_answer, majority_vote
-
     b = len(prompts)
     stats: dict = {}
     k = search.k

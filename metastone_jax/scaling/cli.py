@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
+from metastone_jax.scaling.sweep import run_sweep
 
 PROG = "metastone-jax sweep"
 CONFIG_FILES = ("sweeps/cpu.py", "sweeps/tpu_example.py")
@@ -46,8 +47,6 @@ def main(argv: list[str]) -> None:
     config_arg = args.config if given else DEFAULT_CONFIG_ARG
     workdir, overrides = args.workdir, args.overrides
     print_commands, progress, only = args.print_commands, not args.no_progress, args.only
-    from metastone_jax.scaling.sweep import run_sweep
-
     result = run_sweep(
         config, workdir, print_commands=print_commands, progress=progress, only=only,
         config_arg=config_arg, overrides=overrides,

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from metastone_jax import optional
+
 
 def sprm_head_flops(d_model: int) -> int:
     """FLOPs of one SPRM head evaluation (one scored step): 2*(D*2D) + 2*(2D*1) = 4D^2 + 4D."""
@@ -164,11 +166,7 @@ def plot_scaling(points: Sequence[Mapping], fit: LawFit | None, path: str) -> No
     """PNG: accuracy vs compute per question (log x; one series per model size (colour and
     marker) and thinking budget (line style), each point annotated with its k; the fitted law
     with R^2 in the legend), and accuracy vs measured wall time per question."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = optional.pyplot(force=True)
     series: dict[tuple, list[Mapping]] = {}
     for p in sort_points(points):
         series.setdefault((p["size"], _budget(p)), []).append(p)

@@ -29,9 +29,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from metastone_jax.answers import answers_match, extract_final_answer
+from metastone_jax.checkpoint import load_policy
+from metastone_jax.data.synthetic import make_examples
+from metastone_jax.evaluate.harness import encode_question
+from metastone_jax.model import param_counts
+from metastone_jax.presets import get_preset
+from metastone_jax.sample import engine
+from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.scaling import law
+from metastone_jax.sharding import maybe_initialize_distributed
+from metastone_jax.sprm.aggregation import aggregate, select
+from metastone_jax.train.policy_and_heads import train_for_sweep
 
 POINTS_FILE = "points.jsonl"
 MODELS_DIR = "models"
@@ -70,8 +83,6 @@ def _is_int(x) -> bool:
 def _size_estimate(overrides) -> int:
     """~ block parameters (L * (4 D^2 + 3 D F)) over the demo preset: orders the sizes (config
     dicts sort their keys by name)."""
-    from metastone_jax.presets import get_preset
-
     base = get_preset("demo")
     d, n, f = (overrides.get(x, getattr(base, x)) for x in ("d_model", "n_layers", "d_ff"))
     return n * (4 * d * d + 3 * d * f)
@@ -198,8 +209,8 @@ def run_sweep(
 
     trainer(size_name, model_overrides, size_workdir, sampling=dict(config.sampling)) -> params
     checkpoint dir (with its tokenizer in CKPT/hf; its SPRM head learns from rollouts sampled
-    as the sweep samples); default metastone_jax.demo.pipeline.train_for_sweep. It is called
-    for each size that has unfinished points and must itself resume or reuse finished work.
+    as the sweep samples); default train/policy_and_heads.py `train_for_sweep`. It is called for
+    each size that has unfinished points and must itself resume or reuse finished work.
     print_commands: print one launch command per point (config_arg and overrides are passed
     on) and return them; nothing runs. only: run just this point id.
     """
@@ -216,10 +227,6 @@ def run_sweep(
         chosen = [p for p in points if p.point_id == only]
         if not chosen:
             raise ValueError(f"--only={only}: not a point of this grid; e.g. {points[0].point_id}")
-    import jax
-
-    from metastone_jax.sharding import maybe_initialize_distributed
-
     maybe_initialize_distributed()  # before any JAX call, or a multi-worker slice cannot join
     writer = jax.process_index() == 0  # only process 0 writes (multi-host runs)
     os.makedirs(workdir, exist_ok=True)
@@ -234,13 +241,8 @@ def run_sweep(
                              f"{diff}; use a new --workdir")  # fmt: skip
     todo = [p for p in (chosen if only is not None else points) if p.point_id not in done]
     if todo:
-        from tqdm import tqdm
-
         if trainer is None:
-            try:
-                from metastone_jax.demo.pipeline import train_for_sweep as trainer
-            except ImportError as e:
-                raise ValueError(f"the default trainer (demo pipeline) is unavailable: {e}") from e
+            trainer = train_for_sweep
         bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
         for size in dict.fromkeys(p.size for p in todo):
             size_dir = os.path.join(workdir, MODELS_DIR, size)
@@ -276,11 +278,6 @@ class _SizeRunner:
     """One checkpoint: its model, tokenizer and encoded questions; samples shared by points."""
 
     def __init__(self, config, ckpt: str):
-        from metastone_jax.checkpoint import load_policy
-        from metastone_jax.data.synthetic import make_examples
-        from metastone_jax.evaluate.harness import encode_question
-        from metastone_jax.model import param_counts
-
         self.config, self.ckpt = config, ckpt
         self.model, self.tok, self.step = load_policy(ckpt)
         recs = list(make_examples("test", int(config.questions), int(config.seed), **config.task))
@@ -304,9 +301,6 @@ class _SizeRunner:
         """M candidates per question on the engine: the first `chunk_questions` questions warm
         it up (their programs compile), the rest are one timed queue (if none are left, the
         first chunk is timed again)."""
-        from metastone_jax.sample import engine
-        from metastone_jax.sample.processors import SamplingParams
-
         c = self.config
         if budget is not None and self.step.think_close is None:
             raise ValueError(f"{self.ckpt}: a think budget needs '</think>' in the vocabulary")
@@ -339,9 +333,6 @@ class _SizeRunner:
 
     def _grade(self, s: Samples, cand, rows: list[int]) -> None:
         """Fills s[rows] from the Candidates of prompts `rows`, in that order."""
-        from metastone_jax.evaluate.grading import answers_match, extract_final_answer
-        from metastone_jax.sprm import aggregate
-
         score = np.asarray(aggregate(cand.step_scores, cand.step_mask, "geomean"))
         for j, i in enumerate(rows):
             for r in range(s.correct.shape[1]):
@@ -363,8 +354,6 @@ def point_metrics(s: Samples, point: Point, n_params: int, d_model: int) -> dict
     """A point's record from its samples: SPRM best-of-k accuracy over G groups of k (geomean
     argmax, ties to the first), the first of each group (random choice), pass@k, compute and
     wall time per question for k candidates."""
-    from metastone_jax.sprm import select
-
     q, g, k = s.correct.shape[0], point.groups, point.k
     if s.correct.shape[1] != g * k:
         raise ValueError(f"{point.point_id}: {s.correct.shape[1]} samples, expected {g * k}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import tensorstore as ts
 from etils import epath
 
 from metastone_jax.checkpoint import first_line
@@ -52,8 +53,6 @@ def _json_problem(path: epath.Path) -> str | None:
 
 def _database_damage(state_dir: epath.Path) -> str | None:
     """Walks the OCDBT B-tree of the `state` item from its newest version's root."""
-    import tensorstore as ts
-
     try:
         base = ts.KvStore.open(_kvstore_url(state_dir)).result()
         manifest = ts.ocdbt.dump(base).result()

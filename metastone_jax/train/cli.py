@@ -21,6 +21,9 @@ from metastone_jax.cli_common import (
     load_config,
     parse,
 )
+from metastone_jax.train.loop import Preempted, train
+from metastone_jax.train.setup import files_dir
+from metastone_jax.train.validate import check_workdir, validate_train_config
 
 PROG = "metastone-jax train"
 CONFIG_FILES = ("train.py", "meshes.py")
@@ -45,10 +48,6 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"{PROG}: --workdir=DIR is required (re-run it to resume)")
     config = load_config(PROG, args.config, args.overrides, CONFIG_FILES)
     apply_mesh(PROG, config, args.mesh, args.overrides)
-    from metastone_jax.train.loop import Preempted, train
-    from metastone_jax.train.setup import files_dir
-    from metastone_jax.train.validate import check_workdir, validate_train_config
-
     workdir = args.workdir
     try:
         validate_train_config(config)  # as built from the flags (train() checks it again)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
-from metastone_jax.spr_loss import FORMS, score_gap, spr_loss
-from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
+from metastone_jax.sprm.loss import FORMS, score_gap, spr_loss
+from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
 
 
 @dataclasses.dataclass
@@ -61,10 +62,8 @@ def step_features(model, rows: dict[str, np.ndarray], step: StepTokens, *, batch
                   mode: str = "train", progress: bool = False):  # fmt: skip
     """Penultimate features at the step mask of packed rollout rows (`pack_rollouts`:
     tokens/valid [N, T], response_start [N], labels [N], include [N]) -> StepFeatures.
-    mode: `sprm.step_mask`'s "train" (what the SPR loss sees) or "inference" (what the sampler
+    mode: `sprm.steps.step_mask`'s "train" (what the SPR loss sees) or "inference" (what the sampler
     scores; they differ only for responses with more than one think tag)."""
-    from tqdm import tqdm
-
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -125,7 +124,7 @@ def fit_head(head, train: StepFeatures, cfg: HeadFitConfig, *, held_out: StepFea
 
     history: one row per `eval_every` updates with the step, the training loss and, on
     `held_out` (default: the training set), score_correct / score_incorrect / score_gap (the
-    "aha" curve, `spr_loss.score_gap`).
+    "aha" curve, `sprm.loss.score_gap`).
     """
     graphdef, params = nnx.split(head)
     tx = optax.chain(

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from metastone_jax.data.packing import rows_needed
-from metastone_jax.planning.from_config import check_train_config
 from metastone_jax.sharding import (
     make_mesh,
     maybe_initialize_distributed,
@@ -30,6 +30,7 @@ from metastone_jax.sharding import (
 from metastone_jax.train import setup
 from metastone_jax.train.checkpoint import TrainCheckpointer
 from metastone_jax.train.metrics import MetricsWriter
+from metastone_jax.train.plan import check_train_config
 from metastone_jax.train.resume import restore_newest
 from metastone_jax.train.rollout import (
     LENGTH,
@@ -44,10 +45,10 @@ from metastone_jax.train.rollout import (
     split_micro,
 )
 from metastone_jax.train.state import (
-    OptimConfig,
     TrainState,
     init_train_state,
     make_optimizer,
+    optim_config,
     state_shardings,
 )
 from metastone_jax.train.step import StepConfig, compile_step, rollout_logprobs_fn
@@ -86,8 +87,6 @@ class _SigtermFlag:
         """True when any process was signalled (all processes must save the same step)."""
         if jax.process_count() == 1:
             return self.set
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.array([self.set], np.int32))
         return bool(np.max(flags))
 
@@ -132,14 +131,6 @@ def step_config(config, step_tokens) -> StepConfig:
         sprm_dropout=bool(config.spr.dropout),
         step=step_tokens,
         logits_chunk=int(config.train.logits_chunk),
-    )
-
-
-def optim_config(config) -> OptimConfig:
-    return OptimConfig(
-        **dict(config.optim),
-        total_steps=int(config.train.steps),
-        train_sprm=config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0),
     )
 
 
@@ -279,8 +270,6 @@ def _packed(batch, config, mesh, step_tokens):
         return batch
     rows = rows_needed(batch["valid"], width)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         rows = int(np.max(multihost_utils.process_allgather(np.array([rows], np.int32))))
     devices = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
     return pack_for_training(batch, width, rows_multiple=max(devices, 1), step=step_tokens,

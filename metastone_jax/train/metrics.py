@@ -15,8 +15,11 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import tqdm
+
+from metastone_jax import optional
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -91,8 +94,6 @@ class MetricsWriter:
         flush_secs: int = 30,
     ):
         if enabled is None:
-            import jax
-
             enabled = jax.process_index() == 0
         self.enabled = bool(enabled)
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -103,9 +104,7 @@ class MetricsWriter:
         if start_step > 0:
             _truncate(self.path, start_step)
         self._file = open(self.path, "a")
-        from tensorboardX import SummaryWriter  # heavy-ish import, only where we write
-
-        self._tb = SummaryWriter(
+        self._tb = optional.tensorboardx().SummaryWriter(  # heavy-ish import: only where we write
             os.path.join(workdir, TB_DIR),
             purge_step=start_step if start_step > 0 else None,
             flush_secs=flush_secs,

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from metastone_jax.checkpoint import first_line
 from metastone_jax.train.checkpoint import TrainCheckpointer, tensor_shapes
@@ -117,8 +118,6 @@ def _newest_intact(ckpt: TrainCheckpointer, set_aside: list[str]) -> int | None:
     """The newest step whose files are all there, setting damaged ones aside (process 0)."""
     if jax.process_count() == 1:
         return _check_steps(ckpt, set_aside)
-    from jax.experimental import multihost_utils
-
     step, failure = None, None
     if jax.process_index() == 0:
         try:

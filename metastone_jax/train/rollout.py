@@ -7,18 +7,20 @@ compiled step for the whole run.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from flax import nnx
 
+from metastone_jax.answers import answers_match, extract_final_answer
 from metastone_jax.data.packing import pack_micro_batches
-from metastone_jax.evaluate.grading import answers_match, extract_final_answer
 from metastone_jax.rl import group_advantages
 from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sample.sampler import LENGTH, Candidates
-from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
+from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
 
 
 def sample_rollouts(
@@ -210,8 +212,6 @@ ROLLOUT_FILE = "step_{:06d}.npz"
 
 def save_rollouts(directory: str, step: int, rows: dict[str, np.ndarray]) -> str:
     """Writes packed rows to DIRECTORY/step_NNNNNN.npz (temporary name, then rename)."""
-    import os
-
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, ROLLOUT_FILE.format(step))
     tmp = f"{path}.tmp-{os.getpid()}.npz"
@@ -227,9 +227,6 @@ class SavedRollouts:
     KEYS = ("tokens", "valid", "response_mask", "response_start", "labels", "include")
 
     def __init__(self, directory: str):
-        import glob
-        import os
-
         self.files = sorted(glob.glob(os.path.join(directory, "step_*.npz")))
         if not self.files:
             raise ValueError(f"{directory}: no saved rollouts (step_*.npz); run GRPO with "

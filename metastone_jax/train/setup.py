@@ -16,8 +16,10 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from metastone_jax.checkpoint import (
     HF_FILES_DIR,
@@ -28,10 +30,11 @@ from metastone_jax.checkpoint import (
 )
 from metastone_jax.config import ModelConfig, model_config_from_dict
 from metastone_jax.data import builders, pipeline, synthetic
+from metastone_jax.data.spm_train import train_sentencepiece
 from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.model import abstract_model, create_model
 from metastone_jax.sample.processors import SamplingParams
-from metastone_jax.sprm import StepTokens
+from metastone_jax.sprm.steps import StepTokens
 from metastone_jax.train.rollout import SavedRollouts, split_micro
 from metastone_jax.train.state import pure_params
 
@@ -66,12 +69,8 @@ def _source(config, workdir: str):
     """The training records. With several processes, process 0 builds the dataset first and
     the others then reuse it (on a shared disk) or build the same one (on their own disks):
     two builders writing one directory at once would corrupt it."""
-    import jax
-
     if jax.process_count() == 1:
         return _build_source(config, workdir)
-    from jax.experimental import multihost_utils
-
     source = _build_source(config, workdir) if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("metastone-jax: dataset built")
     return source if source is not None else _build_source(config, workdir)
@@ -109,15 +108,11 @@ def _tokenizer(config, workdir: str, source) -> tuple[Any, str]:
     path = os.path.join(workdir, TOKENIZER_DIR)
     if os.path.isdir(path):
         return load_tokenizer(path), path
-    import jax
-
     if jax.process_count() > 1:
         raise ValueError(
             "multi-process runs need a tokenizer: set config.tokenizer.path (train one with a "
             "single-process run first)"
         )
-    from metastone_jax.data.spm_train import train_sentencepiece
-
     texts = (source[i]["prompt"] + "\n" + source[i]["solution"] for i in range(len(source)))
     tok = train_sentencepiece(
         texts,

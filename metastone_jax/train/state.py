@@ -58,6 +58,16 @@ class OptimConfig:
             raise ValueError("optim: warmup_steps must be >= 0 and total_steps >= 1")
 
 
+def optim_config(config) -> OptimConfig:
+    """The OptimConfig of a train config (configs/train.py): its optim section, the run's steps,
+    and whether the SPRM head trains (SPR-only, or GRPO with the SPR loss on)."""
+    return OptimConfig(
+        **dict(config.optim),
+        total_steps=int(config.train.steps),
+        train_sprm=config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0),
+    )
+
+
 def learning_rate(peak: float, cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "constant":
         return optax.constant_schedule(peak)

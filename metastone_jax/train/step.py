@@ -16,7 +16,7 @@ SPR class weights are computed over each micro-batch across all devices (the who
 A = 1); the filter needs the current logits, so global weights over several micro-batches would
 cost a second forward pass. `spr_scope="rank"` normalises as the released actor instead: per
 data-parallel rank within each micro-batch, counts summed over the ranks (+1 per rank), ranks'
-losses averaged (`spr_loss.spr_loss(ranks=R)`). The A micro-batches' gradients are averaged,
+losses averaged (`sprm.loss.spr_loss(ranks=R)`). The A micro-batches' gradients are averaged,
 as verl does (each micro-batch's loss x its rows / the rank's mini-batch rows, here 1/A).
 """
 
@@ -33,8 +33,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from metastone_jax import lm_loss, rl, spr_loss
-from metastone_jax.sprm import StepTokens, shift_for_scoring, step_mask
+from metastone_jax import lm_loss, rl
+from metastone_jax.sprm import loss as spr_loss
+from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
 from metastone_jax.train.state import TrainState
 
 KINDS = ("sft", "grpo", "spr")

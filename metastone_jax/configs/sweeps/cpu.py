@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
             "candidates_per_point": 32,  # floor(32 / k) groups of k per question
             "chunk_questions": 10,  # questions that warm the engine up (untimed)
             # The task and the sampling (also the SPRM heads' rollouts) are the demo's
-            # (configs/demo.py: T 3.0, then top-k 3 and top-p 0.85; README, "The demo").
+            # (configs/demo.py: T 3.0, then top-k 3 and top-p 0.85; docs/demo.md).
             "sampling": {"temperature": 3.0, "top_p": 0.85, "top_k": 3, "max_new_tokens": 128},
             "task": {"min_ops": 3, "max_ops": 4, "max_operand": 9, "ops": "+-"},
             "seed": 0,

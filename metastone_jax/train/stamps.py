@@ -1,4 +1,5 @@
-"""The settings each cached demo stage was made with.
+"""The settings each cached demo stage was made with (train/policy_and_heads.py and
+demo/pipeline.py run the stages), and `write_text`, the atomic write the stages use.
 
 The demo resumes by reusing finished stages (WORKDIR/sft, spr/*.npz, spr/<form>, eval). Before a
 stage runs or is reused, `claim` compares the settings it depends on (its own and every upstream
@@ -75,7 +76,13 @@ def claim(output: str, settings: dict, *, output_exists: bool) -> None:
             f"{output} was made with {key}={was!r} and this run has {key}={now!r} ({path}); "
             "use another workdir, or remove it to make that stage again"
         )
-    from metastone_jax.demo.pipeline import write_text  # here: pipeline imports this module
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_text(path, json.dumps(settings, indent=1))
+
+
+def write_text(path: str, text: str) -> None:
+    """`text` + newline at `path`, under a temporary name and renamed (no half-written file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)

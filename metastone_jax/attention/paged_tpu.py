@@ -20,6 +20,8 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
 
+from metastone_jax import optional
+
 LANES = 128  # head_dim is padded to a multiple of this
 
 # (kv pages per block, queries per block) while `interpret()` is active, else None: on TPU the
@@ -150,12 +152,11 @@ def _np_bitcast(x: np.ndarray, dtype) -> np.ndarray:
 
 @contextlib.contextmanager
 def _interpreter_fixes():
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    from jax._src.pallas.mosaic.interpret import shared_memory as sm
-    from jax._src.pallas.mosaic.interpret import utils as iu
-    from jax._src.state import indexing
-    from jax._src.state.types import BitcastTransform, ReshapeTransform
-
+    internals = optional.pallas_interpret_internals()
+    ipc, sm, iu = internals.interpret_pallas_call, internals.shared_memory, internals.utils
+    indexing = internals.indexing
+    BitcastTransform = internals.state_types.BitcastTransform
+    ReshapeTransform = internals.state_types.ReshapeTransform
     orig_get = ipc.get
     raw_get = orig_get.__wrapped__  # DMAs call `get.__wrapped__`
     orig_swap = sm.SharedMemory.swap_buffer_content

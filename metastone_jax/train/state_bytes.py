@@ -18,8 +18,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from metastone_jax.config import ModelConfig
+from metastone_jax.model import abstract_model
 from metastone_jax.planning.memory import StateBytes
 from metastone_jax.sharding import MESH_AXES, placement
+from metastone_jax.train.state import init_train_state, make_optimizer, pure_params, state_shardings
 
 
 def _shard_bytes(tree, shardings) -> int:
@@ -37,14 +39,6 @@ def state_bytes(cfg: ModelConfig, mesh_shape: dict, optim, *, with_ref: bool) ->
 
 @functools.lru_cache(maxsize=16)
 def _state_bytes(cfg: ModelConfig, mesh_sizes: tuple[int, ...], optim, with_ref: bool):
-    from metastone_jax.model import abstract_model
-    from metastone_jax.train.state import (
-        init_train_state,
-        make_optimizer,
-        pure_params,
-        state_shardings,
-    )
-
     mesh = AbstractMesh(mesh_sizes, MESH_AXES)
     model = abstract_model(cfg)
     params = pure_params(model)

@@ -1,6 +1,6 @@
 """Causal, segment-masked attention through the Pallas TPU splash kernel that ships with jax.
 
-The calling convention and the masking are those of flash_attention.py (the plain-XLA blocked
+The calling convention and the masking are those of attention/flash.py (the plain-XLA blocked
 attention), so the two are interchangeable for training and prefill of whole rows (T == S):
 
 - causal by slot: query slot t sees key slots s <= t;
@@ -27,6 +27,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
+
+from metastone_jax.sharding import MESH_AXES, logical_to_spec
 
 DEFAULT_BLOCK = 512
 LANES = 128  # splash's block_q and block_kv must be multiples of the TPU lane count
@@ -90,10 +93,6 @@ def sharded_splash_attention(q, k, v, q_segments, k_segments, *, scale: float,
     shard_map over the rows ('batch': data, fsdp) and the KV heads ('kv_heads': tensor), each
     device on its own rows and heads; the sequence is whole inside (all-gathered, as the
     projections before it are). Without a mesh, the plain call."""
-    from jax.sharding import PartitionSpec
-
-    from metastone_jax.sharding import MESH_AXES, logical_to_spec
-
     mesh = jax.sharding.get_abstract_mesh()
     attend = functools.partial(splash_attention, scale=scale, interpret=interpret, block=block)
     if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):

@@ -1,5 +1,5 @@
 """A memory plan from a train config (configs/train.py or configs/meshes.py), and the fit check
-that `train` runs before it allocates anything.
+that `train` runs before it allocates anything (the accounting itself is planning/).
 
 What one step holds, from the config:
   sft      micro-batch rows = data.batch_size / data.grad_accum, T = data.seq_len; no sampling.
@@ -17,12 +17,18 @@ import dataclasses
 import math
 import os
 
+from metastone_jax.checkpoint import read_checkpoint_meta
 from metastone_jax.config import ModelConfig, model_config_from_dict
-from metastone_jax.planning.memory import MemoryPlan, Workload, build_plan
+from metastone_jax.planning.build import build_plan
+from metastone_jax.planning.memory import MemoryPlan, Workload
+from metastone_jax.planning.packed_rows import packed_rows
 from metastone_jax.planning.report import refusal_message
-from metastone_jax.planning.state_bytes import state_bytes
 from metastone_jax.planning.tpu import TpuType, parse_tpu
+from metastone_jax.sample.sampler import bucket_length
 from metastone_jax.sharding import resolve_mesh_shape
+from metastone_jax.train.setup import RUNTIME_FIELDS
+from metastone_jax.train.state import optim_config
+from metastone_jax.train.state_bytes import state_bytes
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -36,8 +42,6 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
     """The Workload of a train config; sample_rows / sample_len override the rollouts per step
     and the longest sequence (prompt + new tokens). mesh_shape (resolved): the devices packed
     rows are laid over (default: config.mesh's data x fsdp)."""
-    from metastone_jax.sample.sampler import bucket_length
-
     kind = config.kind
     data, rl = config.data, config.rl
     accum = int(data.grad_accum)
@@ -80,8 +84,6 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
     if width:
         rows = w.train_rows
         if kind != "sft":  # rollouts: simulated lengths (planning/packed_rows.py)
-            from metastone_jax.planning.packed_rows import packed_rows
-
             dp = _dp(config) if mesh_shape is None else mesh_shape["data"] * mesh_shape["fsdp"]
             rows = packed_rows(rows, int(data.max_prompt_len), w.max_new, width, dp)
         w = dataclasses.replace(w, train_rows=rows, seq_len=width, pack_tokens=width,
@@ -110,9 +112,6 @@ def model_config(config) -> ModelConfig:
     tokenizer.vocab_size rounded up to 64, as setup does."""
     init = str(config.get("init_ckpt", "") or "")
     if init and os.path.isdir(init):
-        from metastone_jax.checkpoint import read_checkpoint_meta
-        from metastone_jax.train.setup import RUNTIME_FIELDS
-
         cfg, _ = read_checkpoint_meta(init)
         return cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS})
     values = dict(config.model)
@@ -151,9 +150,8 @@ def plan_config(
     mesh_shape = resolve_mesh(dict(mesh if mesh is not None else config.mesh), tpu_type)
     cfg = model_config(config)
     w = workload(config, sample_rows=sample_rows, sample_len=sample_len, mesh_shape=mesh_shape)
-    from metastone_jax.train.loop import optim_config  # the run's own optimizer settings
-
     with_ref = config.kind == "grpo" and float(config.rl.kl_coef) > 0
+    # the run's own optimizer settings
     state = state_bytes(cfg, mesh_shape, optim_config(config), with_ref=with_ref)
     name = str(config.get("preset", "") or "model")
     return build_plan(cfg, name=name, tpu=tpu_type, mesh_shape=mesh_shape, workload=w, state=state)

@@ -1,15 +1,20 @@
 """The released SPRM head file: `score_module.pt` (torch state dict) or `.safetensors`.
 
 Keys are those of torch.nn.Sequential(Linear(D,2D), ReLU, Dropout, Linear(2D,1)): 0.weight [2D,D],
-0.bias [2D], 3.weight [1,2D], 3.bias [1]. Torch is imported only to read or write the .pt form.
+0.bias [2D], 3.weight [1,2D], 3.bias [1]. Torch is imported only to read or write the .pt form
+(metastone_jax/optional.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from metastone_jax import optional
 
 PT_FILE = "score_module.pt"
 SAFETENSORS_FILE = "score_module.safetensors"
@@ -18,7 +23,7 @@ KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 
 def _torch(purpose: str):
     try:
-        import torch
+        torch = optional.torch()
     except ImportError:
         raise ValueError(
             f"{purpose} needs torch (`pip install torch`), or use {SAFETENSORS_FILE} instead"
@@ -67,15 +72,11 @@ def write_score_module(path: str, tensors: dict[str, np.ndarray]) -> None:
         )
         return
     torch = _torch(f"writing {path}")
-    from collections import OrderedDict
-
     sd = OrderedDict((k, _numpy_to_torch(tensors[k], torch)) for k in KEYS)
     torch.save(sd, path)
 
 
 def _torch_to_numpy(t, torch) -> np.ndarray:
-    import ml_dtypes
-
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -83,8 +84,6 @@ def _torch_to_numpy(t, torch) -> np.ndarray:
 
 
 def _numpy_to_torch(a: np.ndarray, torch):
-    import ml_dtypes
-
     a = np.ascontiguousarray(a)
     if a.dtype == np.dtype(ml_dtypes.bfloat16):
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from metastone_jax.layers import MASK_VALUE
-from metastone_jax.sample import paged
+from metastone_jax.attention import MASK_VALUE, paged
 from metastone_jax.sharding import constrain
 
 TAIL_CHUNK = 64  # tokens per dense chunk of the segment's own tokens
@@ -199,7 +198,7 @@ def _part(scores, values, dtype):
     """scores [N, K, G, T] (scaled, masked); values [N, K, T, hd] -> partial softmax."""
     top = jnp.max(scores, axis=-1)
     e = jnp.exp(scores - top[..., None])
-    # Reductions over non-minor axes, as sample/cache.py's dense decode.
+    # Reductions over non-minor axes, as attention/kv_cache.py's dense decode.
     acc = jnp.sum(e.astype(dtype)[..., None] * values[:, :, None].astype(dtype), axis=3)
     return top, jnp.sum(e, axis=-1), acc.astype(jnp.float32)
 

@@ -2,7 +2,7 @@
 (docs/method.md section 3).
 
 Shapes: N trajectories (rows), T positions. ``logits`` [N, T] are SPRM head logits at feature
-positions, ``mask`` [N, T] marks the scored positions (``sprm.shift_for_scoring`` of the step
+positions, ``mask`` [N, T] marks the scored positions (``sprm.steps.shift_for_scoring`` of the step
 mask), ``labels`` [N] is the outcome (1: final answer correct), ``include`` [N] is False for
 trajectories left out of the loss (truncated and wrong). Pure jnp in fp32, runs under ``jit``
 (``form`` and ``ranks`` are static). Counts are sums over the whole arrays passed in: under
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from metastone_jax.sprm import LOG_CLAMP, aggregate
+from metastone_jax.sprm.aggregation import LOG_CLAMP, aggregate
 
 FORMS = ("filtered", "paper", "bce")
 POS_WEIGHT = 1.5  # extra weight on positive steps in the released class balance
@@ -121,8 +121,8 @@ def score_gap(logits, mask, labels, include=None, segment_ids=None) -> dict[str,
 
     logits, mask [N, T]; labels [N]; include [N] or None (all). A trajectory's score is the
     geometric mean of sigmoid(logit) over its scored steps, log clamped at 1e-10 (the same
-    ``sprm.aggregate`` the test-time selector uses); trajectories with no scored step are
-    skipped. Returns score_correct, score_incorrect (0 when the class is empty), score_gap
+    ``aggregation.aggregate`` the test-time selector uses); trajectories with no scored step
+    are skipped. Returns score_correct, score_incorrect (0 when the class is empty), score_gap
     (correct - incorrect; 0 unless both classes are non-empty, so an empty class cannot fake a
     separation), n_correct, n_incorrect (trajectories counted).
 

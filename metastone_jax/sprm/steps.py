@@ -1,24 +1,28 @@
-"""SPRM bookkeeping: which tokens are scored steps, which features score them, and how step
-scores are aggregated into one candidate score (docs/method.md sections 2 and 5).
+"""Which tokens are scored steps, and which features score them (docs/method.md section 2).
 
-Shapes: B batch, T sequence length, S steps, D feature width, P questions, K candidates.
-Everything here is a pure jnp function of arrays (numpy input is accepted), so it runs under
-``jit``; ``StepTokens`` and the ``mode``/``how`` strings are static (hashable / Python values).
+Shapes: B batch, T sequence length, N decoding rows, S steps. Everything here is a pure jnp
+function of arrays (numpy input is accepted), so it runs under ``jit``; ``StepTokens`` and the
+``mode`` strings are static (hashable / Python values).
+
+The step rule is written once and shared by the two places that apply it: ``starts_step``
+(rules 1-2: a step token that starts a run, not right after ``<think>``) and
+``inference_range`` (rule 3 at inference) are used by ``step_mask`` over whole sequences and by
+the decode loop (sample/sampler.py), which records step tokens as it draws them.
 
 Where the method is scored
 --------------------------
 The step token at position t is scored with the feature (second-to-last block output) at
 position t-1, the position whose LM output *predicts* it. ``shift_for_scoring`` turns a token
 mask into the matching mask over feature positions: apply the head to every position, then
-``aggregate(scores, shift_for_scoring(mask))``. In a decode loop the feature that scores a
-freshly sampled step token is the one computed in the same step.
+``aggregation.aggregate(scores, shift_for_scoring(mask))``. In a decode loop the feature that
+scores a freshly sampled step token is the one computed in the same step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
@@ -28,8 +32,6 @@ THINK_CLOSE = "</think>"
 # The Chinese variant (C-Eval, inference only): tokens built around one of these characters.
 ZH_STEP_CHARS = ("\n", "\u3002")  # newline, ideographic full stop
 MODES = ("train", "inference")
-AGGREGATIONS = ("geomean", "mean", "min", "last", "product")
-LOG_CLAMP = 1e-10  # geometric mean: log(max(p, 1e-10)), as the released scorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _chinese_step_ids(tok: Any) -> tuple[int, ...]:
 
 
 def _shift_right(x: jnp.ndarray) -> jnp.ndarray:
-    """``y[..., t] = x[..., t-1]``, ``y[..., 0] = False`` (there is nothing before t=0)."""
+    """``y[..., t] = x[..., t-1]``, ``y[..., 0] = 0`` (False: there is nothing before t=0)."""
     return jnp.pad(x[..., :-1], [(0, 0)] * (x.ndim - 1) + [(1, 0)])
 
 
@@ -141,6 +143,33 @@ def isin_ids(tokens: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
 def is_id(tokens: jnp.ndarray, i: int | None) -> jnp.ndarray:
     """bool, same shape as ``tokens``: the token is ``i`` (never, when ``i`` is None)."""
     return jnp.zeros(tokens.shape, bool) if i is None else tokens == i
+
+
+def starts_step(token: jnp.ndarray, prev: jnp.ndarray, step: StepTokens) -> jnp.ndarray:
+    """bool, ``token``'s shape: rules 1-2 of the step rule (docs/method.md section 2).
+
+    ``token`` is a step token and ``prev``, the token before it, is neither a step token (only
+    the first of a run counts) nor ``<think>``. Whether ``prev`` is a real token, and the
+    thinking range (rule 3), are for the caller: ``step_mask`` over whole sequences, the decode
+    loop (sample/sampler.py ``advance``) token by token.
+    """
+    return (
+        isin_ids(token, step.step_ids)
+        & ~isin_ids(prev, step.step_ids)
+        & ~is_id(prev, step.think_open)
+    )
+
+
+def inference_range(pos, n_open, open_pos, n_close, close_pos, *, lo_fallback, hi_fallback):
+    """bool, ``pos``'s shape [..., S]: rule 3 at inference, lo < pos <= hi per row.
+
+    lo is the position of the ``<think>`` when the row holds exactly one (``n_open`` == 1,
+    ``open_pos``), else ``lo_fallback`` (the row's second real token); hi is that of the
+    ``</think>`` when it holds exactly one, else ``hi_fallback`` (past the end). ``n_open``,
+    ``open_pos``, ``n_close``, ``close_pos`` and the fallbacks are per row [...]."""
+    lo = jnp.where(n_open == 1, open_pos, lo_fallback)[..., None]
+    hi = jnp.where(n_close == 1, close_pos, hi_fallback)[..., None]
+    return (pos > lo) & (pos <= hi)
 
 
 def step_mask(
@@ -185,11 +214,11 @@ def step_mask(
     T = tokens.shape[-1]
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
 
-    is_step = isin_ids(tokens, step.step_ids) & valid
     is_open = is_id(tokens, step.think_open) & valid
     is_close = is_id(tokens, step.think_close) & valid
-    # Invalid x[t-1] -> False in all three: padding before t is "nothing".
-    mask = is_step & _shift_right(valid) & ~_shift_right(is_step) & ~_shift_right(is_open)
+    # Rules 1, 2 and 5: x[t-1] must be a real token, so padding before t is "nothing" (the
+    # shifted-in 0 at t = 0 never counts).
+    mask = starts_step(tokens, _shift_right(tokens), step) & valid & _shift_right(valid)
 
     pos = jnp.arange(T)
     if mode == "train":
@@ -201,9 +230,11 @@ def step_mask(
     else:
         # The fallback lower bound is the second real token: t must lie past it.
         second_real = jnp.argmax(jnp.cumsum(valid, axis=-1) >= 2, axis=-1)
-        lo = jnp.where(is_open.sum(-1) == 1, jnp.argmax(is_open, axis=-1), second_real)
-        hi = jnp.where(is_close.sum(-1) == 1, jnp.argmax(is_close, axis=-1), T)
-        in_range = (pos > lo[..., None]) & (pos <= hi[..., None])
+        in_range = inference_range(
+            pos, is_open.sum(-1), jnp.argmax(is_open, axis=-1),
+            is_close.sum(-1), jnp.argmax(is_close, axis=-1),
+            lo_fallback=second_real, hi_fallback=T,
+        )  # fmt: skip
     mask &= in_range
     if response_start is not None:
         mask &= pos >= jnp.asarray(response_start)[..., None]
@@ -220,116 +251,14 @@ def shift_for_scoring(mask) -> jnp.ndarray:
     return jnp.pad(mask[..., 1:], [(0, 0)] * (mask.ndim - 1) + [(0, 1)])
 
 
-# ---------------------------------------------------------------------------------------------
-# Aggregation (docs/method.md section 5)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_how(how: str) -> None:
-    if how not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {how!r}; expected one of {AGGREGATIONS}")
-
-
-def _float(x) -> jnp.ndarray:
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def aggregate(scores, mask=None, how: str = "geomean") -> jnp.ndarray:
-    """Candidate score [...] from step scores (probabilities) [..., S] over ``mask`` [..., S].
-
-    geomean: exp(mean(log(max(p, 1e-10)))) (the released selector); mean; min; last: the last
-    masked step; product: exp(sum(log p)) (no clamp, so a zero step gives 0). A candidate with
-    no masked step gets 0 whatever ``how`` is.
-    """
-    _check_how(how)
-    p = _float(scores)
-    m = jnp.ones(p.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    m = jnp.broadcast_to(m, p.shape)
-    count = m.sum(-1)
-    if p.shape[-1] == 0:  # no steps at all (min/argmax would fail on an empty axis)
-        return jnp.zeros(p.shape[:-1], p.dtype)
-    empty = count == 0
-    n = jnp.maximum(count, 1).astype(p.dtype)
-    if how == "geomean":
-        out = jnp.exp(jnp.where(m, jnp.log(jnp.maximum(p, LOG_CLAMP)), 0).sum(-1) / n)
-    elif how == "mean":
-        out = jnp.where(m, p, 0).sum(-1) / n
-    elif how == "min":
-        out = jnp.where(m, p, jnp.inf).min(-1)
-    elif how == "last":
-        idx = p.shape[-1] - 1 - jnp.argmax(m[..., ::-1], axis=-1)
-        out = jnp.take_along_axis(p, idx[..., None], axis=-1)[..., 0]
-    else:  # product
-        out = jnp.exp(jnp.where(m, jnp.log(p), 0).sum(-1))
-    return jnp.where(empty, 0, out)
-
-
-class RunningScore(NamedTuple):
-    """Incremental ``aggregate`` for a decode loop (a pytree; all fields have the batch shape).
-
-    ``state = RunningScore.init((B,)); state = state.update(score, take); state.value(how)``
-    equals ``aggregate`` over the taken steps. ``sum_log`` is clamped (geomean), ``log_prod``
-    is not (product).
-    """
-
-    count: jnp.ndarray
-    sum_log: jnp.ndarray
-    sum: jnp.ndarray
-    min: jnp.ndarray
-    last: jnp.ndarray
-    log_prod: jnp.ndarray
-
-    @classmethod
-    def init(cls, shape, dtype=jnp.float32) -> RunningScore:
-        z = jnp.zeros(shape, dtype)
-        return cls(jnp.zeros(shape, jnp.int32), z, z, jnp.full(shape, jnp.inf, dtype), z, z)
-
-    def update(self, score, take) -> RunningScore:
-        """Add ``score`` [shape] where ``take`` [shape] bool; elsewhere the state is kept."""
-        p = jnp.asarray(score).astype(self.sum.dtype)
-        take = jnp.asarray(take, bool)
-        return RunningScore(
-            count=self.count + take.astype(jnp.int32),
-            sum_log=self.sum_log + jnp.where(take, jnp.log(jnp.maximum(p, LOG_CLAMP)), 0),
-            sum=self.sum + jnp.where(take, p, 0),
-            min=jnp.where(take, jnp.minimum(self.min, p), self.min),
-            last=jnp.where(take, p, self.last),
-            log_prod=self.log_prod + jnp.where(take, jnp.log(p), 0),
-        )
-
-    def value(self, how: str = "geomean") -> jnp.ndarray:
-        """The candidate score so far (0 while no step was taken)."""
-        _check_how(how)
-        n = jnp.maximum(self.count, 1).astype(self.sum.dtype)
-        out = {
-            "geomean": lambda: jnp.exp(self.sum_log / n),
-            "mean": lambda: self.sum / n,
-            "min": lambda: self.min,
-            "last": lambda: self.last,
-            "product": lambda: jnp.exp(self.log_prod),
-        }[how]()
-        return jnp.where(self.count == 0, 0, out)
-
-
-def select(agg_scores) -> jnp.ndarray:
-    """int [P]: the best of K candidates per question from [P, K] scores (ties: the first).
-
-    NaN scores never win (an all-NaN row selects candidate 0).
-    """
-    a = _float(agg_scores)
-    return jnp.argmax(jnp.where(jnp.isnan(a), -jnp.inf, a), axis=-1)
-
-
 __all__ = [
-    "AGGREGATIONS",
     "MODES",
-    "RunningScore",
+    "STEP_TEXT",
     "StepTokens",
-    "aggregate",
+    "inference_range",
     "is_id",
     "isin_ids",
-    "select",
     "shift_for_scoring",
+    "starts_step",
     "step_mask",
 ]

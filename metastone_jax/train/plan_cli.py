@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 
 from metastone_jax.cli_common import Parser, add_config_flags, add_mesh_flag, load_config, parse
+from metastone_jax.planning.report import format_table, to_json
+from metastone_jax.sharding import parse_mesh
+from metastone_jax.train.plan import plan_config
 
 PROG = "metastone-jax plan"
 CONFIG_FILES = ("train.py", "meshes.py")
@@ -52,10 +55,6 @@ def parser() -> Parser:
 
 
 def main(argv: list[str]) -> None:
-    from metastone_jax.planning.from_config import plan_config
-    from metastone_jax.planning.report import format_table, to_json
-    from metastone_jax.sharding import parse_mesh
-
     p = parser()
     args = parse(p, argv)
     flag, names = "--config", CONFIG_FILES

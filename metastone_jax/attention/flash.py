@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from metastone_jax.layers import MASK_VALUE
+from metastone_jax.attention import MASK_VALUE
 
 DEFAULT_BLOCK = 512
 

@@ -7,13 +7,13 @@ read-only, then pages of their own.
 
 Two layouts of the pool, one per attention implementation (`ATTENTION_IMPLS`):
   - "xla" (CPU/GPU default): k [P, K, hd, page], v [P, K, page, hd] per layer: keys transposed,
-    as the dense cache keeps them (sample/cache.py), so both decode reductions run over a
+    as the dense cache keeps them (attention/kv_cache.py), so both decode reductions run over a
     non-minor axis. Attention gathers a sequence's pages and runs the decode math of
     `layers.Attention`; inside the engine's segments, only the pages between a row's prompt
     and the segment's start: the prompts and the segment's tokens are read from a dense
-    working set (sample/segment_kv.py).
+    working set (attention/segment_kv.py).
   - "pallas" (TPU default): the layout of the TPU paged-attention kernel shipped with jax
-    (sample/paged_tpu.py).
+    (attention/paged_tpu.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from metastone_jax.layers import MASK_VALUE
+from metastone_jax.attention import MASK_VALUE, paged_tpu
 from metastone_jax.sharding import constrain
 
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -48,7 +48,7 @@ class PagedKV:
     page_table: jax.Array
     kv_len: jax.Array
     impl: str = struct.field(pytree_node=False, default="xla")
-    # The XLA path's dense working set while a decode segment runs (sample/segment_kv.py).
+    # The XLA path's dense working set while a decode segment runs (attention/segment_kv.py).
     segment: Any = None
 
     @property
@@ -66,8 +66,6 @@ def pool_shapes(impl: str, n_pages: int, page_size: int, n_kv_heads: int, head_d
         k_shape = (n_pages, n_kv_heads, head_dim, page_size)
         return k_shape, (n_pages, n_kv_heads, page_size, head_dim)
     if impl == "pallas":
-        from metastone_jax.sample import paged_tpu
-
         return paged_tpu.pool_shapes(n_pages, page_size, n_kv_heads, head_dim)
     raise ValueError(f"attention_impl: expected one of {ATTENTION_IMPLS}, got {impl!r}")
 
@@ -75,8 +73,6 @@ def pool_shapes(impl: str, n_pages: int, page_size: int, n_kv_heads: int, head_d
 def pool_page_size(k: jax.Array, impl: str) -> int:
     if impl == "xla":
         return k.shape[3]
-    from metastone_jax.sample import paged_tpu
-
     return paged_tpu.pool_page_size(k)
 
 
@@ -99,8 +95,6 @@ def write(k_pool, v_pool, k_new, v_new, page_ids, offsets, impl: str = "xla"):
     """Writes tokens into one layer's pool. k_new, v_new: [N, T, K, hd]; page_ids, offsets:
     [N, T] int32 (a page id < 0 or >= P: not written, e.g. padding). -> (k_pool, v_pool)."""
     if impl == "pallas":
-        from metastone_jax.sample import paged_tpu
-
         return paged_tpu.write(k_pool, v_pool, k_new, v_new, page_ids, offsets)
     n_pages = k_pool.shape[0]
     page_ids = jnp.where(page_ids < 0, n_pages, page_ids)  # out of range: dropped
@@ -137,8 +131,6 @@ def attend(q, k_pool, v_pool, page_table, kv_len, scale: float, impl: str = "xla
     q: [N, K, G, hd] (rotary applied); page_table: [N, W]; kv_len: [N] tokens to attend to (the
     new one included). -> [N, K, G, hd] f32."""
     if impl == "pallas":
-        from metastone_jax.sample import paged_tpu
-
         return paged_tpu.attend(q, k_pool, v_pool, page_table, kv_len, scale)
     # One page column at a time with a running max and sum (online softmax): the pages are
     # never gathered into a [N, W * page] copy, and the loop stops at the longest row's last
@@ -172,7 +164,7 @@ def attend_columns(q, k_pool, v_pool, page_table, lo, hi, scale: float, carry):
         ids = jnp.take_along_axis(page_table, col[:, None], axis=1)[:, 0]
         kc = jnp.take(k_pool, ids, axis=0, mode="clip").astype(jnp.float32)  # [N, K, hd, page]
         vc = jnp.take(v_pool, ids, axis=0, mode="clip")  # [N, K, page, hd]
-        # Reductions over non-minor axes (hd, then the page's slots): see sample/cache.py.
+        # Reductions over non-minor axes (hd, then the page's slots): see attention/kv_cache.py.
         scores = jnp.sum(qf[..., None] * kc[:, :, None], axis=3) * scale  # [N, K, G, page]
         pos = (first + c)[:, None] * page + jnp.arange(page)[None, :]  # [N, page]
         seen = (pos >= lo[:, None]) & (pos < hi[:, None])
