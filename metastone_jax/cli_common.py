@@ -62,6 +62,11 @@ def add_config_flags(parser: Parser, names: Sequence[str], default: str) -> None
     )  # fmt: skip
 
 
+def add_workdir_flag(parser: Parser, what: str) -> None:
+    """--workdir=DIR, described by `what` (what the command writes and resumes there)."""
+    parser.add_argument("--workdir", default=None, metavar="DIR", help=what)
+
+
 def add_mesh_flag(parser: Parser, what: str) -> None:
     parser.add_argument(
         "--mesh", default=None, metavar=MESH_FORM,

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
+from metastone_jax.cli_common import Parser, add_config_flags, add_workdir_flag, load_config, parse
 from metastone_jax.demo import grpo_study as grpo
 from metastone_jax.demo import pipeline, report, spr_study
 
@@ -26,12 +26,7 @@ CONFIG_FILES = ("demo.py",)
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__)
-    p.add_argument(
-        "--workdir",
-        default=None,
-        metavar="DIR",
-        help="every stage is written and resumed here (default: runs/demo-PRESET)",
-    )
+    add_workdir_flag(p, "every stage is written and resumed here (default: runs/demo-PRESET)")
     p.add_argument(
         "--quick",
         action="store_true",

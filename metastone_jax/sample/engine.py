@@ -1003,18 +1003,20 @@ class Engine:
                 ids[s] = first.setdefault(req.question, s)
         return jnp.asarray(ids), jnp.int32(max(1, len(first) // 2))
 
-    def _blocks(self) -> tuple | None:
+    def _blocks(self, idle: int = 0) -> tuple | None:
         """The next segment's prompt blocks (`segment_kv.plan_blocks`), as device arrays
-        (None: no working set)."""
+        (None: no working set). idle: those of `idle` slots all idle instead (`_precompile`)."""
         lay = self.layout
         if not lay.working_set:
             return None
-        live = {r.question for r in self.slot_req if r is not None}
+        slot_req = [None] * idle if idle else self.slot_req
+        shared = [False] * idle if idle else self.slot_shared
+        live = {r.question for r in slot_req if r is not None}
         arrays = segment_kv.plan_blocks(
-            [None if r is None else r.question for r in self.slot_req], self.slot_shared,
+            [None if r is None else r.question for r in slot_req], shared,
             {q: self.questions[q].pages for q in live},
             {q: len(self.prompts[q]) for q in live},
-            slots=len(self.slot_req), rows=lay.block_rows, prompt_columns=lay.prompt_columns,
+            slots=len(slot_req), rows=lay.block_rows, prompt_columns=lay.prompt_columns,
         )  # fmt: skip
         return tuple(jnp.asarray(a) for a in arrays)
 
@@ -1191,16 +1193,10 @@ class Engine:
                       disable=not self.progress or not todo, leave=False):  # fmt: skip
             small = compact_fn(self.state.replace(cache=pool.replace(k=(), v=())),
                                jnp.arange(n))  # fmt: skip
-            blocks = None
-            if lay.working_set:
-                arrays = segment_kv.plan_blocks([None] * n, [False] * n, {}, {}, slots=n,
-                                                rows=lay.block_rows,
-                                                prompt_columns=lay.prompt_columns)  # fmt: skip
-                blocks = tuple(jnp.asarray(a) for a in arrays)
             out, _ = segment_fn(
                 self.model_state, self.weights, small.replace(cache=small.cache.replace(k=k, v=v)),
                 jnp.zeros(lay.pages, jnp.int32), jnp.int32(0), jnp.int32(0),
-                jnp.full(n, -1, jnp.int32), jnp.int32(n + 1), blocks,
+                jnp.full(n, -1, jnp.int32), jnp.int32(n + 1), self._blocks(idle=n),
             )  # fmt: skip
             k, v = out.cache.k, out.cache.v
             self.clock.mark_compiled(n)

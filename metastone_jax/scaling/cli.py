@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from metastone_jax.cli_common import Parser, add_config_flags, load_config, parse
+from metastone_jax.cli_common import Parser, add_config_flags, add_workdir_flag, load_config, parse
 from metastone_jax.scaling.sweep import run_sweep
 
 PROG = "metastone-jax sweep"
@@ -21,12 +21,7 @@ DEFAULT_CONFIG_ARG = "configs/sweeps/cpu.py"  # what the printed commands name w
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__)
-    p.add_argument(
-        "--workdir",
-        default=None,
-        metavar="DIR",
-        help="the sweep's directory (required; re-run to resume)",
-    )
+    add_workdir_flag(p, "the sweep's directory (required; re-run to resume)")
     p.add_argument(
         "--print_commands",
         action="store_true",

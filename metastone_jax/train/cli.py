@@ -17,6 +17,7 @@ from metastone_jax.cli_common import (
     Parser,
     add_config_flags,
     add_mesh_flag,
+    add_workdir_flag,
     apply_mesh,
     load_config,
     parse,
@@ -31,12 +32,7 @@ CONFIG_FILES = ("train.py", "meshes.py")
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__)
-    p.add_argument(
-        "--workdir",
-        default=None,
-        metavar="DIR",
-        help="checkpoints, metrics and logs (required; a gs:// path works)",
-    )
+    add_workdir_flag(p, "checkpoints, metrics and logs (required; a gs:// path works)")
     add_config_flags(p, CONFIG_FILES, default="tiny-sft")
     add_mesh_flag(p, "the training mesh (sets config.mesh)")
     return p
