@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     apply_mesh(PROG, config, args.mesh, args.overrides)
     workdir = args.workdir
     try:
-        validate_train_config(config)  # as built from the flags (train() checks it again)
+        # typed once, as built from the flags (train() checks a TrainConfig again)
+        config = validate_train_config(config)
         check_workdir(workdir, files_dir(workdir, config.train.local_dir))
         metrics = train(config, workdir)
     except Preempted as e:

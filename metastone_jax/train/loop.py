@@ -8,7 +8,6 @@ a non-finite loss stops the run naming the step, keeping the last good checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -44,6 +43,7 @@ from metastone_jax.train.rollout import (
     save_rollouts,
     split_micro,
 )
+from metastone_jax.train.run_config import TrainConfig
 from metastone_jax.train.state import (
     TrainState,
     init_train_state,
@@ -115,7 +115,7 @@ def _logprob_support(rl) -> dict:
     return {"support_top_k": int(rl.top_k), "support_top_p": float(rl.top_p)}
 
 
-def step_config(config, step_tokens) -> StepConfig:
+def step_config(config: TrainConfig, step_tokens) -> StepConfig:
     return StepConfig(
         kind=config.kind,
         temperature=float(config.rl.temperature),
@@ -134,15 +134,16 @@ def step_config(config, step_tokens) -> StepConfig:
     )
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the configured training; returns the last step's metrics.
+def train(config: TrainConfig, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the configured training; returns the last step's metrics. `config`: a
+    TrainConfig (a ConfigDict is typed here first, train/run_config.py).
 
     The config's settings are checked first (train/validate.py); with config.train.tpu set
     (e.g. "v5e-8") so is the memory plan: a run that cannot fit the chips' HBM is refused
     (ValueError naming the shortfall) before anything is allocated or built. Then the run takes
     the workdir's lock (train/workdir_lock.py; process 0), so a second run on it is refused.
     Resuming takes the newest intact checkpoint (train/resume.py)."""
-    validate_train_config(config)
+    config = validate_train_config(config)
     check_workdir(workdir, setup.files_dir(workdir, config.train.local_dir))
     maybe_initialize_distributed()
     plan = check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
@@ -154,8 +155,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         return _train(config, workdir, engine)
 
 
-def _train(config, workdir: str, engine) -> dict[str, Any]:
-    mesh = make_mesh(dict(config.mesh))
+def _train(config: TrainConfig, workdir: str, engine) -> dict[str, Any]:
+    mesh = make_mesh(config.mesh.as_dict())
     ctx = setup.prepare(config, workdir, mesh)
     graphdef = ctx.graphdef
     tx = make_optimizer(optim_config(config))
@@ -174,7 +175,7 @@ def _train(config, workdir: str, engine) -> dict[str, Any]:
         best_mode=config.train.best_mode,
         asynchronous=bool(config.train.async_checkpoint),
     )
-    meta = {"model": ctx.model_cfg_json, "config": json.loads(config.to_json_best_effort())}
+    meta = {"model": ctx.model_cfg_json, "config": config.to_dict()}
     try:
         resumed = restore_newest(
             ckpt, sharded_abstract(abstract, shardings), ctx.model_cfg_json, meta["config"],
@@ -261,11 +262,11 @@ def _train(config, workdir: str, engine) -> dict[str, Any]:
     return last
 
 
-def _packed(batch, config, mesh, step_tokens):
+def _packed(batch, config: TrainConfig, mesh, step_tokens):
     """Micro-batches [A, b, T] packed into rows of data.pack_tokens (unchanged when 0), as
     many rows as the most any micro-batch of any process needs (every process's share of a
     global array has one shape), rounded up to the rows' devices."""
-    width = int(config.data.get("pack_tokens", 0))
+    width = config.data.pack_tokens
     if not width:
         return batch
     rows = rows_needed(batch["valid"], width)

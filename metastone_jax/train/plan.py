@@ -26,6 +26,7 @@ from metastone_jax.planning.report import refusal_message
 from metastone_jax.planning.tpu import TpuType, parse_tpu
 from metastone_jax.sample.sampler import bucket_length
 from metastone_jax.sharding import resolve_mesh_shape
+from metastone_jax.train.run_config import TrainConfig
 from metastone_jax.train.setup import RUNTIME_FIELDS
 from metastone_jax.train.state import optim_config
 from metastone_jax.train.state_bytes import state_bytes
@@ -37,11 +38,12 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def workload(config, *, sample_rows: int | None = None, sample_len: int | None = None,
+def workload(config: TrainConfig, *, sample_rows: int | None = None, sample_len: int | None = None,
              mesh_shape: dict | None = None):  # fmt: skip
     """The Workload of a train config; sample_rows / sample_len override the rollouts per step
     and the longest sequence (prompt + new tokens). mesh_shape (resolved): the devices packed
     rows are laid over (default: config.mesh's data x fsdp)."""
+    config = TrainConfig.from_config_dict(config)
     kind = config.kind
     data, rl = config.data, config.rl
     accum = int(data.grad_accum)
@@ -73,14 +75,14 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
             prompt_len=prompt,
             max_new=g,
             logits_chunk=int(config.train.logits_chunk),
-            slots=int(rl.get("slots", 0)),
-            pages=int(rl.get("pages", 0)),
-            page_size=int(rl.get("page_size", 64)),
-            memory_fraction=float(rl.get("memory_fraction", 0.0)),
-            top_p=float(rl.get("top_p", 1.0)),
-            spr=kind == "spr" or float(config.spr.get("coef", 0.0)) > 0,
+            slots=rl.slots,
+            pages=rl.pages,
+            page_size=rl.page_size,
+            memory_fraction=rl.memory_fraction,
+            top_p=rl.top_p,
+            spr=kind == "spr" or config.spr.coef > 0,
         )
-    width = int(data.get("pack_tokens", 0))
+    width = data.pack_tokens
     if width:
         rows = w.train_rows
         if kind != "sft":  # rollouts: simulated lengths (planning/packed_rows.py)
@@ -101,16 +103,16 @@ def workload(config, *, sample_rows: int | None = None, sample_len: int | None =
     return w
 
 
-def _dp(config) -> int:
+def _dp(config: TrainConfig) -> int:
     """The devices a micro-batch's rows are laid over (data x fsdp; 1 when an axis is -1)."""
-    return max(1, int(config.mesh.get("data", 1))) * max(1, int(config.mesh.get("fsdp", 1)))
+    return max(1, config.mesh.data) * max(1, config.mesh.fsdp)
 
 
-def model_config(config) -> ModelConfig:
+def model_config(config: TrainConfig) -> ModelConfig:
     """The run's model: the init checkpoint's config when it is readable here (with the run's
     remat/scan/compute dtype), else config.model; a vocabulary left to the tokenizer is taken as
     tokenizer.vocab_size rounded up to 64, as setup does."""
-    init = str(config.get("init_ckpt", "") or "")
+    init = config.init_ckpt
     if init and os.path.isdir(init):
         cfg, _ = read_checkpoint_meta(init)
         return cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS})
@@ -129,7 +131,7 @@ def resolve_mesh(mesh: dict, tpu: TpuType) -> dict:
 
 
 def plan_config(
-    config,
+    config: TrainConfig,
     *,
     tpu: str | None = None,
     mesh: dict | None = None,
@@ -138,29 +140,31 @@ def plan_config(
 ) -> MemoryPlan:
     """The plan of train config `config` on `tpu` (default config.train.tpu) with `mesh`
     (default config.mesh)."""
-    if "kind" not in config:
+    if hasattr(config, "keys") and "kind" not in config:
         raise ValueError(
             "plan needs a train config (configs/train.py:PRESET or configs/meshes.py:PRESET); "
             "this one has no 'kind'"
         )
-    tpu_name = tpu or str(config.train.get("tpu", "") or "")
+    config = TrainConfig.from_config_dict(config)
+    tpu_name = tpu or config.train.tpu
     if not tpu_name:
         raise ValueError("no TPU type: pass --tpu=TYPE (e.g. v5e-8) or set config.train.tpu")
     tpu_type = parse_tpu(tpu_name)
-    mesh_shape = resolve_mesh(dict(mesh if mesh is not None else config.mesh), tpu_type)
+    mesh_shape = resolve_mesh(dict(mesh) if mesh is not None else config.mesh.as_dict(), tpu_type)
     cfg = model_config(config)
     w = workload(config, sample_rows=sample_rows, sample_len=sample_len, mesh_shape=mesh_shape)
     with_ref = config.kind == "grpo" and float(config.rl.kl_coef) > 0
     # the run's own optimizer settings
     state = state_bytes(cfg, mesh_shape, optim_config(config), with_ref=with_ref)
-    name = str(config.get("preset", "") or "model")
+    name = config.preset or "model"
     return build_plan(cfg, name=name, tpu=tpu_type, mesh_shape=mesh_shape, workload=w, state=state)
 
 
-def check_train_config(config) -> MemoryPlan | None:
+def check_train_config(config: TrainConfig) -> MemoryPlan | None:
     """Runs the plan of a train config whose config.train.tpu is set; raises ValueError naming
     the shortfall when it cannot fit. No TPU type: no check (None)."""
-    if not str(config.train.get("tpu", "") or ""):
+    config = TrainConfig.from_config_dict(config)
+    if not config.train.tpu:
         return None
     plan = plan_config(config)
     if not plan.fits:

@@ -36,6 +36,7 @@ from metastone_jax.model import abstract_model, create_model
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sprm.steps import StepTokens
 from metastone_jax.train.rollout import SavedRollouts, split_micro
+from metastone_jax.train.run_config import TrainConfig
 from metastone_jax.train.state import pure_params
 
 TOKENIZER_DIR = "tokenizer"
@@ -65,7 +66,7 @@ class RunContext:
     workdir: str  # local files (see files_dir); checkpoints may be elsewhere (gs://)
 
 
-def _source(config, workdir: str):
+def _source(config: TrainConfig, workdir: str):
     """The training records. With several processes, process 0 builds the dataset first and
     the others then reuse it (on a shared disk) or build the same one (on their own disks):
     two builders writing one directory at once would corrupt it."""
@@ -76,13 +77,13 @@ def _source(config, workdir: str):
     return source if source is not None else _build_source(config, workdir)
 
 
-def _build_source(config, workdir: str):
+def _build_source(config: TrainConfig, workdir: str):
     data_dir = os.path.join(workdir, DATA_DIR)
     src = config.data.source
     if src == "synthetic":
         n = int(config.data.synthetic_size)
         splits = builders.prepare_synthetic(
-            functools.partial(synthetic.make_examples, **dict(config.data.task)),
+            functools.partial(synthetic.make_examples, **dataclasses.asdict(config.data.task)),
             name="arithmetic",
             splits={"train": n, "test": max(n // 8, 1)},
             seed=int(config.seed),
@@ -91,7 +92,7 @@ def _build_source(config, workdir: str):
         return splits["train"]
     if not os.path.isfile(src):
         raise ValueError(f"config.data.source: {src!r} is neither 'synthetic' nor a file")
-    if config.data.get("unlearned_slips"):
+    if config.data.unlearned_slips:
         raise ValueError(
             "config.data.unlearned_slips marks the synthetic task's reflective slips; "
             f"config.data.source is {src!r}, not 'synthetic'"
@@ -99,7 +100,7 @@ def _build_source(config, workdir: str):
     return builders.prepare_math_file(src, data_dir)
 
 
-def _tokenizer(config, workdir: str, source) -> tuple[Any, str]:
+def _tokenizer(config: TrainConfig, workdir: str, source) -> tuple[Any, str]:
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path), config.tokenizer.path
     if config.init_ckpt:
@@ -123,7 +124,7 @@ def _tokenizer(config, workdir: str, source) -> tuple[Any, str]:
     return tok, path
 
 
-def _model_config(config, tok) -> ModelConfig:
+def _model_config(config: TrainConfig, tok) -> ModelConfig:
     if config.init_ckpt:
         cfg, _ = read_checkpoint_meta(config.init_ckpt)
         return cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS})
@@ -156,7 +157,7 @@ def files_dir(workdir: str, local_dir: str = "") -> str:
     return os.path.join(tempfile.gettempdir(), "metastone-jax-runs", name)
 
 
-def prepare(config, workdir: str, mesh) -> RunContext:
+def prepare(config: TrainConfig, workdir: str, mesh) -> RunContext:
     """`workdir` may be gs://...: checkpoints go there, other files to `files_dir`."""
     local = files_dir(workdir, config.train.local_dir)
     if local != workdir and not (config.tokenizer.path or config.init_ckpt):
@@ -223,10 +224,10 @@ def prepare(config, workdir: str, mesh) -> RunContext:
     )
 
 
-def sft_rows(records: list[dict], ctx: RunContext, config) -> dict[str, np.ndarray]:
+def sft_rows(records: list[dict], ctx: RunContext, config: TrainConfig) -> dict[str, np.ndarray]:
     """SFT rows [A, b, T] (A = config.data.grad_accum micro-batches)."""
     # Reflective traces of the synthetic task: learn the correction, not the deliberate slip.
-    unlearned = synthetic.slip_spans if config.data.get("unlearned_slips") else None
+    unlearned = synthetic.slip_spans if config.data.unlearned_slips else None
     batch = pipeline.sft_batch(
         records, ctx.tokenizer, seq_len=int(config.data.seq_len), unlearned=unlearned
     )

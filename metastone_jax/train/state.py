@@ -19,6 +19,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from metastone_jax.train.run_config import TrainConfig
+
 SCHEDULES = ("constant", "warmup_constant", "cosine")
 
 
@@ -58,11 +60,11 @@ class OptimConfig:
             raise ValueError("optim: warmup_steps must be >= 0 and total_steps >= 1")
 
 
-def optim_config(config) -> OptimConfig:
+def optim_config(config: TrainConfig) -> OptimConfig:
     """The OptimConfig of a train config (configs/train.py): its optim section, the run's steps,
     and whether the SPRM head trains (SPR-only, or GRPO with the SPR loss on)."""
     return OptimConfig(
-        **dict(config.optim),
+        **dataclasses.asdict(config.optim),
         total_steps=int(config.train.steps),
         train_sprm=config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0),
     )

@@ -1,9 +1,9 @@
 """Train config checks that run when the config is built, before anything is prepared or trained.
 
-`validate_train_config(config)` checks every setting in RULES (one line per key: its valid range
-or choices) and the settings that must agree with each other (e.g. data.grad_accum dividing the
-batch), raising ValueError that names `config.<key>`, its value and what is valid. A key that a
-config does not have is skipped (tests check that every key here exists in every preset).
+`validate_train_config(config)` types a ConfigDict (train/run_config.py: an unknown, missing or
+mistyped key is an error naming it), then checks every setting in RULES (one line per key: its
+valid range or choices) and the settings that must agree with each other (e.g. data.grad_accum
+dividing the batch), raising ValueError that names `config.<key>`, its value and what is valid.
 `check_workdir` refuses a --workdir (or a gs:// run's local files dir) that is a file.
 """
 
@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 
 from metastone_jax.train.rollout import TRUNCATED
+from metastone_jax.train.run_config import TrainConfig
 from metastone_jax.train.state import SCHEDULES
 from metastone_jax.train.step import KINDS, SPR_FORMS, SPR_SCOPES
 
@@ -134,18 +135,23 @@ RULES: dict[str, Range | OneOf] = {
 
 
 def lookup(config, key: str):
-    """(found, value) of a dotted key."""
+    """(found, value) of a dotted key of a TrainConfig or a ConfigDict."""
     node = config
     for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node:
+        if hasattr(node, "keys"):
+            if part not in node:
+                return False, None
+            node = node[part]
+        elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        else:
             return False, None
-        node = node[part]
     return True, node
 
 
-def _task_ops(config) -> str | None:
-    found, task = lookup(config, "data.task")
-    if found and "min_ops" in task and "max_ops" in task and task.max_ops < task.min_ops:
+def _task_ops(config: TrainConfig) -> str | None:
+    task = config.data.task
+    if task.max_ops < task.min_ops:
         return (
             f"config.data.task.max_ops={task.max_ops}: expected >= "
             f"config.data.task.min_ops={task.min_ops}"
@@ -153,7 +159,7 @@ def _task_ops(config) -> str | None:
     return None
 
 
-def _micro_batches(config) -> str | None:
+def _micro_batches(config: TrainConfig) -> str | None:
     """data.grad_accum (and rl.mini_batches) must split an update's rows evenly (rollout.py
     split_micro / minibatches)."""
     data, accum = config.data, int(config.data.grad_accum)
@@ -164,7 +170,7 @@ def _micro_batches(config) -> str | None:
                 f"config.data.batch_size={data.batch_size}"
             )
         return None
-    if config.kind == "spr" and data.get("rollouts_dir"):
+    if config.kind == "spr" and data.rollouts_dir:
         return None  # the saved files' row count is checked when they are read
     rollouts = int(data.batch_size) * int(config.rl.k)
     parts = int(config.rl.mini_batches)
@@ -178,8 +184,8 @@ def _micro_batches(config) -> str | None:
             f"config.data.grad_accum={accum}: expected a divisor of the {rollouts // parts} "
             "rollouts per update (config.data.batch_size x config.rl.k / config.rl.mini_batches)"
         )
-    rows, ranks = rollouts // parts // accum, int(config.spr.get("ranks", 0))
-    if config.spr.get("scope") == "rank" and ranks and rows % ranks:
+    rows, ranks = rollouts // parts // accum, config.spr.ranks
+    if config.spr.scope == "rank" and ranks and rows % ranks:
         return (
             f"config.spr.ranks={ranks}: expected a divisor of the {rows} rollouts per "
             "micro-batch (config.data.batch_size x config.rl.k / config.rl.mini_batches / "
@@ -188,9 +194,9 @@ def _micro_batches(config) -> str | None:
     return None
 
 
-def _packing(config) -> str | None:
+def _packing(config: TrainConfig) -> str | None:
     """A packed row must hold the longest sequence; rank-scoped SPR needs unpacked rows."""
-    width = int(config.data.get("pack_tokens", 0))
+    width = config.data.pack_tokens
     if not width:
         return None
     if config.kind == "sft":
@@ -201,23 +207,30 @@ def _packing(config) -> str | None:
     if width < longest:
         return (f"config.data.pack_tokens={width}: expected at least the longest sequence, "
                 f"{what} = {longest}")  # fmt: skip
-    tensor = int(config.mesh.get("tensor", 1)) if "mesh" in config else 1
+    tensor = config.mesh.tensor
     if tensor > 1 and width % tensor:
         return (f"config.data.pack_tokens={width}: expected a multiple of config.mesh.tensor="
                 f"{tensor} (the packed rows' activations are sharded along the sequence over "
                 "it)")  # fmt: skip
-    if config.kind != "sft" and config.spr.get("scope") == "rank":
+    if config.kind != "sft" and config.spr.scope == "rank":
         return (f"config.data.pack_tokens={width} with config.spr.scope='rank': packed rows mix "
                 "the ranks' rollouts; use spr.scope='batch' or pack_tokens=0")  # fmt: skip
     return None
 
 
 # Settings that must agree; each returns the problem or None (run only when RULES all pass).
-CROSS_CHECKS: tuple[Callable[[object], str | None], ...] = (_task_ops, _micro_batches, _packing)
+CROSS_CHECKS: tuple[Callable[[TrainConfig], str | None], ...] = (
+    _task_ops,
+    _micro_batches,
+    _packing,
+)
 
 
-def validate_train_config(config) -> None:
-    """Raises ValueError naming the first setting outside its valid range."""
+def validate_train_config(config: TrainConfig) -> TrainConfig:
+    """Raises ValueError naming the first unknown, missing or mistyped key (a ConfigDict is typed
+    first, train/run_config.py) or the first setting outside its valid range; returns the
+    TrainConfig."""
+    config = TrainConfig.from_config_dict(config)
     for key, rule in RULES.items():
         found, value = lookup(config, key)
         if found and not rule.accepts(value):
@@ -226,6 +239,7 @@ def validate_train_config(config) -> None:
         problem = check(config)
         if problem:
             raise ValueError(problem)
+    return config
 
 
 def check_workdir(workdir: str, files_dir: str) -> None:
