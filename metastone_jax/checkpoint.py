@@ -5,8 +5,9 @@
     CKPT/hf/                 files carried through from an HF checkpoint (tokenizer, generation
                              config, the original config.json), so export and sampling keep working
 
-A checkpoint is written to a temporary sibling directory and renamed at the end, so a failure
-never leaves a half-written CKPT. Restoring places each array straight into its sharding. A
+A checkpoint is written to a temporary directory and published at the end (files.staged_dir:
+renamed into place, or uploaded with model_config.json last to gs://), so a failure never
+leaves a half-written CKPT. Restoring places each array straight into its sharding. A
 missing, damaged or mismatched checkpoint is one ValueError line naming the path and what is
 wrong (a missing file, a tensor's shape, tensorstore's reason), without orbax's noise.
 """
@@ -24,7 +25,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 import warnings
 from typing import Any
 
@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from metastone_jax import files
 from metastone_jax.config import ModelConfig, model_config_from_dict
 from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.model import abstract_model
@@ -46,45 +47,20 @@ HF_FILES_DIR = "hf"
 OCDBT_ROOT = "manifest.ocdbt"  # the root of orbax's OCDBT store, in PARAMS_DIR
 
 
-def temp_sibling(path: str) -> str:
-    """A fresh temporary directory next to `path` (same filesystem, so rename is atomic)."""
-    path = os.path.abspath(path)
-    tmp = os.path.join(
-        os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
-    )
-    os.makedirs(tmp)
-    return tmp
-
-
 def check_output_free(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not overwrite:
+    if epath.Path(out).exists() and not overwrite:
         raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
-
-
-def commit_dir(tmp: str, out: str) -> None:
-    """Renames the finished `tmp` to `out`, replacing an existing `out` only at the very end."""
-    out = os.path.abspath(out)
-    old = None
-    if os.path.exists(out):
-        old = f"{tmp}.old"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str, *, overwrite: bool = False):
-    """Yields a temporary sibling directory that becomes `out` only if the block succeeds; on
-    any failure it is removed, so `out` is either the old content or the complete new one."""
+    """Yields a local temporary directory that becomes `out` (local or gs://) only if the block
+    succeeds; on any failure it is removed, so `out` is either the old content or the complete
+    new one (files.staged_dir: on an object store, CONFIG_FILE, the mark of a checkpoint, is
+    uploaded last)."""
     check_output_free(out, overwrite)
-    tmp = temp_sibling(out)
-    try:
+    with files.staged_dir(out, last=(CONFIG_FILE,)) as tmp:
         yield tmp
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 FINGERPRINT_VALUES = 64  # per array, spread evenly over it

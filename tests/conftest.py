@@ -51,3 +51,13 @@ def _bounded_memory_maps():
 
         jax.clear_caches()
         gc.collect()
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://BUCKET/x lands in tmp_path/BUCKET/x, for etils.epath and orbax (tests/fake_gcs.py);
+    yields tmp_path."""
+    from fake_gcs import fake_gcs_at
+
+    with fake_gcs_at(tmp_path, monkeypatch) as root:
+        yield root

@@ -23,12 +23,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
+from metastone_jax import files
 from metastone_jax.data.tokenizer import load_tokenizer
 from metastone_jax.data.tokenizer_base import (
     CHAT_TEMPLATE_DIR,
@@ -64,15 +65,22 @@ def train_sentencepiece(
     ``out_dir/tokenizer.model`` + ``tokenizer_config.json`` (special token strings,
     ``add_bos_token``, and ``chat_template`` if given). Returns ``load_tokenizer(out_dir)``.
 
-    Files are written to a temporary directory first and then renamed into place.
+    ``out_dir`` may be local or gs://. A new ``out_dir`` is written as a whole (files.staged_dir:
+    a temporary directory renamed into place, or uploaded with tokenizer.model last); into an
+    existing one (a model directory) the two files are written each atomically. For a gs://
+    ``out_dir`` the returned tokenizer is loaded from a local copy of the files just written
+    (load_tokenizer reads local paths).
     """
     symbols = [step_text, *think_tags]
     if not all(isinstance(s, str) and s for s in symbols) or len(set(symbols)) != len(symbols):
         raise ValueError(f"step_text and think_tags must be distinct non-empty strings: {symbols}")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    conflicts = [f for f in _CONFLICTS if os.path.exists(os.path.join(out_dir, f))]
+    out_dir = os.fspath(out_dir)
+    remote = files.is_remote(out_dir)
+    out_dir = out_dir if remote else os.path.abspath(out_dir)
+    out = epath.Path(out_dir)
+    conflicts = [f for f in _CONFLICTS if (out / f).exists()]
     if conflicts:
         raise ValueError(f"{out_dir} already has {conflicts}, which load_tokenizer would use")
 
@@ -109,22 +117,25 @@ def train_sentencepiece(
     config = {**SPECIAL_PIECES, "add_bos_token": True, "add_eos_token": False}
     if chat_template is not None:
         config["chat_template"] = chat_template
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, SPM_MODEL), "wb") as f:
-            f.write(model.getvalue())
-        with open(os.path.join(tmp, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-        if not os.path.exists(out_dir):
-            os.rename(tmp, out_dir)
-        else:  # e.g. a model directory: replace our two files, each atomically
-            for name in (SPM_MODEL, TOKENIZER_CONFIG):
-                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(out_dir)
+    config_text = json.dumps(config, indent=2, ensure_ascii=False)
+    if out.exists():  # e.g. a model directory: replace our two files, each atomically
+        files.write_text(out / TOKENIZER_CONFIG, config_text)
+        files.write_bytes(out / SPM_MODEL, model.getvalue())
+    else:
+        with files.staged_dir(out_dir, last=(SPM_MODEL,)) as tmp:
+            _write_files(tmp, model.getvalue(), config_text)
+    if not remote:
+        return load_tokenizer(out_dir)
+    with tempfile.TemporaryDirectory() as local:
+        _write_files(local, model.getvalue(), config_text)
+        return load_tokenizer(local)  # the model is read into memory
+
+
+def _write_files(directory: str, model: bytes, config_text: str) -> None:
+    with open(os.path.join(directory, SPM_MODEL), "wb") as f:
+        f.write(model)
+    with open(os.path.join(directory, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+        f.write(config_text)
 
 
 def _check_symbols(model_proto: bytes, symbols: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from metastone_jax import optional
+from metastone_jax import files, optional
 from metastone_jax.demo.diagnose import diagnose, format_diagnosis
 from metastone_jax.evaluate.metrics import method_accuracy, summarize, tokens_per_question
 from metastone_jax.train.stamps import write_text
@@ -109,17 +109,18 @@ def format_diagnoses(results: dict) -> str:
 
 
 def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
-    """Labels, legend and grid, then the PNG under a temporary name and renamed."""
+    """Labels, legend and grid, then the PNG, atomically (files.staged_file)."""
     plt = optional.pyplot()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        with files.staged_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_aha(

@@ -18,7 +18,9 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 
+from metastone_jax import files
 from metastone_jax.answers import extract_final_answer
 from metastone_jax.checkpoint import (
     HF_FILES_DIR,
@@ -40,6 +42,7 @@ from metastone_jax.sample.search import MODES
 # The pass@1 method of each pool strategy; "beam" searches instead of sampling a pool.
 STRATEGY_METHOD = {"best_of_k": "sprm_geomean", "vote": "vote", "weighted_vote": "weighted_vote"}
 STRATEGIES = (*STRATEGY_METHOD, "beam")
+POOL_FLUSH_SECS = 30.0  # a gs:// pool is uploaded at most this often (and at the end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,25 +55,16 @@ def question_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _replace_file(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_pool(path: str, *, repair: bool = False) -> list[dict]:
     """The question entries of a pool file (none if it does not exist).
 
     A last line without its newline or not valid JSON is a write cut short (a kill): it is
-    skipped, and with ``repair`` the file is rewritten without it (temp name + rename). A bad
-    line elsewhere, or an id seen twice, raises ValueError naming the file and line."""
-    if not os.path.exists(path):
+    skipped, and with ``repair`` the file is rewritten without it (atomically). A bad line
+    elsewhere, or an id seen twice, raises ValueError naming the file and line. ``path``: local
+    or gs://."""
+    if not epath.Path(path).exists():
         return []
-    with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
+    lines = epath.Path(path).read_bytes().splitlines(keepends=True)
     entries, ids = [], set()
     for lineno, raw in enumerate(lines, start=1):
         last = lineno == len(lines)
@@ -82,7 +76,7 @@ def read_pool(path: str, *, repair: bool = False) -> list[dict]:
             entry = None
         if entry is None:  # the torn last line
             if repair:
-                _replace_file(path, b"".join(lines[: lineno - 1]))
+                files.write_bytes(path, b"".join(lines[: lineno - 1]))
             break
         if not isinstance(entry, dict) or "id" not in entry or "candidates" not in entry:
             raise ValueError(f"{path}, line {lineno}: expected an object with id and candidates")
@@ -105,10 +99,9 @@ def _check_meta(out_path: str, meta: dict, has_entries: bool) -> bool:
     ``meta`` is to be written: for no entries (with the first), or for entries under no meta
     or a meta without some of its keys (from an older version)."""
     path = meta_path(out_path)
-    if not has_entries or not os.path.exists(path):
+    if not has_entries or not epath.Path(path).exists():
         return True
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    old = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     meta = json.loads(json.dumps(meta))
     for key in sorted(set(old) | set(meta)):
         if key in old and old[key] != meta.get(key):
@@ -120,8 +113,7 @@ def _check_meta(out_path: str, meta: dict, has_entries: bool) -> bool:
 
 
 def _write_meta(out_path: str, meta: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    _replace_file(meta_path(out_path), json.dumps(meta, indent=1).encode("utf-8"))
+    files.write_text(meta_path(out_path), json.dumps(meta, indent=1))
 
 
 def encode_question(record: dict, tokenizer, chat_template: bool = True) -> list[int]:
@@ -224,6 +216,9 @@ def sample_pool(
             _write_meta(path, metas[path])
             stale[path] = False
     todo = [i for i in range(len(records)) if any(ids[i] not in d for d in done.values())]
+    # Entries are appended, flushed and synced one by one (a kill tears at most the last); a
+    # gs:// pool is rewritten whole at most every POOL_FLUSH_SECS (files.AppendLog).
+    logs = {path: files.AppendLog(path, flush_secs=POOL_FLUSH_SECS, fsync=True) for path in heads}
 
     def finished(q: int, cands) -> None:
         """Question todo[q] is done (called in order): its entry goes to every pool lacking it."""
@@ -237,14 +232,18 @@ def sample_pool(
             if stale[path]:
                 _write_meta(path, metas[path])
                 stale[path] = False
-            _append(path, [json.dumps(entry, ensure_ascii=False) + "\n"])
+            logs[path].append(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    if todo:
-        paged_engine.generate(
-            model, [prompts[i] for i in todo], k=samples, params=sampling, step=step,
-            seeds=[question_seed(seed, i) for i in todo], engine=engine,
-            keep_features=len(heads) > 1, on_question=finished, progress=progress,
-        )  # fmt: skip
+    try:
+        if todo:
+            paged_engine.generate(
+                model, [prompts[i] for i in todo], k=samples, params=sampling, step=step,
+                seeds=[question_seed(seed, i) for i in todo], engine=engine,
+                keep_features=len(heads) > 1, on_question=finished, progress=progress,
+            )  # fmt: skip
+    finally:
+        for log in logs.values():
+            log.close()
     return [done[out_path][i] for i in ids]
 
 
@@ -257,16 +256,6 @@ def _check_resumed(path, done, records, ids, samples) -> None:
                 f"answer {e['answer']!r}, expected {samples} for {rec['answer']!r} (another "
                 "benchmark or sample count): use another output directory"
             )
-
-
-def _append(path: str, lines: list[str]) -> None:
-    """Entries appended and flushed together (a kill tears at most the last)."""
-    if not lines:
-        return
-    with open(path, "ab") as f:
-        f.write("".join(lines).encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _head_scores(head, cands) -> np.ndarray:
@@ -438,10 +427,9 @@ def evaluate(
         for label, k in want.items():
             entries = beam_eval(model, tokenizer, records, k=k, engine=engine, mesh=mesh,
                                 **common)  # fmt: skip
-            os.makedirs(out_dir, exist_ok=True)  # only now: a failed run leaves nothing
-            path = os.path.join(out_dir, f"beam_k{k}.jsonl")
+            # Written only now: a failed run leaves nothing.
             lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
-            _replace_file(path, lines.encode("utf-8"))
+            files.write_text(os.path.join(out_dir, f"beam_k{k}.jsonl"), lines)
             width, expansions = beam_split(k)
             report["modes"][label] = {
                 "k": k, "selection": f"beam {width}x{expansions}",
@@ -461,6 +449,5 @@ def evaluate(
                 "pass@k": m["oracle"], "tokens_per_question": metrics[k]["tokens_per_question"],
             }  # fmt: skip
         report["pool"] = {str(k): v for k, v in metrics.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    _replace_file(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2).encode())
+    files.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2))
     return report

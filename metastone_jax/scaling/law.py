@@ -26,13 +26,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from metastone_jax import optional
+from metastone_jax import files, optional
 
 
 def sprm_head_flops(d_model: int) -> int:
@@ -104,17 +103,10 @@ def fit_log_law(compute: Sequence[float], accuracy: Sequence[float]) -> LawFit:
 
 
 def atomic_write(path: str, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path to path (no half-written file at path)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(os.path.dirname(path), f".{base}.tmp-{uuid.uuid4().hex[:8]}{ext}")
-    try:
+    """Calls write(tmp_path) for a local temporary file that then becomes `path` (local or
+    gs://; files.staged_file): no half-written file at `path`."""
+    with files.staged_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _budget(p: Mapping) -> str:

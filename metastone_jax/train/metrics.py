@@ -4,6 +4,11 @@ Files under ``workdir``: ``metrics.jsonl`` ({"step": s, "name": value, ...} per 
 per line so a killed run keeps everything it logged) and ``tensorboard/`` (tensorboardX event
 files). JSON has no NaN/inf: non-finite values are written as ``null`` (TensorBoard gets the
 raw value). Only process 0 writes by default; a disabled writer creates nothing.
+
+A gs:// workdir: an object store cannot append, and tensorboardX cannot write there. The JSONL
+is a files.AppendLog (the object rewritten at most every ``flush_secs``), and the event files
+are written to a local staging directory and copied up to WORKDIR/tensorboard as often, and on
+flush() and close(). A killed run then loses at most its last ``flush_secs`` of metrics.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
-from metastone_jax import optional
+from metastone_jax import files, optional
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -31,8 +40,7 @@ POSTFIX_MAX = 4
 def _lines_and_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) for every line of a metrics.jsonl. An unparsable *last* line (a write cut
     short by a kill) is skipped; a bad line elsewhere raises."""
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    lines = [ln for ln in epath.Path(path).read_text().splitlines() if ln.strip()]
     out = []
     for i, ln in enumerate(lines):
         try:
@@ -50,15 +58,10 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def _truncate(path: str, start_step: int) -> None:
     """Drop records with step >= start_step (and a torn last line), atomically."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return
     keep = [ln for ln, rec in _lines_and_records(path) if rec.get("step", -1) < start_step]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(ln + "\n" for ln in keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # same directory, so the rename is atomic
+    files.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _to_float(v: Any) -> float:
@@ -97,17 +100,28 @@ class MetricsWriter:
             enabled = jax.process_index() == 0
         self.enabled = bool(enabled)
         self.path = os.path.join(workdir, METRICS_FILE)
+        self.tb_dir = os.path.join(workdir, TB_DIR)
+        self.remote = files.is_remote(workdir)
         self._file = self._tb = self._bar = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        self.flush_secs = flush_secs
+        if not self.remote:
+            os.makedirs(workdir, exist_ok=True)
         if start_step > 0:
             _truncate(self.path, start_step)
-        self._file = open(self.path, "a")
+        self._file = files.AppendLog(self.path, flush_secs=flush_secs)
+        # Remote: tensorboardX writes locally, and _sync_tb copies its files up.
+        self._tb_stage = tempfile.mkdtemp(prefix="metastone-tb-") if self.remote else None
+        self._tb_sizes: dict[str, int] = {}  # remote: event file -> the size copied up
+        self._tb_synced = time.monotonic()
         self._tb = optional.tensorboardx().SummaryWriter(  # heavy-ish import: only where we write
-            os.path.join(workdir, TB_DIR),
+            self._tb_stage or self.tb_dir,
             purge_step=start_step if start_step > 0 else None,
             flush_secs=flush_secs,
+            # Remote: a unique name, so that a run restarted within the second (the name's
+            # timestamp) does not overwrite the earlier run's uploaded file.
+            filename_suffix=f".{uuid.uuid4().hex[:8]}" if self.remote else "",
         )
         self._bar = tqdm.tqdm(
             total=total_steps, initial=start_step, desc=desc, disable=not progress, leave=True
@@ -124,11 +138,26 @@ class MetricsWriter:
         step = int(step)
         values = {str(k): _to_float(v) for k, v in metrics.items()}
         rec = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
-        self._file.write(json.dumps(rec, allow_nan=False) + "\n")
-        self._file.flush()
+        self._file.append(json.dumps(rec, allow_nan=False) + "\n")
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
+        if self.remote and time.monotonic() - self._tb_synced >= self.flush_secs:
+            self._tb.flush()
+            self._sync_tb()
         self._update_bar(step, values)
+
+    def _sync_tb(self) -> None:
+        """Remote workdir: the staged event files that grew, copied up (each a whole object)."""
+        for name in sorted(os.listdir(self._tb_stage)):
+            local = os.path.join(self._tb_stage, name)
+            if not os.path.isfile(local):
+                continue
+            size = os.path.getsize(local)
+            if self._tb_sizes.get(name) != size:
+                with open(local, "rb") as f:
+                    files.write_bytes(os.path.join(self.tb_dir, name), f.read())
+                self._tb_sizes[name] = size
+        self._tb_synced = time.monotonic()
 
     def _update_bar(self, step: int, values: dict[str, float]) -> None:
         keys = [k for k in POSTFIX_KEYS if k in values] or list(values)
@@ -141,12 +170,17 @@ class MetricsWriter:
         if self._file is not None:
             self._file.flush()
             self._tb.flush()
+            if self.remote:
+                self._sync_tb()
 
     def close(self) -> None:
         if not self.enabled or self._file is None:
             return
         self._file.close()
         self._tb.close()
+        if self.remote:
+            self._sync_tb()
+            shutil.rmtree(self._tb_stage, ignore_errors=True)
         self._bar.close()
         self._file = None
 

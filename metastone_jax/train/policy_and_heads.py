@@ -23,7 +23,7 @@ import os
 import numpy as np
 from flax import nnx
 
-from metastone_jax import configs
+from metastone_jax import configs, files
 from metastone_jax.checkpoint import HF_FILES_DIR, load_policy, write_policy
 from metastone_jax.data import synthetic
 from metastone_jax.data.pipeline import pad_id
@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    stamps.write_text(path, json.dumps(obj, indent=1))
+    files.write_json(path, obj, indent=1)
 
 
 def train_config(cfg, preset: str):
@@ -140,10 +140,8 @@ def collect_rollouts(
     rewards = grade_rollouts(cands.texts(tokenizer), [r["answer"] for r in records])
     rows = pack_rollouts(prompts, cands, rewards, prompt_width=width, pad_id=pad_id(tokenizer))
     rows["group"] = np.repeat(np.arange(first, first + len(records)), k)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, path)
+    with files.staged_file(path) as tmp:
+        np.savez(tmp, **rows)
     _log(f"rollouts: {len(rows['labels'])} from {len(records)} prompts, "
          f"{rows['labels'].mean():.1%} correct")  # fmt: skip
     return rows

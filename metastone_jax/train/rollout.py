@@ -7,13 +7,14 @@ compiled step for the whole run.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from metastone_jax import files
 from metastone_jax.answers import answers_match, extract_final_answer
 from metastone_jax.data.packing import pack_micro_batches
 from metastone_jax.rl import group_advantages
@@ -21,6 +22,7 @@ from metastone_jax.sample import engine as paged_engine
 from metastone_jax.sample.processors import SamplingParams
 from metastone_jax.sample.sampler import LENGTH, Candidates
 from metastone_jax.sprm.steps import StepTokens, shift_for_scoring, step_mask
+from metastone_jax.train.run_config import RLConfig
 
 
 def sample_rollouts(
@@ -48,7 +50,7 @@ def sample_rollouts(
     )  # fmt: skip
 
 
-def engine_config(rl, planned=None) -> paged_engine.EngineConfig:
+def engine_config(rl: RLConfig, planned=None) -> paged_engine.EngineConfig:
     """The rollout engine's settings from the config's rl section; slots and pages left at 0
     take the memory plan's choice (`planned`: planning.engine_memory.EnginePlan, on a TPU
     run), else the engine's defaults."""
@@ -211,12 +213,10 @@ ROLLOUT_FILE = "step_{:06d}.npz"
 
 
 def save_rollouts(directory: str, step: int, rows: dict[str, np.ndarray]) -> str:
-    """Writes packed rows to DIRECTORY/step_NNNNNN.npz (temporary name, then rename)."""
-    os.makedirs(directory, exist_ok=True)
+    """Writes packed rows to DIRECTORY/step_NNNNNN.npz (local or gs://), atomically."""
     path = os.path.join(directory, ROLLOUT_FILE.format(step))
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, path)
+    with files.staged_file(path) as tmp:
+        np.savez(tmp, **rows)
     return path
 
 
@@ -227,7 +227,7 @@ class SavedRollouts:
     KEYS = ("tokens", "valid", "response_mask", "response_start", "labels", "include")
 
     def __init__(self, directory: str):
-        self.files = sorted(glob.glob(os.path.join(directory, "step_*.npz")))
+        self.files = sorted(os.fspath(p) for p in epath.Path(directory).glob("step_*.npz"))
         if not self.files:
             raise ValueError(f"{directory}: no saved rollouts (step_*.npz); run GRPO with "
                              "--config.data.save_rollouts=True first")  # fmt: skip
@@ -239,7 +239,7 @@ class SavedRollouts:
     def __next__(self) -> dict[str, np.ndarray]:
         path = self.files[self.step % len(self.files)]
         self.step += 1
-        with np.load(path) as f:
+        with epath.Path(path).open("rb") as fh, np.load(fh) as f:
             missing = [k for k in self.KEYS if k not in f]
             if missing:
                 raise ValueError(f"{path}: not a rollout file (missing {missing})")

@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
+
+from metastone_jax import files
+
 
 def plain(section) -> object:
     """ConfigDicts, dicts and tuples as JSON values (tuples become lists, as in the stamp)."""
@@ -47,7 +51,9 @@ def eval_settings(cfg, forms) -> dict:
 
 
 def stamp_path(output: str) -> str:
-    return os.path.splitext(os.path.normpath(output))[0] + ".stage.json"
+    output = os.fspath(output)  # gs://: normpath would fold the "//" of the scheme
+    output = output.rstrip("/") if files.is_remote(output) else os.path.normpath(output)
+    return os.path.splitext(output)[0] + ".stage.json"
 
 
 def _first_difference(old, new, key: str = "") -> tuple[str, object, object] | None:
@@ -62,12 +68,11 @@ def _first_difference(old, new, key: str = "") -> tuple[str, object, object] | N
 
 def claim(output: str, settings: dict, *, output_exists: bool) -> None:
     """Raises if `output` exists and its stamp holds other settings than `settings`; otherwise
-    (re)writes the stamp, under a temporary name and renamed."""
+    (re)writes the stamp, atomically."""
     path = stamp_path(output)
     settings = plain(settings)
-    if output_exists and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    if output_exists and epath.Path(path).exists():
+        old = json.loads(epath.Path(path).read_text(encoding="utf-8"))
         diff = _first_difference(old, settings)
         if diff is None:
             return
@@ -76,13 +81,9 @@ def claim(output: str, settings: dict, *, output_exists: bool) -> None:
             f"{output} was made with {key}={was!r} and this run has {key}={now!r} ({path}); "
             "use another workdir, or remove it to make that stage again"
         )
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_text(path, json.dumps(settings, indent=1))
 
 
 def write_text(path: str, text: str) -> None:
-    """`text` + newline at `path`, under a temporary name and renamed (no half-written file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    """`text` + newline at `path`, atomically (files.write_text; local or gs://)."""
+    files.write_text(path, text + "\n")
