@@ -239,3 +239,27 @@ class AppendLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def local_copy(path: PathLike) -> str:
+    """A local directory holding `path`'s files, for readers that take local paths only (a
+    tokenizer, an HF config): `path` itself when local; a remote directory is downloaded once
+    per process into a temporary directory."""
+    source = os.fspath(path)
+    if not is_remote(source):
+        return source
+    if source not in _LOCAL_COPIES:
+        root = epath.Path(source)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{source}: no such directory")
+        local = tempfile.mkdtemp(prefix="metastone-copy-")
+        for name in _tree(root):
+            dst = os.path.join(local, *name.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with (root / name).open("rb") as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+        _LOCAL_COPIES[source] = local
+    return _LOCAL_COPIES[source]

@@ -135,19 +135,6 @@ def test_saved_rollouts_only_for_spr(sft_export, tmp_path):
         train(config, str(tmp_path / "w"))
 
 
-def test_gs_workdir_keeps_checkpoints_there_and_other_files_local(tmp_path):
-    from metastone_jax.train.setup import files_dir
-
-    assert files_dir(str(tmp_path)) == str(tmp_path)
-    assert files_dir("gs://bucket/runs/a", str(tmp_path)) == str(tmp_path)
-    assert files_dir("gs://bucket/runs/a").endswith(
-        os.path.join("metastone-jax-runs", "bucket_runs_a")
-    )
-    config = train_config("tiny-sft", train={"local_dir": str(tmp_path)})
-    with pytest.raises(ValueError, match="gs:// workdir .* needs config.tokenizer.path"):
-        train(config, "gs://bucket/runs/a")
-
-
 def test_unlearned_slips_need_the_synthetic_task(tmp_path, shared_dir):
     from metastone_jax import configs
     from metastone_jax.train.setup import _source

@@ -157,9 +157,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
                 "async_checkpoint": True,
                 "progress": True,
                 "export": True,  # write WORKDIR/export (params + tokenizer) at the end
-                # With a gs:// workdir (checkpoints via orbax): where the other files go;
-                # empty = /tmp/metastone-jax-runs/<bucket>_<path>.
-                "local_dir": "",
                 # Cloud TPU type of the slice (v5e-8, v5p-64, ...): train first checks the memory
                 # plan (metastone-jax plan) and refuses one that cannot fit. Empty: no check.
                 "tpu": "",

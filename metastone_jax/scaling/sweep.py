@@ -31,8 +31,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
+from metastone_jax import files
 from metastone_jax.answers import answers_match, extract_final_answer
 from metastone_jax.checkpoint import load_policy
 from metastone_jax.data.synthetic import make_examples
@@ -155,10 +157,9 @@ def read_points(path: str) -> dict[str, dict]:
     """point_id -> record from points.jsonl (first record of an id wins). A truncated last line
     (an interrupted append) is dropped; a last line without its newline gets one, so the next
     append starts a line. Any other bad line raises."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return {}
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = epath.Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
     done, good = {}, []
     for i, line in enumerate(lines):
@@ -180,18 +181,12 @@ def read_points(path: str) -> dict[str, dict]:
 
 
 def _rewrite(path: str, lines: list[str]) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-
-    law.atomic_write(path, write)
+    files.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _append(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with files.AppendLog(path, fsync=True) as log:
+        log.append(json.dumps(record, sort_keys=True) + "\n")
 
 
 def run_sweep(

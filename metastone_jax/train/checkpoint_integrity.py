@@ -16,6 +16,7 @@ import json
 
 import tensorstore as ts
 from etils import epath
+from orbax.checkpoint._src.path import gcs_utils  # the GCS kvstore spec orbax itself uses
 
 from metastone_jax.checkpoint import first_line
 
@@ -54,7 +55,7 @@ def _json_problem(path: epath.Path) -> str | None:
 def _database_damage(state_dir: epath.Path) -> str | None:
     """Walks the OCDBT B-tree of the `state` item from its newest version's root."""
     try:
-        base = ts.KvStore.open(_kvstore_url(state_dir)).result()
+        base = ts.KvStore.open(_kvstore_spec(state_dir)).result()
         manifest = ts.ocdbt.dump(base).result()
     except Exception as e:  # tensorstore raises ValueError with a status text
         return f"{MANIFEST} is unreadable ({first_line(e)})"
@@ -83,9 +84,15 @@ def _database_damage(state_dir: epath.Path) -> str | None:
     return None
 
 
-def _kvstore_url(path: epath.Path) -> str:
+def _kvstore_spec(path: epath.Path) -> dict:
+    """The kvstore of an item directory as orbax opens it: orbax's own GCS spec for gs:// (its
+    driver choice, TENSORSTORE_GCS_BACKEND, included), else a file kvstore."""
     text = path.as_posix()
-    return (text if "://" in text else "file://" + text) + "/"
+    if text.startswith("gs://"):
+        spec = gcs_utils.get_kvstore_for_gcs(text)
+    else:
+        spec = {"driver": "file", "path": text}
+    return {**spec, "path": spec["path"].rstrip("/") + "/"}
 
 
 def _file_range(location: str) -> tuple[str, int]:

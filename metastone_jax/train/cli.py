@@ -23,7 +23,6 @@ from metastone_jax.cli_common import (
     parse,
 )
 from metastone_jax.train.loop import Preempted, train
-from metastone_jax.train.setup import files_dir
 from metastone_jax.train.validate import check_workdir, validate_train_config
 
 PROG = "metastone-jax train"
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> None:
     try:
         # typed once, as built from the flags (train() checks a TrainConfig again)
         config = validate_train_config(config)
-        check_workdir(workdir, files_dir(workdir, config.train.local_dir))
+        check_workdir(workdir)
         metrics = train(config, workdir)
     except Preempted as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -144,14 +144,14 @@ def train(config: TrainConfig, workdir: str) -> dict[str, Any]:
     the workdir's lock (train/workdir_lock.py; process 0), so a second run on it is refused.
     Resuming takes the newest intact checkpoint (train/resume.py)."""
     config = validate_train_config(config)
-    check_workdir(workdir, setup.files_dir(workdir, config.train.local_dir))
+    check_workdir(workdir)
     maybe_initialize_distributed()
     plan = check_train_config(config)  # abstract shapes only: nothing is built or allocated yet
     # The rollout engine's slots and pool: as configured, else as the plan chose them.
     engine = engine_config(config.rl, plan.engine if plan is not None else None)
     if jax.process_index() != 0:
         return _train(config, workdir, engine)
-    with WorkdirLock(setup.files_dir(workdir, config.train.local_dir)):
+    with WorkdirLock(workdir):
         return _train(config, workdir, engine)
 
 
@@ -200,8 +200,6 @@ def _train(config: TrainConfig, workdir: str, engine) -> dict[str, Any]:
         graphdef, mesh, temperature=step_cfg.temperature, logits_chunk=step_cfg.logits_chunk,
         top_k=step_cfg.support_top_k, top_p=step_cfg.support_top_p,
     )  # fmt: skip
-    if ctx.workdir != workdir and jax.process_index() == 0:
-        print(f"metastone-jax train: checkpoints in {workdir}, other files in {ctx.workdir}")
     writer = MetricsWriter(
         ctx.workdir,
         total_steps=total,

@@ -186,7 +186,6 @@ class LoopConfig:
       async_checkpoint: save checkpoints in the background.
       progress: show a progress bar.
       export: write WORKDIR/export (params + tokenizer) at the end.
-      local_dir: with a gs:// workdir, where the files other than checkpoints go.
       tpu: the Cloud TPU slice (v5e-8, ...) whose memory plan must fit ("" = no check).
       logits_chunk: positions per LM-head chunk in the losses (0 = whole logits).
     """
@@ -199,7 +198,6 @@ class LoopConfig:
     async_checkpoint: bool
     progress: bool
     export: bool
-    local_dir: str
     tpu: str
     logits_chunk: int
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from metastone_jax import files
 from metastone_jax.checkpoint import (
     HF_FILES_DIR,
     config_to_json,
@@ -63,7 +64,7 @@ class RunContext:
     sampling: SamplingParams
     pad_id: int
     prompt_batch: Callable[[list[dict]], tuple[list[list[int]], list[str]]]
-    workdir: str  # local files (see files_dir); checkpoints may be elsewhere (gs://)
+    workdir: str  # every file of the run (a local path or gs://; metastone_jax/files.py)
 
 
 def _source(config: TrainConfig, workdir: str):
@@ -78,7 +79,7 @@ def _source(config: TrainConfig, workdir: str):
 
 
 def _build_source(config: TrainConfig, workdir: str):
-    data_dir = os.path.join(workdir, DATA_DIR)
+    data_dir = data_cache_dir(workdir)
     src = config.data.source
     if src == "synthetic":
         n = int(config.data.synthetic_size)
@@ -100,15 +101,31 @@ def _build_source(config: TrainConfig, workdir: str):
     return builders.prepare_math_file(src, data_dir)
 
 
+def data_cache_dir(workdir: str) -> str:
+    """The tfds dataset cache: WORKDIR/data, or for a gs:// workdir a cache on this machine
+    (~/.cache/metastone-jax/datasets, or $XDG_CACHE_HOME's): the builds are named by a hash of
+    their content (data/builders.py), so any worker rebuilds the same one, and tfds writes
+    local files."""
+    if not files.is_remote(workdir):
+        return os.path.join(workdir, DATA_DIR)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "metastone-jax", "datasets")
+
+
+def _load_tokenizer(path: str) -> tuple[Any, str]:
+    """(tokenizer, a local directory of its files): a gs:// one is read from a local copy."""
+    local = files.local_copy(path)
+    return load_tokenizer(local), local
+
+
 def _tokenizer(config: TrainConfig, workdir: str, source) -> tuple[Any, str]:
     if config.tokenizer.path:
-        return load_tokenizer(config.tokenizer.path), config.tokenizer.path
+        return _load_tokenizer(config.tokenizer.path)
     if config.init_ckpt:
-        path = os.path.join(config.init_ckpt, HF_FILES_DIR)
-        return load_tokenizer(path), path
+        return _load_tokenizer(os.path.join(config.init_ckpt, HF_FILES_DIR))
     path = os.path.join(workdir, TOKENIZER_DIR)
-    if os.path.isdir(path):
-        return load_tokenizer(path), path
+    if epath.Path(path).is_dir():
+        return _load_tokenizer(path)
     if jax.process_count() > 1:
         raise ValueError(
             "multi-process runs need a tokenizer: set config.tokenizer.path (train one with a "
@@ -121,7 +138,7 @@ def _tokenizer(config: TrainConfig, workdir: str, source) -> tuple[Any, str]:
         vocab_size=int(config.tokenizer.vocab_size),
         chat_template=config.tokenizer.chat_template or None,
     )
-    return tok, path
+    return _load_tokenizer(path) if files.is_remote(path) else (tok, path)
 
 
 def _model_config(config: TrainConfig, tok) -> ModelConfig:
@@ -145,29 +162,14 @@ def _model_config(config: TrainConfig, tok) -> ModelConfig:
     return model_config_from_dict(values)
 
 
-def files_dir(workdir: str, local_dir: str = "") -> str:
-    """Where a run's files other than checkpoints go (data, tokenizer, metrics, export, saved
-    rollouts): the workdir itself, or, for a gs:// workdir (written by orbax alone), `local_dir`,
-    by default /tmp/metastone-jax-runs/<bucket>_<path>."""
-    if not workdir.startswith("gs://"):
-        return workdir
-    if local_dir:
-        return local_dir
-    name = workdir[len("gs://") :].strip("/").replace("/", "_")
-    return os.path.join(tempfile.gettempdir(), "metastone-jax-runs", name)
-
-
 def prepare(config: TrainConfig, workdir: str, mesh) -> RunContext:
-    """`workdir` may be gs://...: checkpoints go there, other files to `files_dir`."""
-    local = files_dir(workdir, config.train.local_dir)
-    if local != workdir and not (config.tokenizer.path or config.init_ckpt):
-        raise ValueError(
-            f"a gs:// workdir ({workdir}) needs config.tokenizer.path or config.init_ckpt: a "
-            f"tokenizer trained here would live only in {local} on this machine"
-        )
-    os.makedirs(local, exist_ok=True)
-    source = _source(config, local)
-    tok, tok_dir = _tokenizer(config, local, source)
+    """The run's data, tokenizer, model and sampling settings. `workdir` may be gs://...: every
+    file the run writes goes there (the tokenizer it trains, metrics, rollouts, checkpoints, the
+    export); only the dataset cache stays on this machine (`data_cache_dir`)."""
+    if not files.is_remote(workdir):
+        os.makedirs(workdir, exist_ok=True)
+    source = _source(config, workdir)
+    tok, tok_dir = _tokenizer(config, workdir, source)
     cfg = _model_config(config, tok)
     uses_spr = config.kind == "spr" or (config.kind == "grpo" and float(config.spr.coef) > 0)
     if uses_spr and not cfg.sprm_head:
@@ -220,7 +222,7 @@ def prepare(config: TrainConfig, workdir: str, mesh) -> RunContext:
         sampling=sampling,
         pad_id=pipeline.pad_id(tok),
         prompt_batch=lambda recs: pipeline.prompt_batch(recs, tok, max_prompt_len=max_prompt),
-        workdir=local,
+        workdir=workdir,
     )
 
 

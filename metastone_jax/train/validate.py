@@ -4,7 +4,7 @@
 mistyped key is an error naming it), then checks every setting in RULES (one line per key: its
 valid range or choices) and the settings that must agree with each other (e.g. data.grad_accum
 dividing the batch), raising ValueError that names `config.<key>`, its value and what is valid.
-`check_workdir` refuses a --workdir (or a gs:// run's local files dir) that is a file.
+`check_workdir` refuses a --workdir that is a file.
 """
 
 from __future__ import annotations
@@ -242,15 +242,14 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def check_workdir(workdir: str, files_dir: str) -> None:
-    """A workdir (and, for gs:// workdirs, the local files dir) must be a directory or absent."""
-    named = (("--workdir", workdir), ("the local files dir (config.train.local_dir)", files_dir))
-    for flag, path in named:
-        if "://" in path:
-            continue
-        existing = os.path.abspath(path)
-        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-            existing = os.path.dirname(existing)  # the nearest part of the path that exists
-        if not os.path.isdir(existing):
-            inside = "" if existing == os.path.abspath(path) else f": {existing}"
-            raise ValueError(f"{flag} {path}{inside} is a file; expected a directory")
+def check_workdir(workdir: str) -> None:
+    """A local workdir must be a directory or absent (a gs:// one is a prefix: nothing to
+    check)."""
+    if "://" in workdir:
+        return
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # the nearest part of the path that exists
+    if not os.path.isdir(existing):
+        inside = "" if existing == os.path.abspath(workdir) else f": {existing}"
+        raise ValueError(f"--workdir {workdir}{inside} is a file; expected a directory")

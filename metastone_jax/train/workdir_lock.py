@@ -7,6 +7,12 @@ leaves it behind: a lock whose host is this machine and whose pid is no longer r
 stale and is taken over with a warning. A lock held on another host cannot be checked from
 here and is refused with the command that clears it. A reused pid makes a stale lock look held
 (refused, never taken over wrongly).
+
+A gs:// workdir has no exclusive create: the lock object is written when absent and read back,
+and the run holds it only if the record read is its own. Two runs starting within the same
+instant could both see it absent; the later write wins and the earlier run, reading back the
+other's record, refuses. (Object stores' generation preconditions would close that window;
+epath does not expose them.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import os
 import socket
 import sys
 import time
+
+from etils import epath
+
+from metastone_jax import files
 
 LOCK_FILE = "train.lock"
 
@@ -39,8 +49,7 @@ def _read(path: str) -> dict | None:
     """The holder recorded in a lock file; {} when unreadable (being written, or garbage);
     None when the file is gone."""
     try:
-        with open(path) as f:
-            holder = json.load(f)
+        holder = json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -61,9 +70,11 @@ class WorkdirLock:
         self.path = os.path.join(directory, LOCK_FILE)
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.held = False
+        self.remote = files.is_remote(directory)
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not self.remote:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for attempt in range(20):  # a retry follows another run's move (creating, releasing)
             if self._create():
                 return
@@ -86,6 +97,12 @@ class WorkdirLock:
 
     def _create(self) -> bool:
         record = {**self.me, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        if self.remote:
+            if epath.Path(self.path).exists():
+                return False
+            files.write_json(self.path, record)
+            self.held = _read(self.path) == record  # read back: another run may have written
+            return self.held
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -107,6 +124,10 @@ class WorkdirLock:
     def _take_over(self, stale: dict) -> bool:
         """Moves the stale lock out of the way; only one of several runs doing so at once
         succeeds, and a live lock moved by mistake (another run took over first) is put back."""
+        if self.remote:  # no rename: remove it; of two runs taking over, the read-back decides
+            with contextlib.suppress(FileNotFoundError):
+                epath.Path(self.path).unlink()
+            return True
         moved = f"{self.path}.stale-{self.me['pid']}"
         try:
             os.rename(self.path, moved)
@@ -137,7 +158,7 @@ class WorkdirLock:
             holder = _read(self.path) or {}
             if holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"]:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+                    epath.Path(self.path).unlink()
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
