@@ -220,6 +220,46 @@ def test_questions_are_reported_in_order_and_limits_hold(model):
     assert (got.finish == sampler.LENGTH).sum() >= len(PROMPTS) * K // 4  # the caps of 1
 
 
+class _Bar:
+    """tqdm's stand-in: records the postfix the engine's progress bar shows."""
+
+    shown: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text, refresh=True):
+        _Bar.shown.append(text)
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_counts_the_tokens_still_decoding(model, monkeypatch):
+    """The bar's slot occupancy is the tokens decoded so far over the slot-steps so far,
+    those of candidates still running included (it counted only finished candidates' tokens:
+    25% after a first segment in which every slot decoded). 4 slots, 8 candidates capped at
+    2, 6, ..., 6 tokens, no stop id: segments of 2 steps (candidate 0 ends: 8 tokens, 2 of
+    them finished), 4 (1-3 end: 24 tokens) and 6, the queue empty (4 ends after 2, 5-7 after
+    6): 100%, 100%, then 44 tokens over 48 slot-steps."""
+    _Bar.shown = []
+    monkeypatch.setattr(engine, "tqdm", _Bar)
+    limits = np.array([[2] + [6] * 7])
+    params = dataclasses.replace(SAMPLED, stop_ids=(), max_new_tokens=8)
+    got, stats = engine.generate(
+        model, PROMPTS[:1], k=8, params=params, step=STEP, seeds=SEEDS[:1], limits=limits,
+        engine=EngineConfig(slots=4, page_size=8), progress=True, return_stats=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got.length, limits)
+    assert (stats.segments, stats.steps, stats.slot_steps) == (3, 12, 48)
+    occupancy = [int(s.split("occupancy ")[1].split("%")[0]) for s in _Bar.shown]
+    assert occupancy == [100, 100, round(100 * 44 / 48)]
+    assert stats.tokens == 44
+
+
 @pytest.mark.parametrize(
     "config, match",
     [
