@@ -28,7 +28,7 @@ from metastone_jax.evaluate.metrics import method_accuracy
 from metastone_jax.train import stamps
 from metastone_jax.train.loop import train
 from metastone_jax.train.metrics import read_metrics
-from metastone_jax.train.policy_and_heads import _log, _write_json, train_config
+from metastone_jax.train.policy_and_heads import log_stage, train_config, write_result_json
 
 STUDY_DIR, STUDY_FILE = "grpo-study", "grpo_study"
 HEAD_INITS = ("main", "random")
@@ -92,9 +92,9 @@ def run_grpo(cfg, form: str, init_ckpt: str, workdir: str) -> str:
     step_file = os.path.join(export, "train_step.json")
     steps = int(cfg.grpo_study.steps)
     if os.path.exists(step_file) and json.load(open(step_file))["step"] == steps:
-        _log(f"GRPO + SPR ({form}): reusing {export}")
+        log_stage(f"GRPO + SPR ({form}): reusing {export}")
         return export
-    _log(f"GRPO + SPR ({form}): {steps} steps of {cfg.grpo_study.prompts} prompts x "
+    log_stage(f"GRPO + SPR ({form}): {steps} steps of {cfg.grpo_study.prompts} prompts x "
          f"{cfg.spr.k} rollouts -> {workdir}")  # fmt: skip
     train(grpo_config(cfg, form, init_ckpt), workdir)
     return export
@@ -129,7 +129,7 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
 
     main = forms[0]
     records = held_out_records(cfg)
-    _log(f"GRPO study evaluation: {len(records)} questions x {e.samples} candidates of the "
+    log_stage(f"GRPO study evaluation: {len(records)} questions x {e.samples} candidates of the "
          "GRPO policy, scored by every run's head")  # fmt: skip
     pools, _ = shared_pool(cfg, exports, main, study_dir, records)
 
@@ -157,7 +157,7 @@ def run_grpo_study(cfg, run: dict, workdir: str) -> dict:
         "settings": {**stamps.plain(st), "k": int(cfg.spr.k), "init": init},
         "questions": len(records), "samples": int(e.samples),
     }  # fmt: skip
-    _write_json(f"{path}.json", out)
+    write_result_json(f"{path}.json", out)
     stamps.write_text(f"{path}.txt", format_grpo_study(out))
     plot_aha({f: {"history": c} for f, c in curves.items()}, f"{path}.png",
              xlabel=f"GRPO steps (one head update each; means over {SMOOTH} steps)",

@@ -30,13 +30,13 @@ from metastone_jax.data import synthetic
 from metastone_jax.evaluate.harness import beam_eval, read_pool, sample_pool
 from metastone_jax.train import stamps
 from metastone_jax.train.policy_and_heads import (
-    _log,
-    _write_json,
     collect_rollouts,
+    log_stage,
     sampling_params,
     train_heads,
     train_policy,
     train_records,
+    write_result_json,
 )
 
 EVAL_DIR = "eval"
@@ -69,7 +69,7 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
     stamps.claim(eval_dir, stamps.eval_settings(cfg, list(heads)), output_exists=started)
     os.makedirs(eval_dir, exist_ok=True)
     main = cfg.spr.form
-    _log(f"evaluation ({', '.join(heads)} heads): {len(records)} questions x {e.samples} "
+    log_stage(f"evaluation ({', '.join(heads)} heads): {len(records)} questions x {e.samples} "
          "candidates")  # fmt: skip
     pools, (model, tokenizer, step) = shared_pool(
         cfg, {form: head["ckpt"] for form, head in heads.items()}, main, eval_dir, records
@@ -85,7 +85,7 @@ def evaluate_policies(cfg, heads: dict[str, dict], workdir: str) -> dict:
             step=step, seed=int(cfg.seed),
             progress=bool(cfg.progress),
         )  # fmt: skip
-        _write_json(path, beams[int(k)])
+        write_result_json(path, beams[int(k)])
     return {"pools": pools, "beam": beams, "records": records}
 
 

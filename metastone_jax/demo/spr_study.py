@@ -28,7 +28,12 @@ from metastone_jax.data.pipeline import pad_id
 from metastone_jax.evaluate.harness import encode_question
 from metastone_jax.evaluate.metrics import candidate_score, method_accuracy
 from metastone_jax.train.head_only import HeadFitConfig, fit_head, step_features
-from metastone_jax.train.policy_and_heads import _log, _write_json, collect_rollouts, held_out_mask
+from metastone_jax.train.policy_and_heads import (
+    collect_rollouts,
+    held_out_mask,
+    log_stage,
+    write_result_json,
+)
 from metastone_jax.train.stamps import write_text
 
 STUDY_FILE = "spr_study"
@@ -125,7 +130,7 @@ def run_study(cfg, run: dict, workdir: str) -> dict:
     pool = run["eval"]["pools"][main]
     ks = [int(k) for k in cfg.eval.ks if int(k) > 1]
 
-    _log(f"SPR study: {st.fresh_prompts} fresh prompts x {cfg.spr.k} rollouts")
+    log_stage(f"SPR study: {st.fresh_prompts} fresh prompts x {cfg.spr.k} rollouts")
     own_rows = run["rollouts"]
     fresh_rows = collect_rollouts(
         cfg, model, tokenizer, step, workdir, first=int(cfg.spr.rollout_prompts),
@@ -161,7 +166,7 @@ def run_study(cfg, run: dict, workdir: str) -> dict:
         "single_candidate": 100 * method_accuracy(pool, 1, "random")["mean"],
     }  # fmt: skip
     path = os.path.join(workdir, STUDY_FILE)
-    _write_json(f"{path}.json", out)
+    write_result_json(f"{path}.json", out)
     write_text(f"{path}.txt", format_study(out))
     return out
 

@@ -37,11 +37,13 @@ from metastone_jax.train.rollout import grade_rollouts, pack_rollouts, sample_ro
 SFT_DIR, SPR_DIR = "sft", "spr"
 
 
-def _log(msg: str) -> None:
+def log_stage(msg: str) -> None:
+    """A stage's progress line, as the demo and the sweep print it."""
     print(f"[demo] {msg}", flush=True)
 
 
-def _write_json(path: str, obj) -> None:
+def write_result_json(path: str, obj) -> None:
+    """A stage's JSON result (history, study tables), written atomically (files.py)."""
     files.write_json(path, obj, indent=1)
 
 
@@ -80,9 +82,9 @@ def train_policy(cfg, workdir: str) -> str:
     started = os.path.isdir(run) and bool(os.listdir(run))
     stamps.claim(run, stamps.sft_settings(cfg), output_exists=started)
     if os.path.exists(step_file) and json.load(open(step_file))["step"] == int(cfg.sft.steps):
-        _log(f"SFT policy: reusing {export}")
+        log_stage(f"SFT policy: reusing {export}")
         return export
-    _log(f"SFT: {cfg.sft.steps} steps of {cfg.sft.batch_size} problems -> {run}")
+    log_stage(f"SFT: {cfg.sft.steps} steps of {cfg.sft.batch_size} problems -> {run}")
     train(sft_config(cfg), run)
     return export
 
@@ -116,7 +118,7 @@ def collect_rollouts(
     stamps.claim(path, stamps.rollout_settings(cfg, first, count),
                  output_exists=os.path.exists(path))  # fmt: skip
     if os.path.exists(path):
-        _log(f"rollouts: reusing {path}")
+        log_stage(f"rollouts: reusing {path}")
         return dict(np.load(path))
     records = train_records(cfg, first + count)[first:]
     if len(records) < count:
@@ -142,7 +144,7 @@ def collect_rollouts(
     rows["group"] = np.repeat(np.arange(first, first + len(records)), k)
     with files.staged_file(path) as tmp:
         np.savez(tmp, **rows)
-    _log(f"rollouts: {len(rows['labels'])} from {len(records)} prompts, "
+    log_stage(f"rollouts: {len(rows['labels'])} from {len(records)} prompts, "
          f"{rows['labels'].mean():.1%} correct")  # fmt: skip
     return rows
 
@@ -173,7 +175,7 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
         hist_path = os.path.join(ckpt, "history.json")
         stamps.claim(ckpt, stamps.head_settings(cfg, form), output_exists=os.path.exists(hist_path))
         if os.path.exists(hist_path):
-            _log(f"SPRM head ({form}): reusing {ckpt}")
+            log_stage(f"SPRM head ({form}): reusing {ckpt}")
             out[form] = {"ckpt": ckpt, "history": json.load(open(hist_path))}
             continue
         if features is None:
@@ -186,15 +188,15 @@ def train_heads(cfg, model, step, rows, policy_dir: str, workdir: str, forms) ->
             warmup_bce_steps=int(s.warmup_bce_steps) if form != "bce" else 0,
             eval_every=max(int(s.steps) // 40, 1), seed=int(cfg.seed),
         )  # fmt: skip
-        _log(f"SPRM head ({form}): {fit.steps} updates on {len(train_set)} rollouts "
+        log_stage(f"SPRM head ({form}): {fit.steps} updates on {len(train_set)} rollouts "
              f"({int(train_set.mask.sum())} steps)")  # fmt: skip
         head, history = fit_head(model.sprm, train_set, fit, held_out=held_set)
         last = history[-1]
-        _log(f"  held-out score correct {last['score_correct']:.3f} vs incorrect "
+        log_stage(f"  held-out score correct {last['score_correct']:.3f} vs incorrect "
              f"{last['score_incorrect']:.3f} (gap {last['score_gap']:+.3f})")  # fmt: skip
         save_policy(model, head, os.path.join(policy_dir, HF_FILES_DIR), ckpt,
                     {"source": policy_dir, "spr_form": form})  # fmt: skip
-        _write_json(hist_path, history)
+        write_result_json(hist_path, history)
         out[form] = {"ckpt": ckpt, "history": history}
     return out
 
@@ -215,7 +217,7 @@ def train_for_sweep(
         if key not in cfg.sampling:
             raise ValueError(f"sweep sampling: unknown key {key!r}; valid: {sorted(cfg.sampling)}")
         cfg.sampling[key] = value
-    _log(f"sweep size {size_name}: {model_overrides}")
+    log_stage(f"sweep size {size_name}: {model_overrides}")
     policy = train_policy(cfg, workdir)
     model, tokenizer, step = load_policy(policy)
     rows = collect_rollouts(cfg, model, tokenizer, step, workdir)
