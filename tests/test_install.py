@@ -72,3 +72,19 @@ def test_installed_console_script_takes_a_preset(installed):
         "'metastone-s1-1.5b', 'metastone-s1-32b', 'metastone-s1-7b', 'tiny'] (configs/model.py) "
         "or a file, --config=FILE.py[:PRESET]"
     ]
+
+
+def test_installed_console_script_trains_a_preset(installed):
+    """`metastone-jax train --config=PRESET` from the install: the preset is found and a run
+    completes (one step of the tiny SFT preset), leaving its checkpoint and metrics."""
+    site, run_dir, env = installed
+    result = subprocess.run(
+        [str(site / "bin" / "metastone-jax"), "train", "--config=tiny-sft", "--workdir=run",
+         "--config.train.steps=1", "--config.train.export=False",
+         "--config.train.progress=False", "--config.data.synthetic_size=64"],
+        cwd=run_dir, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "metastone-jax train: done, run" in result.stdout
+    assert os.path.isfile(run_dir / "run" / "metrics.jsonl")
+    assert os.listdir(run_dir / "run" / "checkpoints")
