@@ -114,3 +114,14 @@ def test_train_command_refuses_a_config_file_with_an_unknown_key(tmp_path):
     text = str(e.value)
     assert "config.rl.temprature: unknown key" in text and "\n" not in text
     assert not (tmp_path / "run").exists()
+
+
+def test_the_released_grpo_preset_is_the_recipe_docs_method_states():
+    """docs/method.md section 4: 32 prompts x 8 per step, prompts up to 1024 and responses up
+    to 8192 tokens, 4 mini-batches, actor AdamW at 1e-6 clipped at 1.0 on a constant schedule,
+    temperature 0.6; the SPR loss on."""
+    c = TrainConfig.from_config_dict(train_configs.get_config("grpo-1.5b"))
+    assert (c.kind, c.data.batch_size, c.rl.k) == ("grpo", 32, 8)
+    assert (c.data.max_prompt_len, c.rl.max_new_tokens, c.rl.mini_batches) == (1024, 8192, 4)
+    assert (c.optim.lr, c.optim.clip_norm, c.optim.schedule) == (1e-6, 1.0, "constant")
+    assert c.rl.temperature == 0.6 and c.spr.coef > 0
