@@ -167,9 +167,15 @@ def test_small_top_k_passes_equal_lax_top_k():
     x[::5, rng.integers(0, v, v - 5)] = -np.inf  # rows with many -inf entries
     x[3, :] = -np.inf
     x[4, 1:] = -np.inf
+    ref = jax.lax.top_k(jnp.asarray(x), SMALL_TOP_K)[0]  # column k-1: the k-th largest
+    # Every k through one compilation (a traced trip count), and the static k the sampler
+    # passes at both ends of the range.
+    traced = jax.jit(_kth_largest)
     for k in range(1, SMALL_TOP_K + 1):
-        ref = jax.lax.top_k(jnp.asarray(x), k)[0][:, -1:]
-        np.testing.assert_array_equal(jax.jit(_kth_largest, static_argnums=1)(x, k), ref)
+        np.testing.assert_array_equal(traced(x, k), ref[:, k - 1 : k], err_msg=f"k={k}")
+    for k in (1, 3, SMALL_TOP_K):
+        static = jax.jit(_kth_largest, static_argnums=1)(x, k)
+        np.testing.assert_array_equal(static, ref[:, k - 1 : k], err_msg=f"static k={k}")
 
 
 @pytest.mark.parametrize(
