@@ -74,6 +74,7 @@ def test_installed_console_script_takes_a_preset(installed):
     ]
 
 
+@pytest.mark.slow  # a training process; the default run resolves the preset (above)
 def test_installed_console_script_trains_a_preset(installed):
     """`metastone-jax train --config=PRESET` from the install: the preset is found and a run
     completes (one step of the tiny SFT preset), leaving its checkpoint and metrics."""

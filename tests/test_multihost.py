@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+from config_files import train_config
 from tolerances import fp32_reduction_tol
+
+from metastone_jax.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["train", "--config=configs/train.py:tiny-sft", "--config.train.progress=False",
@@ -71,8 +74,9 @@ def _two_processes(args):
 
 def test_two_processes_match_one_process_through_save_and_restore(tmp_path):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    # One process, 8 devices: 6 steps (it also trains the tokenizer both runs share).
-    _wait([_run([*TRAIN, f"--workdir={single}", "--config.train.steps=6"], _env(8))])
+    # One process, 8 devices (this one's: tests/conftest.py): 6 steps (it also trains the
+    # tokenizer both runs share).
+    train(train_config("tiny-sft", train={"save_every": 3, "steps": 6}), single)
     tokenizer = f"--config.tokenizer.path={os.path.join(single, 'tokenizer')}"
     # Two processes, 4 devices each: 3 steps and a checkpoint, then a restart that restores it.
     _two_processes([*TRAIN, f"--workdir={multi}", tokenizer, "--config.train.steps=3"])
