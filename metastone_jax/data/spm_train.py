@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -68,8 +67,8 @@ def train_sentencepiece(
     ``out_dir`` may be local or gs://. A new ``out_dir`` is written as a whole (files.staged_dir:
     a temporary directory renamed into place, or uploaded with tokenizer.model last); into an
     existing one (a model directory) the two files are written each atomically. For a gs://
-    ``out_dir`` the returned tokenizer is loaded from a local copy of the files just written
-    (load_tokenizer reads local paths).
+    ``out_dir`` the returned tokenizer is loaded from its local copy (files.local_copy:
+    load_tokenizer reads local paths).
     """
     symbols = [step_text, *think_tags]
     if not all(isinstance(s, str) and s for s in symbols) or len(set(symbols)) != len(symbols):
@@ -124,11 +123,7 @@ def train_sentencepiece(
     else:
         with files.staged_dir(out_dir, last=(SPM_MODEL,)) as tmp:
             _write_files(tmp, model.getvalue(), config_text)
-    if not remote:
-        return load_tokenizer(out_dir)
-    with tempfile.TemporaryDirectory() as local:
-        _write_files(local, model.getvalue(), config_text)
-        return load_tokenizer(local)  # the model is read into memory
+    return load_tokenizer(files.local_copy(out_dir))  # a gs:// one: read from a local copy
 
 
 def _write_files(directory: str, model: bytes, config_text: str) -> None:

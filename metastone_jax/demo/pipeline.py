@@ -1,18 +1,10 @@
 """The demo's stages: SFT policy -> own rollouts -> SPRM heads (plain BCE, and the filtered SPR
 loss as the ablation) -> test-time scaling on held-out problems. Stages 1-3 are
-train/policy_and_heads.py (shared with the scaling sweep); this module adds the evaluation and
-runs them all. Every stage is resumable in WORKDIR:
+train/policy_and_heads.py (shared with the scaling sweep; its docstring lays out their files in
+WORKDIR); this module adds the evaluation and runs them all. Every stage is resumable:
 
-    WORKDIR/sft/                 `metastone-jax train` run (dataset, tokenizer, checkpoints,
-                                 metrics.jsonl, export/)
-    WORKDIR/spr/rollouts.npz     SFT-policy rollouts on training prompts, graded
-                                 (fresh-rollouts.npz: later prompts, for `--spr-study`)
-    WORKDIR/spr/<form>/          the policy with the head trained by that SPR loss form, and
-                                 history.json (the "aha" curve)
     WORKDIR/eval/                candidate pools (JSONL, resumable) and beam-search results
                                  (beam-<form>-k<k>.json, with the main head)
-    WORKDIR/<stage>.stage.json   the settings each stage was made with (train/stamps.py):
-                                 reusing a stage under other settings is an error naming it
 
 Why SFT then SPR on the policy's own rollouts (not GRPO + SPR): see docs/demo.md.
 """

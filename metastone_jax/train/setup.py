@@ -138,7 +138,7 @@ def _tokenizer(config: TrainConfig, workdir: str, source) -> tuple[Any, str]:
         vocab_size=int(config.tokenizer.vocab_size),
         chat_template=config.tokenizer.chat_template or None,
     )
-    return _load_tokenizer(path) if files.is_remote(path) else (tok, path)
+    return tok, files.local_copy(path)  # a gs:// one was read from this copy already
 
 
 def _model_config(config: TrainConfig, tok) -> ModelConfig:
